@@ -1,0 +1,353 @@
+"""The one typed config tree. Hydra composes YAML (conf/) over these dataclasses, `load()`
+converts once to `Config`, and nothing below `main()` ever sees a DictConfig.
+
+Cross-field checks live in `validate()`; they raise ConfigError naming every offending key
+(never a bare assert: `python -O` strips those).
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from hydra.core.config_store import ConfigStore
+from omegaconf import MISSING, DictConfig, OmegaConf
+
+from framework.model.gpt import ModelConfig, ModelShapeError
+
+CONF_DIR = str(Path(__file__).resolve().parent.parent / "conf")
+
+
+class ConfigError(ValueError):
+    """A config that cannot run. The message names the keys and what to do."""
+
+
+@dataclass
+class SourceConfig:
+    name: str = MISSING
+    path: str = MISSING
+    """Directory written by `framework.prepare` (holds manifest.json), or an fsspec URL."""
+    weight: float = 1.0
+    """Share of training tokens (normalised over sources); 0 disables the source."""
+    max_epochs: float | None = None
+    """Refuse a plan that draws this source more than this many times."""
+    generator: str | None = None
+    """Built-in sample generator that creates `path` when it holds no manifest (data=sample)."""
+
+
+@dataclass
+class ScheduleEntry:
+    step: int = MISSING
+    """First optimizer step at which `weights` apply."""
+    weights: dict[str, float] = field(default_factory=dict)
+
+
+@dataclass
+class DataConfig:
+    name: str = "sample"
+    sources: list[SourceConfig] = field(default_factory=list)
+    schedule: list[ScheduleEntry] = field(default_factory=list)
+    """Weight changes at given steps (data stages)."""
+    tokenizer: str = "byte"
+    """Tokenizer the shards must have been written with: byte | path/to/tokenizer.json | tiktoken:NAME."""
+    num_workers: int = 0
+    """Background loader workers (the sample order does not depend on this)."""
+    doc_mask: bool = False
+    """Keep attention inside documents of a packed window."""
+    allow_empty_source: bool = False
+    cache_dir: str = "${oc.env:FW_CACHE_DIR,${oc.env:HOME,.}/.cache/framework}"
+    """Local cache for fsspec-URL shards."""
+    root: str = "${oc.env:FW_DATA_ROOT,data}"
+    """Where the embedded sample corpus is generated."""
+
+
+@dataclass
+class StrategyConfig:
+    name: str = "single"
+    """single | ddp | zero1 | zero2 | zero3 | fsdp | tp | tp_fsdp."""
+    tp: int = 1
+    """Tensor-parallel degree (tp, tp_fsdp); data-parallel degree = world_size / tp."""
+    sequence_parallel: bool = True
+    """Shard norms/dropout activations along the sequence under tensor parallel."""
+    reshard_after_forward: bool = True
+    """FSDP: free gathered parameters after forward (ZeRO-3 like) or keep them (ZeRO-2 like)."""
+    hsdp_replicas: int = 1
+    """FSDP: >1 shards within groups of world/hsdp_replicas and replicates across them (HSDP)."""
+    activation_checkpointing: str = "none"
+    """none | full | selective."""
+    compile: bool = False
+    """torch.compile each block."""
+    zero_offload: bool = False
+    """DeepSpeed: offload optimizer state to CPU."""
+
+
+@dataclass
+class PrecisionConfig:
+    name: str = "auto"
+    """auto (bf16 on CUDA, fp32 on CPU) | fp32 | bf16 | fp16 | fp8."""
+    initial_loss_scale: float = 65536.0
+    """fp16: starting dynamic loss scale."""
+    loss_scale_window: int = 1000
+    """fp16: overflow-free steps before the scale doubles."""
+    min_loss_scale: float = 1.0
+    """fp16: abort when overflows persist at this scale."""
+    fp8_min_dim: int = 2048
+    """fp8: linear layers with a smaller in/out dimension stay in bf16 (too small to gain)."""
+
+
+@dataclass
+class LoggerConfig:
+    name: str = "none"
+    """none | wandb | tensorboard."""
+    project: str = "framework"
+    entity: str | None = None
+    mode: str = "offline"
+    """wandb: online | offline | disabled. The API key comes only from WANDB_API_KEY."""
+    tags: list[str] = field(default_factory=list)
+
+
+@dataclass
+class OptimConfig:
+    lr: float = 6e-4
+    min_lr_ratio: float = 0.1
+    """Final LR as a fraction of lr."""
+    warmup_steps: int = 10
+    schedule: str = "cosine"
+    """cosine | wsd (warmup-stable-decay) | constant."""
+    decay_fraction: float = 0.2
+    """wsd: share of max_steps spent decaying."""
+    beta1: float = 0.9
+    beta2: float = 0.95
+    eps: float = 1e-8
+    weight_decay: float = 0.1
+    """Applied to matrices only; norms, biases and embeddings get none."""
+    grad_clip: float = 1.0
+    """Clip the global gradient norm to this (0: off)."""
+    fused: bool | None = None
+    """Fused AdamW kernel; None picks it where the device supports it."""
+
+
+@dataclass
+class TrainerConfig:
+    max_steps: int = 200
+    """Optimizer steps of the whole run; the LR schedule follows it."""
+    stop_at_step: int | None = None
+    """End this invocation after this step with a committed checkpoint (as a preemption would)."""
+    seed: int = 1337
+    seq_len: int = 128
+    micro_batch_size: int = 16
+    """Sequences per forward/backward on one data-parallel rank."""
+    global_batch_size: int = 32
+    """Sequences per optimizer step over all ranks (accumulation is derived from it)."""
+    eval_every: int = 50
+    eval_batches: int = 8
+    log_every: int = 10
+    device: str = "auto"
+    """auto | cpu | cuda."""
+    sample_tokens: int = 64
+    """Tokens of text sampled at each eval (0: none)."""
+    peak_flops: float | None = None
+    """Per-device dense peak for MFU; None detects it from the device name."""
+    deterministic: bool = False
+    """Deterministic kernels (slower) for bitwise-reproducible GPU runs."""
+
+
+@dataclass
+class RunConfig:
+    name: str = "${model.name}"
+    dir: str = "runs/${run.name}"
+    """The run directory; the same on every rank."""
+
+
+@dataclass
+class CheckpointConfig:
+    every: int = 100
+    """Save every this many optimizer steps (0: only at stop_at_step / the end)."""
+    keep: int = 3
+    """Newest committed checkpoints kept (0 keeps all; 1 is refused: a bad newest would leave none)."""
+    resume: str = "auto"
+    """auto (latest if any) | never | required (fail if none)."""
+    path: str | None = None
+    """Resume from this checkpoint directory instead of <run.dir>/checkpoints/latest."""
+
+
+@dataclass
+class PlanConfig:
+    world_size: int | None = None
+    """Target GPUs for framework.plan (None: the launcher's WORLD_SIZE, else 1)."""
+    gpu: str = "h100"
+    """h100 | h200 | a100 | ... (memory and peak FLOPs of the target)."""
+    mfu: float = 0.45
+    """MFU assumed for the step-time estimate."""
+
+
+@dataclass
+class Config:
+    model: ModelConfig = field(default_factory=ModelConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    strategy: StrategyConfig = field(default_factory=StrategyConfig)
+    precision: PrecisionConfig = field(default_factory=PrecisionConfig)
+    logger: LoggerConfig = field(default_factory=LoggerConfig)
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    trainer: TrainerConfig = field(default_factory=TrainerConfig)
+    run: RunConfig = field(default_factory=RunConfig)
+    checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
+    plan: PlanConfig = field(default_factory=PlanConfig)
+
+
+def register() -> None:
+    cs = ConfigStore.instance()
+    cs.store(name="base_config", node=Config)
+
+
+register()
+
+STRATEGIES = ("single", "ddp", "zero1", "zero2", "zero3", "fsdp", "tp", "tp_fsdp")
+PRECISIONS = ("auto", "fp32", "bf16", "fp16", "fp8")
+
+
+def load(cfg: DictConfig) -> Config:
+    """Resolve (missing `???` keys fail here, naming the key path) and convert once."""
+    try:
+        OmegaConf.resolve(cfg)
+        obj = OmegaConf.to_object(cfg)
+    except Exception as e:  # omegaconf errors carry the full key path; re-raise as ours
+        raise ConfigError(f"config error: {e}") from e
+    if not isinstance(obj, Config):
+        raise ConfigError(f"expected a Config, got {type(obj).__name__}")
+    return obj
+
+
+def to_yaml(cfg: Config) -> str:
+    return OmegaConf.to_yaml(OmegaConf.structured(cfg))
+
+
+def to_dict(cfg: Any) -> dict:
+    return OmegaConf.to_container(OmegaConf.structured(cfg), resolve=True)  # type: ignore[return-value]
+
+
+def grad_accum_steps(cfg: Config, dp_size: int) -> int:
+    return cfg.trainer.global_batch_size // (cfg.trainer.micro_batch_size * dp_size)
+
+
+def dp_degree(cfg: Config, world_size: int) -> int:
+    return world_size // max(cfg.strategy.tp, 1)
+
+
+def validate(cfg: Config, world_size: int = 1) -> None:
+    """Every cross-field check that can run without a GPU or a process group. Collects all
+    problems and raises one ConfigError that names each key."""
+    errors: list[str] = []
+    try:
+        cfg.model.validate()
+    except ModelShapeError as e:
+        errors.append(str(e))
+    m, t, s, p = cfg.model, cfg.trainer, cfg.strategy, cfg.precision
+
+    if s.name not in STRATEGIES:
+        errors.append(f"strategy.name={s.name!r} is not one of {', '.join(STRATEGIES)}")
+    if p.name not in PRECISIONS:
+        errors.append(f"precision.name={p.name!r} is not one of {', '.join(PRECISIONS)}")
+    if world_size < 1:
+        errors.append(f"world size {world_size} must be >= 1")
+    if s.tp < 1:
+        errors.append(f"strategy.tp={s.tp} must be >= 1")
+    elif s.tp > 1 and s.name not in ("tp", "tp_fsdp"):
+        errors.append(f"strategy.tp={s.tp} needs strategy=tp or tp_fsdp (got {s.name})")
+    elif world_size % s.tp:
+        errors.append(f"world size {world_size} is not divisible by strategy.tp={s.tp}")
+    else:
+        if m.n_head % s.tp:
+            errors.append(f"model.n_head={m.n_head} is not divisible by strategy.tp={s.tp}")
+        if m.kv_heads % s.tp:
+            errors.append(f"model.n_kv_head={m.kv_heads} is not divisible by strategy.tp={s.tp}")
+        if m.ffn_dim % s.tp:
+            errors.append(f"model ffn width {m.ffn_dim} is not divisible by strategy.tp={s.tp}")
+    if s.name == "single" and world_size > 1:
+        errors.append(f"strategy=single runs on one process, but the world size is {world_size}")
+    if s.name == "tp_fsdp" and s.tp > 1 and world_size // s.tp < 2:
+        errors.append(
+            f"strategy=tp_fsdp needs a data-parallel degree >= 2: world {world_size} / tp {s.tp}"
+        )
+    if s.hsdp_replicas < 1 or (s.hsdp_replicas > 1 and world_size % s.hsdp_replicas):
+        errors.append(
+            f"strategy.hsdp_replicas={s.hsdp_replicas} must be >= 1 and divide world size {world_size}"
+        )
+    if s.activation_checkpointing not in ("none", "full", "selective"):
+        errors.append(
+            f"strategy.activation_checkpointing={s.activation_checkpointing!r} must be none|full|selective"
+        )
+
+    dp = dp_degree(cfg, world_size) if s.tp >= 1 else world_size
+    for key in ("max_steps", "seq_len", "micro_batch_size", "global_batch_size"):
+        if getattr(t, key) <= 0:
+            errors.append(f"trainer.{key}={getattr(t, key)} must be > 0")
+    if t.micro_batch_size > 0 and dp > 0 and t.global_batch_size > 0:
+        if t.global_batch_size % (t.micro_batch_size * dp):
+            errors.append(
+                f"trainer.global_batch_size={t.global_batch_size} is not divisible by "
+                f"trainer.micro_batch_size={t.micro_batch_size} x data-parallel degree {dp}"
+            )
+    if t.seq_len > m.block_size:
+        errors.append(f"trainer.seq_len={t.seq_len} exceeds model.block_size={m.block_size}")
+    if t.stop_at_step is not None and not 1 <= t.stop_at_step <= t.max_steps:
+        errors.append(f"trainer.stop_at_step={t.stop_at_step} must be in [1, trainer.max_steps={t.max_steps}]")
+    if t.device not in ("auto", "cpu", "cuda"):
+        errors.append(f"trainer.device={t.device!r} must be auto|cpu|cuda")
+    if t.eval_every < 0 or t.log_every <= 0:
+        errors.append("trainer.eval_every must be >= 0 and trainer.log_every > 0")
+
+    o = cfg.optim
+    if o.schedule not in ("cosine", "wsd", "constant"):
+        errors.append(f"optim.schedule={o.schedule!r} must be cosine|wsd|constant")
+    if not (o.lr > 0 and math.isfinite(o.lr)):
+        errors.append(f"optim.lr={o.lr} must be a positive finite number")
+    if o.warmup_steps < 0:
+        errors.append(f"optim.warmup_steps={o.warmup_steps} must be >= 0")
+
+    c = cfg.checkpoint
+    if c.resume not in ("auto", "never", "required"):
+        errors.append(f"checkpoint.resume={c.resume!r} must be auto|never|required")
+    if c.keep == 1 or c.keep < 0:
+        errors.append(
+            f"checkpoint.keep={c.keep}: keep at least 2 (a damaged newest checkpoint must leave "
+            "one to fall back on), or 0 to keep all"
+        )
+    if c.every < 0:
+        errors.append(f"checkpoint.every={c.every} must be >= 0")
+
+    if cfg.logger.name not in ("none", "wandb", "tensorboard"):
+        errors.append(f"logger.name={cfg.logger.name!r} must be none|wandb|tensorboard")
+    if cfg.logger.mode not in ("online", "offline", "disabled"):
+        errors.append(f"logger.mode={cfg.logger.mode!r} must be online|offline|disabled")
+
+    errors += _validate_sources(cfg.data)
+    if errors:
+        raise ConfigError("invalid config:\n  - " + "\n  - ".join(errors))
+
+
+def _validate_sources(d: DataConfig) -> list[str]:
+    errors = []
+    if not d.sources:
+        errors.append("data.sources is empty: list at least one {name, path, weight}")
+    names = [s.name for s in d.sources]
+    if len(set(names)) != len(names):
+        errors.append(f"data.sources has duplicate names: {names}")
+    for i, s in enumerate(d.sources):
+        w = s.weight
+        if not isinstance(w, (int, float)) or math.isnan(w) or math.isinf(w) or w < 0:
+            errors.append(f"data.sources[{i}] ({s.name}).weight={w} must be a finite number >= 0")
+        if s.max_epochs is not None and not s.max_epochs > 0:
+            errors.append(f"data.sources[{i}] ({s.name}).max_epochs={s.max_epochs} must be > 0")
+    if d.sources and not errors and sum(s.weight for s in d.sources) <= 0:
+        errors.append("data.sources: all weights are 0; at least one source must have weight > 0")
+    for j, entry in enumerate(d.schedule):
+        unknown = set(entry.weights) - set(names)
+        if unknown:
+            errors.append(f"data.schedule[{j}].weights names unknown sources {sorted(unknown)}")
+        bad = [k for k, w in entry.weights.items() if math.isnan(w) or math.isinf(w) or w < 0]
+        if bad:
+            errors.append(f"data.schedule[{j}].weights {bad} must be finite and >= 0")
+    return errors

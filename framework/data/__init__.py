@@ -1,0 +1,1 @@
+"""Tokenizers, Arrow token shards, the embedded sample corpus, mixing, packing and loading."""

@@ -1,0 +1,59 @@
+"""AdamW with decoupled weight decay on matrices only, and the LR schedule as a pure function."""
+
+from __future__ import annotations
+
+import math
+
+import torch
+from torch import nn
+
+from framework.config import OptimConfig
+
+NO_DECAY_NAMES = ("tok_emb", "pos_emb")
+
+
+def param_groups(model: nn.Module, weight_decay: float) -> list[dict]:
+    """Weight decay on 2-D weights of linear layers; none on norms, biases and embeddings."""
+    decay, no_decay = [], []
+    for name, p in model.named_parameters():  # shared (tied) parameters appear once
+        if not p.requires_grad:
+            continue
+        if p.dim() < 2 or any(n in name for n in NO_DECAY_NAMES):
+            no_decay.append(p)
+        else:
+            decay.append(p)
+    return [
+        {"params": decay, "weight_decay": weight_decay},
+        {"params": no_decay, "weight_decay": 0.0},
+    ]
+
+
+def build_optimizer(model: nn.Module, cfg: OptimConfig, device_type: str) -> torch.optim.Optimizer:
+    """Build after parallelization: FSDP2/TP replace parameters with DTensors in place."""
+    fused = cfg.fused if cfg.fused is not None else device_type == "cuda"
+    return torch.optim.AdamW(
+        param_groups(model, cfg.weight_decay),
+        lr=cfg.lr,
+        betas=(cfg.beta1, cfg.beta2),
+        eps=cfg.eps,
+        fused=fused,
+    )
+
+
+def lr_at(step: int, cfg: OptimConfig, max_steps: int) -> float:
+    """LR for optimizer step `step` (counted from 1): linear warmup to cfg.lr, then cosine to
+    min_lr (or WSD: flat, then a linear decay over the last decay_fraction of the run)."""
+    lr, min_lr = cfg.lr, cfg.lr * cfg.min_lr_ratio
+    if cfg.warmup_steps and step <= cfg.warmup_steps:
+        return lr * step / cfg.warmup_steps
+    if cfg.schedule == "constant":
+        return lr
+    if cfg.schedule == "wsd":
+        decay_steps = max(1, int(round(max_steps * cfg.decay_fraction)))
+        decay_start = max_steps - decay_steps
+        if step <= decay_start:
+            return lr
+        return lr - (lr - min_lr) * min(1.0, (step - decay_start) / decay_steps)
+    span = max(1, max_steps - cfg.warmup_steps)
+    progress = min(1.0, (step - cfg.warmup_steps) / span)
+    return min_lr + 0.5 * (lr - min_lr) * (1.0 + math.cos(math.pi * progress))
