@@ -102,6 +102,16 @@ def _stable_hash(name: str) -> int:
 
 
 @dataclass
+class Batch:
+    """One micro-batch on the host: (B, T) int64 token ids and next-token targets."""
+
+    inputs: torch.Tensor
+    targets: torch.Tensor
+    doc_ids: torch.Tensor | None = None
+    """(B, T) document index within the window, when data.doc_mask keeps attention per document."""
+
+
+@dataclass
 class LoaderState:
     position: int = 0
     """Global samples consumed (all ranks)."""
@@ -139,7 +149,7 @@ class MixtureLoader:
         self.rank, self.dp = dp_rank, dp_size
         self.per_rank = global_batch_size // dp_size
         self.state = LoaderState(0, {s.name: 0 for s in self.sources})
-        self._queue: list[tuple[torch.Tensor, torch.Tensor]] = []
+        self._queue: list[Batch] = []
 
     def source_of(self, n: np.ndarray) -> np.ndarray:
         x = (n * PHI + self.offset) % 1.0
@@ -171,12 +181,12 @@ class MixtureLoader:
     def __iter__(self):
         return self
 
-    def __next__(self) -> tuple[torch.Tensor, torch.Tensor]:
+    def __next__(self) -> Batch:
         if not self._queue:
             buf, _ = self.next_global_batch()
             t = torch.from_numpy(buf)
             self._queue = [
-                (t[i : i + self.mb, :-1], t[i : i + self.mb, 1:]) for i in range(0, self.per_rank, self.mb)
+                Batch(t[i : i + self.mb, :-1], t[i : i + self.mb, 1:]) for i in range(0, self.per_rank, self.mb)
             ]
         return self._queue.pop(0)
 
@@ -213,7 +223,7 @@ def check_manifest(name: str, path: str, m: Manifest, tok: Tokenizer, vocab_size
 
 def val_batches(
     cfg: DataConfig, seq_len: int, micro_batch_size: int, n_batches: int, dp_rank: int, dp_size: int
-) -> dict[str, list[tuple[torch.Tensor, torch.Tensor]]]:
+) -> dict[str, list[Batch]]:
     """Fixed validation batches per source (first windows of the val split, no shuffle), this
     rank's share of them."""
     out = {}
@@ -229,7 +239,7 @@ def val_batches(
             p.window(k, buf[j])
         t = torch.from_numpy(buf)
         out[s.name] = [
-            (t[i : i + micro_batch_size, :-1], t[i : i + micro_batch_size, 1:])
+            Batch(t[i : i + micro_batch_size, :-1], t[i : i + micro_batch_size, 1:])
             for i in range(0, len(mine), micro_batch_size)
         ]
     return out
