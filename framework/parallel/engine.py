@@ -14,6 +14,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from framework.data.loader import Batch
 from framework.precision import Precision
 
 
@@ -32,7 +33,7 @@ class Engine:
     model: nn.Module
     """The module to call for forward (possibly wrapped)."""
 
-    def forward_backward(self, inputs: torch.Tensor, targets: torch.Tensor, accum: int) -> torch.Tensor:
+    def forward_backward(self, batch: Batch, accum: int) -> torch.Tensor:
         """Loss of one micro-batch (detached), gradients accumulated scaled by 1/accum."""
         raise NotImplementedError
 
@@ -40,7 +41,13 @@ class Engine:
         raise NotImplementedError
 
     @torch.no_grad()
-    def eval_loss(self, inputs: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+    def eval_loss(self, batch: Batch) -> torch.Tensor:
+        raise NotImplementedError
+
+    @torch.no_grad()
+    def logits(self, idx: torch.Tensor) -> torch.Tensor:
+        """Full (B, T, V) logits of the last position(s) on every rank (for sampling at eval).
+        Every rank must call it: sharded strategies gather inside forward."""
         raise NotImplementedError
 
     def save(self, path: Path) -> None:
@@ -84,10 +91,15 @@ class TorchEngine(Engine):
     def plain_model(self) -> nn.Module:
         return self._plain
 
-    def forward_backward(self, inputs, targets, accum):
-        inputs, targets = inputs.to(self.device, non_blocking=True), targets.to(self.device, non_blocking=True)
+    def _to_device(self, batch: Batch) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
+        dev = self.device
+        doc = batch.doc_ids.to(dev, non_blocking=True) if batch.doc_ids is not None else None
+        return batch.inputs.to(dev, non_blocking=True), batch.targets.to(dev, non_blocking=True), doc
+
+    def forward_backward(self, batch, accum):
+        inputs, targets, doc_ids = self._to_device(batch)
         with self.precision.autocast():
-            loss = self.model(inputs, targets)
+            loss = self.model(inputs, targets, doc_ids)
         scaled = loss / accum
         if self.scaler is not None:
             scaled = self.scaler.scale(scaled)
@@ -122,10 +134,15 @@ class TorchEngine(Engine):
         return StepResult(norm)
 
     @torch.no_grad()
-    def eval_loss(self, inputs, targets):
-        inputs, targets = inputs.to(self.device), targets.to(self.device)
+    def eval_loss(self, batch):
+        inputs, targets, doc_ids = self._to_device(batch)
         with self.precision.autocast():
-            return self.model(inputs, targets).detach()
+            return self.model(inputs, targets, doc_ids).detach()
+
+    @torch.no_grad()
+    def logits(self, idx):
+        with self.precision.autocast():
+            return self.model(idx.to(self.device)).float()
 
     # -- checkpoint: torch.distributed.checkpoint, so any strategy's shards load into any other
     def _init_optimizer_state(self) -> None:
