@@ -92,7 +92,9 @@ class PrecisionConfig:
     loss_scale_window: int = 1000
     """fp16: overflow-free steps before the scale doubles."""
     min_loss_scale: float = 1.0
-    """fp16: abort when overflows persist at this scale."""
+    """fp16: the loss scale never drops below this."""
+    max_overflows_at_min: int = 5
+    """fp16: abort after this many consecutive overflowing steps at min_loss_scale."""
     fp8_min_dim: int = 2048
     """fp8: linear layers with a smaller in/out dimension stay in bf16 (too small to gain)."""
 

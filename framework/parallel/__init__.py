@@ -1,34 +1,144 @@
 """Parallelism applied to the plain model by functions, in one documented order:
-tensor parallel -> activation checkpointing -> torch.compile -> FSDP/DDP; DeepSpeed ZeRO
-runs its own engine behind the same `Engine` interface."""
+
+    fp8 conversion -> tensor parallel -> activation checkpointing -> torch.compile -> FSDP/DDP
+
+(each a file here: tp.py, ac.py, compile.py, fsdp.py, ddp.py); the optimizer is built last,
+over the final (possibly DTensor) parameters. DeepSpeed ZeRO runs its own engine (zero.py)
+behind the same `Engine` interface, so the training loop never branches on the strategy.
+
+Accelerate is supported as a launcher (`accelerate launch` sets RANK/WORLD_SIZE/... which
+init_distributed reads; configs in launchers/accelerate/). Its Accelerator is not used to
+wrap the model: it would apply DDP/FSDP in its own order (we need TP -> AC -> compile -> FSDP)
+and does not do tensor parallel of a non-Hugging-Face model, ZeRO on CPU, or our DCP layout,
+so it would add a second code path without removing any of ours.
+"""
 
 from __future__ import annotations
 
-from torch import nn
+from collections.abc import Callable
+from dataclasses import replace
+from functools import partial
 
-from framework.config import Config
+from torch import nn
+from torch.distributed.device_mesh import DeviceMesh, init_device_mesh
+
+from framework.config import Config, ConfigError
 from framework.optim import build_optimizer
+from framework.parallel.ac import apply_ac
+from framework.parallel.compile import apply_compile
 from framework.parallel.dist import Dist
 from framework.parallel.engine import Engine, NonFiniteError, StepResult, TorchEngine
-from framework.precision import resolve
+from framework.precision import OverflowGuard, apply_fp8, make_grad_scaler, resolve
 
 __all__ = ["Engine", "NonFiniteError", "StepResult", "TorchEngine", "build_engine"]
 
 
-def build_engine(model: nn.Module, cfg: Config, dist: Dist) -> Engine:
-    """Wrap `model` (already on its device, weights initialised) for cfg.strategy."""
-    precision = resolve(cfg.precision, dist.device.type)
-    name = cfg.strategy.name
-    if name != "single":
-        raise NotImplementedError(f"strategy={name} is not implemented yet")
-    optimizer = build_optimizer(model, cfg.optim, dist.device.type)
-    scaler = None
-    if precision.name == "fp16":
-        import torch
-
-        scaler = torch.amp.GradScaler(
-            dist.device.type,
-            init_scale=cfg.precision.initial_loss_scale,
-            growth_interval=cfg.precision.loss_scale_window,
+def _meshes(
+    cfg: Config, dist: Dist, tp: bool, dp: str | None
+) -> tuple[DeviceMesh | None, DeviceMesh | None]:
+    """(tp_mesh, dp_mesh) for this strategy; dp_mesh is 2-D (replicate, shard) under HSDP."""
+    s, world, dev = cfg.strategy, dist.world_size, dist.device.type
+    if s.hsdp_replicas > 1 and not (dp == "fsdp" and not tp):
+        raise ConfigError(f"strategy.hsdp_replicas={s.hsdp_replicas} applies to strategy=fsdp only")
+    if tp and dp is None and s.tp != world:
+        raise ConfigError(
+            f"strategy=tp splits the model over all ranks: strategy.tp={s.tp} must equal the world "
+            f"size {world} (use strategy=tp_fsdp for tp x data parallel)"
         )
-    return TorchEngine(model, model, optimizer, precision, cfg.optim.grad_clip, dist.device, scaler)
+    if tp and dp is not None:
+        mesh = init_device_mesh(dev, (world // s.tp, s.tp), mesh_dim_names=("dp", "tp"))
+        return mesh["tp"], mesh["dp"]
+    if tp:
+        return init_device_mesh(dev, (world,), mesh_dim_names=("tp",)), None
+    if dp == "fsdp" and s.hsdp_replicas > 1:
+        shape = (s.hsdp_replicas, world // s.hsdp_replicas)
+        return None, init_device_mesh(dev, shape, mesh_dim_names=("dp_replicate", "dp_shard"))
+    if dp == "fsdp":
+        return None, init_device_mesh(dev, (world,), mesh_dim_names=("dp",))
+    return None, None
+
+
+def _build_torch(model: nn.Module, cfg: Config, dist: Dist, *, tp: bool, dp: str | None) -> Engine:
+    """single / ddp / fsdp / tp / tp_fsdp: transform the plain model in the documented order."""
+    from framework.parallel.ddp import apply_ddp, ddp_grad_sync
+    from framework.parallel.fsdp import apply_fsdp, fsdp_grad_sync, mixed_precision_policy
+    from framework.parallel.tp import apply_tp
+
+    s = cfg.strategy
+    precision = resolve(cfg.precision, dist.device.type)
+    tp_mesh, dp_mesh = _meshes(cfg, dist, tp, dp)
+    if precision.name == "fp8":
+        apply_fp8(model, cfg.precision)
+    if tp:
+        apply_tp(model, tp_mesh, s.sequence_parallel)
+    apply_ac(model, s.activation_checkpointing)
+    if s.compile:
+        apply_compile(model)
+    wrapped, extra = model, {}
+    if dp == "ddp":
+        wrapped = apply_ddp(model, dist.device)
+        extra = dict(grad_sync=ddp_grad_sync(wrapped), dp_rank=dist.rank, dp_size=dist.world_size)
+    elif dp == "fsdp":
+        apply_fsdp(
+            model, dp_mesh, s.reshard_after_forward, mixed_precision_policy(precision.compute_dtype)
+        )
+        precision = replace(precision, autocast_dtype=None)  # the FSDP policy casts instead
+        extra = dict(
+            grad_sync=fsdp_grad_sync(model),
+            # under tp_fsdp the ranks of one TP group share a dp coordinate (same data)
+            dp_rank=dp_mesh.get_local_rank() if tp else dist.rank,
+            dp_size=dist.world_size // (s.tp if tp else 1),
+        )
+    if tp and s.sequence_parallel:
+        extra["seq_multiple"] = s.tp
+    optimizer = build_optimizer(model, cfg.optim, dist.device.type)
+    scaler = make_grad_scaler(cfg.precision, precision)
+    guard = OverflowGuard(cfg.precision) if scaler is not None else None
+    return TorchEngine(
+        wrapped,
+        model,
+        optimizer,
+        precision,
+        cfg.optim.grad_clip,
+        dist.device,
+        scaler,
+        overflow_guard=guard,
+        min_loss_scale=cfg.precision.min_loss_scale,
+        **extra,
+    )
+
+
+def _build_zero(model: nn.Module, cfg: Config, dist: Dist) -> Engine:
+    from framework.parallel.zero import build_zero
+
+    precision = resolve(cfg.precision, dist.device.type)
+    if cfg.strategy.activation_checkpointing != "none" or cfg.strategy.compile:
+        apply_ac(model, cfg.strategy.activation_checkpointing)
+        if cfg.strategy.compile:
+            apply_compile(model)
+    optimizer = build_optimizer(model, cfg.optim, dist.device.type)
+    return build_zero(model, cfg, dist, precision, optimizer)
+
+
+BUILDERS: dict[str, Callable[[nn.Module, Config, Dist], Engine]] = {
+    "single": partial(_build_torch, tp=False, dp=None),
+    "ddp": partial(_build_torch, tp=False, dp="ddp"),
+    "fsdp": partial(_build_torch, tp=False, dp="fsdp"),
+    "tp": partial(_build_torch, tp=True, dp=None),
+    "tp_fsdp": partial(_build_torch, tp=True, dp="fsdp"),
+    "zero1": _build_zero,
+    "zero2": _build_zero,
+    "zero3": _build_zero,
+}
+
+
+def build_engine(model: nn.Module, cfg: Config, dist: Dist) -> Engine:
+    """Wrap `model` (plain GPT on its device, weights initialised identically on every rank)
+    for cfg.strategy and cfg.precision."""
+    try:
+        builder = BUILDERS[cfg.strategy.name]
+    except KeyError:
+        raise ConfigError(
+            f"strategy.name={cfg.strategy.name!r} is not one of {', '.join(BUILDERS)}"
+        ) from None
+    return builder(model, cfg, dist)

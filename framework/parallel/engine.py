@@ -7,15 +7,19 @@ its own engine behind the same methods.
 
 from __future__ import annotations
 
+import contextlib
 import math
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
+import torch.distributed as tdist
 from torch import nn
+from torch.distributed.tensor import DTensor
 
 from framework.data.loader import Batch
-from framework.precision import Precision
+from framework.precision import OverflowGuard, Precision
 
 
 class NonFiniteError(RuntimeError):
@@ -32,9 +36,14 @@ class StepResult:
 class Engine:
     model: nn.Module
     """The module to call for forward (possibly wrapped)."""
+    dp_rank: int = 0
+    dp_size: int = 1
+    """Data-parallel coordinates for the loader: ranks of one tensor-parallel group share
+    dp_rank (they read the same micro-batches)."""
 
     def forward_backward(self, batch: Batch, accum: int) -> torch.Tensor:
-        """Loss of one micro-batch (detached), gradients accumulated scaled by 1/accum."""
+        """Loss of one micro-batch (detached), gradients accumulated scaled by 1/accum.
+        Called exactly `accum` times between two step() calls."""
         raise NotImplementedError
 
     def step(self, lr: float) -> StepResult:
@@ -71,8 +80,27 @@ class Engine:
         """The unwrapped GPT (for export/generate in-process)."""
         return self.model
 
+    def peak_memory_bytes(self) -> int | None:
+        """Peak device memory allocated by this process (None where torch does not track it)."""
+        dev = getattr(self, "device", None)
+        if dev is not None and dev.type == "cuda":
+            return torch.cuda.max_memory_allocated(dev)
+        return None
+
+
+def _no_sync_needed(last: bool):
+    return contextlib.nullcontext()
+
 
 class TorchEngine(Engine):
+    """Single, DDP, FSDP2, TP and TP x FSDP2: the same loop over a differently wrapped model.
+
+    grad_sync(last) is the strategy's context for one micro-batch: DDP/FSDP skip their
+    gradient reduction on all but the last micro-batch of an optimizer step.
+    seq_multiple: sequence parallel splits T over the TP ranks, so logits() pads prompts to a
+    multiple of it (on the right: causal attention keeps earlier positions unaffected).
+    """
+
     def __init__(
         self,
         model: nn.Module,
@@ -82,11 +110,23 @@ class TorchEngine(Engine):
         grad_clip: float,
         device: torch.device,
         scaler=None,
+        *,
+        grad_sync: Callable[[bool], contextlib.AbstractContextManager] = _no_sync_needed,
+        dp_rank: int = 0,
+        dp_size: int = 1,
+        seq_multiple: int = 1,
+        overflow_guard: OverflowGuard | None = None,
+        min_loss_scale: float = 1.0,
     ):
         self.model, self._plain, self.optimizer = model, plain, optimizer
         self.precision, self.grad_clip, self.device = precision, grad_clip, device
-        self.scaler = scaler  # torch.amp.GradScaler (or sharded) for fp16; None otherwise
+        self.scaler = scaler  # torch.amp.GradScaler for fp16; None otherwise
         self.params = [p for g in optimizer.param_groups for p in g["params"]]
+        self.grad_sync, self.dp_rank, self.dp_size = grad_sync, dp_rank, dp_size
+        self.seq_multiple = seq_multiple
+        self.overflow_guard, self.min_loss_scale = overflow_guard, min_loss_scale
+        self.skipped_steps = 0
+        self._micro = 0  # micro-batches since the last step()
 
     def plain_model(self) -> nn.Module:
         return self._plain
@@ -98,34 +138,73 @@ class TorchEngine(Engine):
 
     def forward_backward(self, batch, accum):
         inputs, targets, doc_ids = self._to_device(batch)
-        with self.precision.autocast():
-            loss = self.model(inputs, targets, doc_ids)
-        scaled = loss / accum
-        if self.scaler is not None:
-            scaled = self.scaler.scale(scaled)
-        scaled.backward()
+        self._micro += 1
+        with self.grad_sync(self._micro >= accum):
+            with self.precision.autocast():
+                loss = self.model(inputs, targets, doc_ids)
+            scaled = loss / accum
+            if self.scaler is not None:
+                scaled = self.scaler.scale(scaled)
+            scaled.backward()
         return loss.detach()
 
     def _grad_norm(self) -> torch.Tensor:
-        clip = self.grad_clip if self.grad_clip > 0 else math.inf
-        norm = torch.nn.utils.clip_grad_norm_(self.params, clip, foreach=True)
-        if hasattr(norm, "full_tensor"):  # DTensor under FSDP2 / TP
-            norm = norm.full_tensor()
-        return norm
+        """Global L2 norm of all gradients, clipped to grad_clip. Gradients may be plain tensors
+        and DTensors on different meshes (TP without sequence parallel leaves norms plain;
+        under TP x FSDP those become 1-D DTensors beside 2-D ones), which one foreach kernel
+        cannot mix: take each group's norm, reduce it to a full value, combine."""
+        groups: dict[object, list[torch.Tensor]] = {}
+        for p in self.params:
+            if p.grad is not None:
+                key = (p.grad.device_mesh, p.grad.placements) if isinstance(p.grad, DTensor) else None
+                groups.setdefault(key, []).append(p.grad)
+        norms = []
+        for grads in groups.values():
+            n = torch.nn.utils.get_total_norm(grads, foreach=True)
+            norms.append(n.full_tensor() if isinstance(n, DTensor) else n)
+        total = (
+            torch.linalg.vector_norm(torch.stack([n.float() for n in norms]))
+            if norms
+            else torch.zeros(())
+        )
+        if self.grad_clip > 0:
+            for grads in groups.values():
+                torch.nn.utils.clip_grads_with_norm_(grads, self.grad_clip, total, foreach=True)
+        return total
+
+    def _sync_found_inf(self) -> bool:
+        """Make every rank agree on an fp16 overflow: the inf check of GradScaler.unscale_ only
+        sees this rank's gradient shards (a TP or FSDP shard may overflow on one rank only).
+        GradScaler keeps the flags in its per-optimizer state; reduce them in place."""
+        state = self.scaler._per_optimizer_states[id(self.optimizer)]
+        found = list(state["found_inf_per_device"].values())
+        for found_inf in found:
+            if tdist.is_initialized():
+                tdist.all_reduce(found_inf, op=tdist.ReduceOp.MAX)
+        return any(bool(f.item()) for f in found)
 
     def step(self, lr: float) -> StepResult:
+        self._micro = 0
         for g in self.optimizer.param_groups:
             g["lr"] = lr
+        overflow = False
         if self.scaler is not None:
             self.scaler.unscale_(self.optimizer)
+            overflow = self._sync_found_inf()
         norm = float(self._grad_norm())
         if self.scaler is not None:
-            # GradScaler skips the step on inf/nan grads and lowers the scale.
+            # GradScaler skips the step on inf/nan grads and halves the scale
             scale_before = self.scaler.get_scale()
             self.scaler.step(self.optimizer)
             self.scaler.update()
+            skipped = overflow
+            if self.scaler.get_scale() < self.min_loss_scale:
+                self.scaler.update(new_scale=self.min_loss_scale)
             self.optimizer.zero_grad(set_to_none=True)
-            return StepResult(norm, skipped=self.scaler.get_scale() < scale_before)
+            self.skipped_steps += skipped
+            if self.overflow_guard is not None:
+                self.overflow_guard.update(skipped, scale_before)
+            return StepResult(norm, skipped=skipped)
         if not math.isfinite(norm):
             self.optimizer.zero_grad(set_to_none=True)
             raise NonFiniteError(f"gradient norm is {norm}")
@@ -141,8 +220,13 @@ class TorchEngine(Engine):
 
     @torch.no_grad()
     def logits(self, idx):
+        idx = idx.to(self.device)
+        T = idx.size(1)
+        pad = -T % self.seq_multiple
+        if pad:
+            idx = torch.nn.functional.pad(idx, (0, pad))
         with self.precision.autocast():
-            return self.model(idx.to(self.device)).float()
+            return self.model(idx).float()[:, :T]
 
     # -- checkpoint: torch.distributed.checkpoint, so any strategy's shards load into any other
     def _init_optimizer_state(self) -> None:
