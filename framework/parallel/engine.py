@@ -153,23 +153,22 @@ class TorchEngine(Engine):
         and DTensors on different meshes (TP without sequence parallel leaves norms plain;
         under TP x FSDP those become 1-D DTensors beside 2-D ones), which one foreach kernel
         cannot mix: take each group's norm, reduce it to a full value, combine."""
-        groups: dict[object, list[torch.Tensor]] = {}
+        groups: dict[object, list[nn.Parameter]] = {}
         for p in self.params:
             if p.grad is not None:
-                key = (p.grad.device_mesh, p.grad.placements) if isinstance(p.grad, DTensor) else None
-                groups.setdefault(key, []).append(p.grad)
+                g = p.grad
+                key = (g.device_mesh, g.placements) if isinstance(g, DTensor) else None
+                groups.setdefault(key, []).append(p)
         norms = []
-        for grads in groups.values():
-            n = torch.nn.utils.get_total_norm(grads, foreach=True)
+        for params in groups.values():
+            n = torch.nn.utils.get_total_norm([p.grad for p in params], foreach=True)
             norms.append(n.full_tensor() if isinstance(n, DTensor) else n)
-        total = (
-            torch.linalg.vector_norm(torch.stack([n.float() for n in norms]))
-            if norms
-            else torch.zeros(())
-        )
+        if not norms:
+            return torch.zeros(())
+        total = torch.linalg.vector_norm(torch.stack([n.float() for n in norms]))
         if self.grad_clip > 0:
-            for grads in groups.values():
-                torch.nn.utils.clip_grads_with_norm_(grads, self.grad_clip, total, foreach=True)
+            for params in groups.values():  # takes parameters, scales their .grad
+                torch.nn.utils.clip_grads_with_norm_(params, self.grad_clip, total, foreach=True)
         return total
 
     def _sync_found_inf(self) -> bool:
