@@ -67,6 +67,7 @@ def _build_torch(model: nn.Module, cfg: Config, dist: Dist, *, tp: bool, dp: str
     s = cfg.strategy
     precision = resolve(cfg.precision, dist.device.type)
     tp_mesh, dp_mesh = _meshes(cfg, dist, tp, dp)
+    model.to(dist.device)  # the loop builds the plain model on CPU
     if precision.name == "fp8":
         apply_fp8(model, cfg.precision)
     if tp:
