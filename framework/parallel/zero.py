@@ -16,6 +16,7 @@ import math
 from pathlib import Path
 
 import torch
+import torch.distributed as tdist
 from torch import nn
 
 from framework.config import Config, ConfigError, grad_accum_steps
@@ -137,6 +138,21 @@ class DeepSpeedEngine(Engine):
 
     def save(self, path: Path) -> None:
         self.ds.save_checkpoint(str(path), tag=CHECKPOINT_TAG, save_latest=False)
+        self._save_full_weights(path)
+
+    def _save_full_weights(self, path: Path) -> None:
+        """The fp32 master weights, whole, in DCP layout beside DeepSpeed's files (DeepSpeed
+        writes under <path>/zero/): framework.checkpoint.load_model, and so generate and
+        export, read a ZeRO checkpoint like any other. Every rank gathers (a collective under
+        ZeRO-3); DCP writes each replicated tensor once."""
+        import torch.distributed.checkpoint as dcp
+        from deepspeed.utils import safe_get_full_fp32_param
+
+        sd = {}
+        for name, p in self.ds.module.state_dict(keep_vars=True).items():
+            full = safe_get_full_fp32_param(p) if isinstance(p, nn.Parameter) else None
+            sd[name] = (full if full is not None else p.detach()).float().cpu()
+        dcp.save({"model": sd}, checkpoint_id=str(path))
 
     def load(self, path: Path) -> None:
         loaded, _ = self.ds.load_checkpoint(
@@ -156,6 +172,11 @@ def build_zero(model: nn.Module, cfg: Config, dist: Dist, precision: Precision, 
 
     if precision.name == "fp8":
         raise ConfigError("precision=fp8 is not supported with DeepSpeed ZeRO: use strategy=fsdp")
+    if not tdist.is_initialized():
+        # one process (e.g. `python -m framework.train strategy=zero2` on one GPU): DeepSpeed
+        # needs a process group, and init_distributed only creates one for world size > 1
+        backend = "nccl" if dist.device.type == "cuda" else "gloo"
+        tdist.init_process_group(backend, store=tdist.HashStore(), rank=0, world_size=1)
     ds_engine, _, _, _ = deepspeed.initialize(
         model=model,
         optimizer=optimizer,
