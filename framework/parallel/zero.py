@@ -13,6 +13,7 @@ MULTI_CPU (no ZeRO), and its DeepSpeed plugin would only re-wrap the config we g
 from __future__ import annotations
 
 import math
+import os
 from pathlib import Path
 
 import torch
@@ -177,6 +178,8 @@ def build_zero(model: nn.Module, cfg: Config, dist: Dist, precision: Precision, 
         # needs a process group, and init_distributed only creates one for world size > 1
         backend = "nccl" if dist.device.type == "cuda" else "gloo"
         tdist.init_process_group(backend, store=tdist.HashStore(), rank=0, world_size=1)
+        for key, value in (("RANK", "0"), ("LOCAL_RANK", "0"), ("WORLD_SIZE", "1")):
+            os.environ.setdefault(key, value)  # DeepSpeed reads them, a launcher would set them
     ds_engine, _, _, _ = deepspeed.initialize(
         model=model,
         optimizer=optimizer,
