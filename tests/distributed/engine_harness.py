@@ -6,11 +6,15 @@ under torchrun by the engine-level tests. Usage:
 Batches are random token ids drawn from a fixed seed per step (the same global batch for any
 world size); each data-parallel rank takes its slice, as the real loader does. Writes the
 dp-mean loss and grad norm per step (rank 0) to OUT.json.
+
+FW_TEST_INJECT_INF=RANK:STEP puts an inf into that rank's local gradient shard before that
+optimizer step (fp16 overflow on one rank only).
 """
 
 from __future__ import annotations
 
 import json
+import os
 import sys
 
 import torch
@@ -43,21 +47,27 @@ def main() -> None:
         per_rank = cfg.trainer.global_batch_size // engine.dp_size
         mb = cfg.trainer.micro_batch_size
         rows = []
+        spec = os.environ.get("FW_TEST_INJECT_INF")
+        inject = tuple(int(x) for x in spec.split(":")) if spec else None
         for step in range(1, cfg.trainer.max_steps + 1):
             data = global_batch(step, cfg)[engine.dp_rank * per_rank : (engine.dp_rank + 1) * per_rank]
             losses = []
             for i in range(accum):
                 chunk = data[i * mb : (i + 1) * mb]
                 losses.append(engine.forward_backward(Batch(chunk[:, :-1], chunk[:, 1:]), accum))
+            if inject == (dist.rank, step):
+                grad = next(iter(engine.plain_model().parameters())).grad
+                (grad.to_local() if hasattr(grad, "to_local") else grad).fill_(float("inf"))
             loss = torch.stack(losses).mean()
             if dist.world_size > 1:
                 # ranks of one TP group hold equal losses: the world mean is the dp mean
                 torch.distributed.all_reduce(loss)
                 loss /= dist.world_size
             res = engine.step(cfg.optim.lr)
-            rows.append(
-                {"step": step, "loss": float(loss), "grad_norm": res.grad_norm, "skipped": res.skipped}
-            )
+            row = {"step": step, "loss": float(loss), "grad_norm": res.grad_norm, "skipped": res.skipped}
+            if getattr(engine, "scaler", None) is not None:
+                row["scale"] = engine.scaler.get_scale()
+            rows.append(row)
         logits = engine.logits(global_batch(0, cfg)[:2, :7])
         rows.append({"logits_shape": list(logits.shape), "logits_sum": float(logits.double().sum())})
         if dist.is_main:

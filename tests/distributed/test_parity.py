@@ -5,6 +5,11 @@ launchers run the same training and must give the torchrun run's losses.
 
 Measured on CPU, torch 2.13 / DeepSpeed 0.19 (2026-11-26): every fp32 strategy within 2e-7
 relative of `single`; launchers bitwise equal to torchrun for the same strategy.
+
+bf16 (each against `single` in bf16, worst step of 8): ddp 2.7e-5 and tp 3.3e-5 (autocast,
+as single); fsdp 1.2e-4 (MixedPrecisionPolicy: parameters and norms in bf16); zero2 3.4e-4
+(DeepSpeed bf16: the whole module in bf16). Recorded tolerance: BF16_RTOL = 1e-3.
+(single bf16 vs single fp32: 1.9e-5 -- the tiny model is far from bf16's limits.)
 """
 
 from __future__ import annotations
@@ -18,6 +23,7 @@ from tests.distributed.launch import PARITY, losses, max_rel_diff, run_train
 from tests.helpers import make_cfg
 
 FP32_RTOL = 1e-5
+BF16_RTOL = 1e-3
 
 # strategy -> processes
 STRATEGIES = {
@@ -70,6 +76,23 @@ def test_tensor_parallel_without_sequence_parallel(runs):
     ref = losses(runs("single"))
     got = losses(runs("tp", "torchrun", "strategy.sequence_parallel=false"))
     assert max_rel_diff(got, ref) <= FP32_RTOL
+
+
+def test_hsdp_matches_single(runs):
+    """HSDP on a 2-D mesh (2 replicas x 1 shard): all-reduce across replicas."""
+    ref = losses(runs("single"))
+    got = losses(runs("fsdp", "torchrun", "strategy.hsdp_replicas=2"))
+    assert max_rel_diff(got, ref) <= FP32_RTOL
+
+
+@pytest.mark.parametrize("strategy", ["fsdp", "zero2"])
+def test_bf16_losses_within_recorded_tolerance(runs, strategy):
+    """The two bf16 mechanisms other than autocast: FSDP2's MixedPrecisionPolicy (fp32
+    reduce) and DeepSpeed's bf16 mode (fp32 master weights)."""
+    ref = losses(runs("single", "torchrun", "precision=bf16"))
+    got = losses(runs(strategy, "torchrun", "precision=bf16"))
+    assert losses(runs("single")) != ref  # bf16 did change the arithmetic
+    assert max_rel_diff(got, ref) <= BF16_RTOL, (strategy, got, ref)
 
 
 @pytest.mark.parametrize(("launcher", "strategy"), [("deepspeed", "zero2"), ("accelerate", "fsdp")])
