@@ -78,6 +78,14 @@ def test_tensor_parallel_without_sequence_parallel(runs):
     assert max_rel_diff(got, ref) <= FP32_RTOL
 
 
+def test_llama_style_tensor_parallel_x_fsdp(runs):
+    """The llama plan (RoPE, RMSNorm, SwiGLU w3, grouped-query kv heads split over TP)."""
+    llama = ("model=debug-llama", "model.n_kv_head=2")
+    ref = losses(runs("single", "torchrun", *llama))
+    got = losses(runs("tp_fsdp", "torchrun", *llama))
+    assert max_rel_diff(got, ref) <= FP32_RTOL
+
+
 def test_hsdp_matches_single(runs):
     """HSDP on a 2-D mesh (2 replicas x 1 shard): all-reduce across replicas."""
     ref = losses(runs("single"))
