@@ -81,6 +81,10 @@ class Engine:
         """The unwrapped GPT (for export/generate in-process)."""
         return self.model
 
+    def loss_scale(self) -> float | None:
+        """Current fp16 dynamic loss scale (None when not scaling)."""
+        return None
+
     def peak_memory_bytes(self) -> int | None:
         """Peak device memory allocated by this process (None where torch does not track it)."""
         dev = getattr(self, "device", None)
@@ -269,6 +273,9 @@ class TorchEngine(Engine):
         set_state_dict(
             self._plain, self.optimizer, model_state_dict=state["model"], optim_state_dict=state["optim"]
         )
+
+    def loss_scale(self) -> float | None:
+        return self.scaler.get_scale() if self.scaler is not None else None
 
     def extra_state(self) -> dict:
         return {"scaler": self.scaler.state_dict()} if self.scaler is not None else {}

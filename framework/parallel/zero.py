@@ -187,4 +187,10 @@ def build_zero(model: nn.Module, cfg: Config, dist: Dist, precision: Precision, 
         dist_init_required=False,
     )
     guard = OverflowGuard(cfg.precision) if precision.name == "fp16" else None
+    scaler = getattr(ds_engine.optimizer, "loss_scaler", None)
+    if guard is not None and hasattr(scaler, "raise_error_at_min_scale"):
+        # DeepSpeed would raise a bare Exception at the FIRST overflow at its minimum scale (not
+        # settable from its JSON); our guard aborts after precision.max_overflows_at_min of
+        # them, with the same message as the torch engines
+        scaler.raise_error_at_min_scale = False
     return DeepSpeedEngine(ds_engine, precision, dist.device, dist, guard)

@@ -65,8 +65,8 @@ def main() -> None:
                 loss /= dist.world_size
             res = engine.step(cfg.optim.lr)
             row = {"step": step, "loss": float(loss), "grad_norm": res.grad_norm, "skipped": res.skipped}
-            if getattr(engine, "scaler", None) is not None:
-                row["scale"] = engine.scaler.get_scale()
+            if engine.loss_scale() is not None:
+                row["scale"] = engine.loss_scale()
             rows.append(row)
         logits = engine.logits(global_batch(0, cfg)[:2, :7])
         rows.append({"logits_shape": list(logits.shape), "logits_sum": float(logits.double().sum())})

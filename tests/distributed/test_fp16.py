@@ -5,9 +5,10 @@ ranks never diverge."""
 from __future__ import annotations
 
 import json
+import math
 import os
 import subprocess
-import sys
+from pathlib import Path
 
 import pytest
 
@@ -41,5 +42,28 @@ def test_overflow_on_one_rank_skips_the_step_on_all(tmp_path, strategy):
     assert all(r["loss"] == r["loss"] for r in rows)  # finite losses after the skip
 
 
-if __name__ == "__main__":
-    sys.exit(pytest.main([__file__]))
+def run_harness(tmp_path, *overrides: str) -> tuple[subprocess.CompletedProcess, Path]:
+    out = tmp_path / "rows.json"
+    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=str(ROOT))
+    cmd = [str(BIN / "torchrun"), "--nproc_per_node", "2", "--master_port", str(free_port()),
+           str(ROOT / "tests/distributed/engine_harness.py"), str(out), *SMALL, *overrides]  # fmt: skip
+    return subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=300), out
+
+
+def test_deepspeed_fp16_skips_halves_and_aborts_at_the_floor(tmp_path):
+    # 2^20 overflows this model's fp16 gradients, 2^18 does not (measured)
+    proc, out = run_harness(tmp_path, "strategy=zero2", "precision.initial_loss_scale=1048576")
+    assert proc.returncode == 0, (proc.stdout + proc.stderr)[-5000:]
+    rows = json.loads(out.read_text())[:-1]
+    assert [r["skipped"] for r in rows] == [True, True, False, False]
+    assert [r["scale"] for r in rows] == [2.0**19, 2.0**18, 2.0**18, 2.0**18]
+    assert math.isinf(rows[0]["grad_norm"]) and math.isfinite(rows[2]["grad_norm"])
+    # floor at 2^19, where it still overflows: the 2nd consecutive overflow there aborts
+    proc, _ = run_harness(
+        tmp_path, "strategy=zero2", "precision.initial_loss_scale=1048576",
+        "precision.min_loss_scale=524288", "precision.max_overflows_at_min=2",
+    )  # fmt: skip
+    text = proc.stdout + proc.stderr
+    assert proc.returncode != 0
+    assert "LossScaleAbort: fp16: 2 consecutive overflowing steps at the minimum loss scale" in text
+    assert "terminate called" not in text
