@@ -76,7 +76,7 @@ def _train(cfg: C.Config, dist: Dist) -> dict:
 
     ckpt = Checkpointer(run_dir / "checkpoints", cfg.checkpoint.keep, dist)
     start = 0
-    torch.manual_seed(seed + 1 + dp_rank)  # dropout stream; TP peers of one dp rank share it
+    torch.manual_seed(seed + 1 + engine.rng_rank)  # dropout stream (Engine.rng_rank says who shares it)
     resume_from = ckpt.find_resume(cfg.checkpoint.resume, cfg.checkpoint.path)
     if resume_from is not None:
         state = ckpt.load(resume_from, engine, model_shape(cfg.model), tokenizer.fingerprint)

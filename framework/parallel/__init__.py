@@ -92,6 +92,7 @@ def _build_torch(model: nn.Module, cfg: Config, dist: Dist, *, tp: bool, dp: str
         )
     if tp and s.sequence_parallel:
         extra["seq_multiple"] = s.tp
+        extra["rng_rank"] = dist.rank  # every dropout acts on rank-local slices
     optimizer = build_optimizer(model, cfg.optim, dist.device.type)
     scaler = make_grad_scaler(cfg.precision, precision)
     guard = OverflowGuard(cfg.precision) if scaler is not None else None

@@ -41,6 +41,11 @@ class Engine:
     dp_size: int = 1
     """Data-parallel coordinates for the loader: ranks of one tensor-parallel group share
     dp_rank (they read the same micro-batches)."""
+    rng_rank: int = 0
+    """Index of this rank's dropout stream. Ranks whose dropout acts on the same replicated
+    activations must share it (TP without sequence parallel: dp_rank); under sequence parallel
+    every dropout acts on this rank's own slice (of the sequence or the heads), so each rank
+    draws its own masks (the global rank), as Megatron does."""
 
     def forward_backward(self, batch: Batch, accum: int) -> torch.Tensor:
         """Loss of one micro-batch (detached), gradients accumulated scaled by 1/accum.
@@ -119,6 +124,7 @@ class TorchEngine(Engine):
         grad_sync: Callable[[bool], contextlib.AbstractContextManager] = _no_sync_needed,
         dp_rank: int = 0,
         dp_size: int = 1,
+        rng_rank: int | None = None,
         seq_multiple: int = 1,
         overflow_guard: OverflowGuard | None = None,
         min_loss_scale: float = 1.0,
@@ -128,6 +134,7 @@ class TorchEngine(Engine):
         self.scaler = scaler  # torch.amp.GradScaler for fp16; None otherwise
         self.params = [p for g in optimizer.param_groups for p in g["params"]]
         self.grad_sync, self.dp_rank, self.dp_size = grad_sync, dp_rank, dp_size
+        self.rng_rank = dp_rank if rng_rank is None else rng_rank
         self.seq_multiple = seq_multiple
         self.overflow_guard, self.min_loss_scale = overflow_guard, min_loss_scale
         self.skipped_steps = 0

@@ -77,6 +77,7 @@ class DeepSpeedEngine(Engine):
     def __init__(self, ds_engine, precision: Precision, device: torch.device, dist: Dist, guard):
         self.ds, self.model, self.precision, self.device = ds_engine, ds_engine, precision, device
         self.dp_rank, self.dp_size = dist.rank, dist.world_size
+        self.rng_rank = dist.rank
         self.overflow_guard: OverflowGuard | None = guard
         self.skipped_steps = 0
         self._micro = 0

@@ -30,7 +30,7 @@ optim.beta1 optim.beta2 optim.decay_fraction optim.eps optim.fused optim.grad_cl
 optim.schedule optim.warmup_steps optim.weight_decay
 plan.gpu plan.mfu plan.world_size
 precision.fp8_min_dim precision.initial_loss_scale precision.loss_scale_window precision.min_loss_scale
-precision.name
+precision.max_overflows_at_min precision.name
 run.dir run.name
 strategy.activation_checkpointing strategy.compile strategy.hsdp_replicas strategy.name
 strategy.reshard_after_forward strategy.sequence_parallel strategy.tp strategy.zero_offload
