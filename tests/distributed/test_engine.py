@@ -224,3 +224,9 @@ def test_compile_per_block_keeps_losses_and_names():
     assert max(abs(a - b) / abs(b) for a, b in zip(got, ref)) <= 1e-5  # fused kernels reorder sums
     # compiled in place: parameter names (checkpoint keys) unchanged
     assert set(compiled.plain_model().state_dict()) == set(plain.plain_model().state_dict())
+
+
+def test_sequence_parallel_needs_seq_len_divisible_by_tp():
+    cfg = make_cfg([*TINY, "strategy=tp", "strategy.tp=2", "trainer.seq_len=33"])
+    with pytest.raises(ConfigError, match=r"trainer.seq_len=33 is not divisible by strategy.tp=2"):
+        build_engine(GPT(cfg.model), cfg, Dist(rank=0, world_size=2))

@@ -86,6 +86,12 @@ def test_llama_style_tensor_parallel_x_fsdp(runs):
     assert max_rel_diff(got, ref) <= FP32_RTOL
 
 
+def test_zero_optimizer_offload_matches_single(runs):
+    ref = losses(runs("single"))
+    got = losses(runs("zero2", "torchrun", "strategy.zero_offload=true"))
+    assert max_rel_diff(got, ref) <= FP32_RTOL
+
+
 def test_hsdp_matches_single(runs):
     """HSDP on a 2-D mesh (2 replicas x 1 shard): all-reduce across replicas."""
     ref = losses(runs("single"))
