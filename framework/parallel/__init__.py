@@ -26,8 +26,11 @@ from framework.config import Config, ConfigError
 from framework.optim import build_optimizer
 from framework.parallel.ac import apply_ac
 from framework.parallel.compile import apply_compile
+from framework.parallel.ddp import apply_ddp, ddp_grad_sync
 from framework.parallel.dist import Dist
 from framework.parallel.engine import Engine, NonFiniteError, StepResult, TorchEngine
+from framework.parallel.fsdp import apply_fsdp, fsdp_grad_sync, mixed_precision_policy
+from framework.parallel.tp import apply_tp
 from framework.precision import OverflowGuard, apply_fp8, make_grad_scaler, resolve
 
 __all__ = ["Engine", "NonFiniteError", "StepResult", "TorchEngine", "build_engine"]
@@ -66,10 +69,6 @@ def _meshes(
 
 def _build_torch(model: nn.Module, cfg: Config, dist: Dist, *, tp: bool, dp: str | None) -> Engine:
     """single / ddp / fsdp / tp / tp_fsdp: transform the plain model in the documented order."""
-    from framework.parallel.ddp import apply_ddp, ddp_grad_sync
-    from framework.parallel.fsdp import apply_fsdp, fsdp_grad_sync, mixed_precision_policy
-    from framework.parallel.tp import apply_tp
-
     s = cfg.strategy
     precision = resolve(cfg.precision, dist.device.type)
     tp_mesh, dp_mesh = _meshes(cfg, dist, tp, dp)
@@ -117,13 +116,13 @@ def _build_torch(model: nn.Module, cfg: Config, dist: Dist, *, tp: bool, dp: str
 
 
 def _build_zero(model: nn.Module, cfg: Config, dist: Dist) -> Engine:
-    from framework.parallel.zero import build_zero
+    """zero1/2/3: AC and compile still apply to the plain model; DeepSpeed does the rest."""
+    from framework.parallel.zero import build_zero  # imports deepspeed (seconds): only when used
 
     precision = resolve(cfg.precision, dist.device.type)
-    if cfg.strategy.activation_checkpointing != "none" or cfg.strategy.compile:
-        apply_ac(model, cfg.strategy.activation_checkpointing)
-        if cfg.strategy.compile:
-            apply_compile(model)
+    apply_ac(model, cfg.strategy.activation_checkpointing)
+    if cfg.strategy.compile:
+        apply_compile(model)
     optimizer = build_optimizer(model, cfg.optim, dist.device.type)
     return build_zero(model, cfg, dist, precision, optimizer)
 
