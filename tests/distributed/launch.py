@@ -41,26 +41,27 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def launch_cmd(launcher: str, nproc: int) -> list[str]:
-    port = str(free_port())
+def launch_cmd(launcher: str, nproc: int, port: int) -> list[str]:
+    """The command up to the Hydra overrides."""
     if launcher == "torchrun":
-        return [str(BIN / "torchrun"), "--nproc_per_node", str(nproc), "--master_port", port, "-m"]
+        return [str(BIN / "torchrun"), "--nproc_per_node", str(nproc), "--master_port", str(port),
+                "-m", "framework.train"]  # fmt: skip
     if launcher == "deepspeed":
         # --no_local_rank: otherwise it appends --local_rank=N, which Hydra rejects
         return [str(BIN / "deepspeed"), "--num_gpus", str(nproc), "--no_local_rank",
-                "--master_port", port, "--module"]  # fmt: skip
-    if launcher == "accelerate":
-        return [str(BIN / "accelerate"), "launch",
-                "--config_file", str(ROOT / "launchers/accelerate/multi_cpu.yaml"),
-                "--num_processes", str(nproc), "--main_process_port", port, "-m"]  # fmt: skip
+                "--master_port", str(port), "--module", "framework.train"]  # fmt: skip
+    if launcher == "accelerate":  # the shipped wrapper (MASTER_PORT from the environment)
+        return ["bash", str(ROOT / "launchers/accelerate/launch.sh"), "multi_cpu", str(nproc)]
     raise ValueError(launcher)
 
 
 def run_train(run_dir: Path, *overrides: str, launcher: str = "torchrun", nproc: int = 2,
               timeout_s: float = 300) -> subprocess.CompletedProcess:  # fmt: skip
     """Run framework.train to completion under `launcher`; fail with its output otherwise."""
-    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=str(ROOT))
-    cmd = [*launch_cmd(launcher, nproc), "framework.train", *PARITY, f"run.dir={run_dir}", *overrides]
+    port = free_port()
+    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=str(ROOT), MASTER_PORT=str(port),
+               PATH=f"{BIN}{os.pathsep}{os.environ.get('PATH', '')}")  # fmt: skip
+    cmd = [*launch_cmd(launcher, nproc, port), *PARITY, f"run.dir={run_dir}", *overrides]
     proc = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=timeout_s)
     out = proc.stdout + proc.stderr
     if proc.returncode != 0:
