@@ -186,7 +186,8 @@ class MixtureLoader:
             buf, _ = self.next_global_batch()
             t = torch.from_numpy(buf)
             self._queue = [
-                Batch(t[i : i + self.mb, :-1], t[i : i + self.mb, 1:]) for i in range(0, self.per_rank, self.mb)
+                Batch(t[i : i + self.mb, :-1], t[i : i + self.mb, 1:])
+                for i in range(0, self.per_rank, self.mb)
             ]
         return self._queue.pop(0)
 

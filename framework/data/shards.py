@@ -112,9 +112,7 @@ class SourceWriter:
         name = f"{split}-{n:05d}.arrow"
         rows, tokens = write_shard(self.out / name, docs, self.dtype)
         path = self.out / name
-        self.shards.append(
-            ShardInfo(name, split, rows, tokens, path.stat().st_size, sha256_file(path))
-        )
+        self.shards.append(ShardInfo(name, split, rows, tokens, path.stat().st_size, sha256_file(path)))
 
     def close(self, meta: dict | None = None) -> Manifest:
         for split in list(self.pending):

@@ -43,6 +43,13 @@ class Dist:
         tdist.broadcast_object_list(box, src=0)
         return box[0]
 
+    def all_gather_object(self, obj) -> list:
+        if not self.initialized:
+            return [obj]
+        out = [None] * self.world_size
+        tdist.all_gather_object(out, obj)
+        return out
+
 
 def env_world_size() -> int:
     return int(os.environ.get("WORLD_SIZE", "1"))
@@ -75,9 +82,11 @@ def init_distributed(device: str, timeout_s: float = 1800.0) -> Dist:
     return Dist(rank, world, local_rank, dev)
 
 
-def teardown() -> None:
+def teardown(clean: bool = True) -> None:
     """Destroy the group explicitly: a process that exits with a live gloo group dies with
-    'terminate called without an active exception' (SIGABRT)."""
+    'terminate called without an active exception' (SIGABRT). After an error (clean=False) no
+    barrier: the other ranks may never reach it."""
     if tdist.is_available() and tdist.is_initialized():
-        tdist.barrier()
+        if clean:
+            tdist.barrier()
         tdist.destroy_process_group()

@@ -8,6 +8,7 @@ its own engine behind the same methods.
 from __future__ import annotations
 
 import math
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -169,7 +170,9 @@ class TorchEngine(Engine):
     def save(self, path: Path) -> None:
         import torch.distributed.checkpoint as dcp
 
-        dcp.save(self._state(), checkpoint_id=str(path))
+        with warnings.catch_warnings():  # DCP warns that a single process saves without a group
+            warnings.filterwarnings("ignore", message="torch.distributed is disabled")
+            dcp.save(self._state(), checkpoint_id=str(path))
 
     def load(self, path: Path) -> None:
         import torch.distributed.checkpoint as dcp
@@ -177,7 +180,9 @@ class TorchEngine(Engine):
 
         self._init_optimizer_state()
         state = self._state()
-        dcp.load(state, checkpoint_id=str(path))
+        with warnings.catch_warnings():
+            warnings.filterwarnings("ignore", message="torch.distributed is disabled")
+            dcp.load(state, checkpoint_id=str(path))
         set_state_dict(
             self._plain, self.optimizer, model_state_dict=state["model"], optim_state_dict=state["optim"]
         )

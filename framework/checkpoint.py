@@ -1,0 +1,290 @@
+"""Checkpoints that survive crashes: written to a temp dir, committed last, verified on load.
+
+Layout of one checkpoint (DESIGN "Run-directory contract"):
+
+    checkpoints/step_<N:08d>/
+        state/              engine state (model + optimizer), torch.distributed.checkpoint or
+                            DeepSpeed files, sharded by the writing strategy
+        rng/rank_<r>.pt     each rank's torch (and CUDA) RNG state
+        trainer.json        step, data-loader position, engine extras (loss scale), model shape
+        manifest.json       size and sha256 of every file above
+        COMMITTED           written last: a directory without it is not a checkpoint
+    checkpoints/latest      name of the newest committed checkpoint, replaced atomically
+
+Why our own manifest: DCP has no checksums (flipped bytes load silently) and reads its
+`.metadata` with pickle, so nothing is loaded before every file's hash matches what we wrote.
+Hashing is spread over the ranks (rank r hashes files r, r+W, ...) so it scales with them.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import os
+import shutil
+import time
+import warnings
+from pathlib import Path
+
+import torch
+
+from framework.parallel.dist import Dist
+
+log = logging.getLogger("framework")
+
+COMMIT = "COMMITTED"
+MANIFEST = "manifest.json"
+LATEST = "latest"
+TRAINER = "trainer.json"
+# Shape keys of the model that a checkpoint must agree with (dropout or init may differ).
+SHAPE_KEYS = (
+    "style",
+    "n_layer",
+    "n_head",
+    "kv_heads",
+    "n_embd",
+    "vocab_size",
+    "ffn_dim",
+    "bias",
+    "tie_embeddings",
+)
+
+
+class CheckpointError(RuntimeError):
+    """A checkpoint that cannot be used; the message names the path and what is wrong."""
+
+
+def step_dir_name(step: int) -> str:
+    return f"step_{step:08d}"
+
+
+def sha256_file(path: Path, chunk: int = 1 << 22) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        while b := f.read(chunk):
+            h.update(b)
+    return h.hexdigest()
+
+
+def _fsync_write(path: Path, text: str) -> None:
+    with open(path, "w") as f:
+        f.write(text)
+        f.flush()
+        os.fsync(f.fileno())
+
+
+def _files(root: Path) -> list[str]:
+    return sorted(
+        str(p.relative_to(root))
+        for p in root.rglob("*")
+        if p.is_file() and p.name not in (MANIFEST, COMMIT)
+    )
+
+
+def model_shape(model_cfg) -> dict:
+    return {k: getattr(model_cfg, k) for k in SHAPE_KEYS}
+
+
+class Checkpointer:
+    def __init__(self, root: Path, keep: int, dist: Dist):
+        self.root, self.keep, self.dist = root, keep, dist
+        if dist.is_main:
+            root.mkdir(parents=True, exist_ok=True)
+            for stale in root.glob(".tmp-*"):  # partial saves of a crashed run: never loadable
+                log.warning("removing incomplete checkpoint %s", stale)
+                shutil.rmtree(stale, ignore_errors=True)
+        dist.barrier()
+
+    # -- finding -------------------------------------------------------------------------
+    def committed(self) -> list[Path]:
+        return sorted(p for p in self.root.glob("step_*") if (p / COMMIT).is_file())
+
+    def latest(self) -> Path | None:
+        """The checkpoint `latest` names; if it is missing or uncommitted, the newest committed
+        one (logged), else None."""
+        marker = self.root / LATEST
+        if marker.is_file():
+            target = self.root / marker.read_text().strip()
+            if (target / COMMIT).is_file():
+                return target
+            log.warning("%s names %s, which is not a committed checkpoint", marker, target)
+        done = self.committed()
+        return done[-1] if done else None
+
+    def find_resume(self, mode: str, path: str | None) -> Path | None:
+        """checkpoint.resume: auto (latest if any), never, required (fail at once if none)."""
+        if mode == "never":
+            return None
+        if path:
+            p = Path(path)
+            if not (p / COMMIT).is_file():
+                raise CheckpointError(
+                    f"checkpoint.path={path} is not a committed checkpoint (no {COMMIT} marker)"
+                )
+            return p
+        found = self.latest()
+        if found is None and mode == "required":
+            raise CheckpointError(
+                f"checkpoint.resume=required but there is no committed checkpoint under {self.root} "
+                "(set checkpoint.path=<dir> or checkpoint.resume=auto)"
+            )
+        if found is None:
+            log.warning("fresh start: no checkpoint under %s", self.root)
+        return found
+
+    # -- saving --------------------------------------------------------------------------
+    def save(self, step: int, engine, trainer_state: dict) -> Path:
+        """All ranks call this. The checkpoint appears under its final name only when complete."""
+        d = self.dist
+        name = step_dir_name(step)
+        tmp = self.root / f".tmp-{name}"
+        if d.is_main:
+            shutil.rmtree(tmp, ignore_errors=True)
+            (tmp / "rng").mkdir(parents=True)
+        d.barrier()
+        engine.save(tmp / "state")
+        torch.save(rng_state(), tmp / "rng" / f"rank_{d.rank:05d}.pt")
+        if d.is_main:
+            _fsync_write(tmp / TRAINER, json.dumps(trainer_state, indent=1))
+        d.barrier()
+        manifest = self._hash_all(tmp)
+        if d.is_main:
+            _fsync_write(tmp / MANIFEST, json.dumps(manifest, indent=1))
+            _pause_before_commit()
+            _fsync_write(tmp / COMMIT, f"{step}\n")
+            final = self.root / name
+            if final.exists():  # redoing a step after resuming from an earlier checkpoint
+                shutil.rmtree(final)
+            os.rename(tmp, final)
+            _fsync_write(self.root / (LATEST + ".tmp"), name + "\n")
+            os.replace(self.root / (LATEST + ".tmp"), self.root / LATEST)
+            self._prune(keep_name=name)
+        d.barrier()
+        return self.root / name
+
+    def _hash_all(self, root: Path) -> dict:
+        files = _files(root) if self.dist.is_main else None
+        files = self.dist.broadcast_object(files)
+        mine = {
+            f: {"bytes": (root / f).stat().st_size, "sha256": sha256_file(root / f)}
+            for f in files[self.dist.rank :: self.dist.world_size]
+        }
+        merged: dict = {}
+        for part in self.dist.all_gather_object(mine):
+            merged.update(part)
+        return {"files": dict(sorted(merged.items()))}
+
+    def _prune(self, keep_name: str) -> None:
+        if self.keep <= 0:
+            return
+        done = self.committed()
+        for old in done[: -self.keep]:
+            if old.name == keep_name:
+                continue
+            try:
+                shutil.rmtree(old)
+            except OSError as e:  # a failed delete leaves an extra checkpoint, never a lost one
+                log.warning("could not delete old checkpoint %s: %s", old, e)
+
+    # -- loading -------------------------------------------------------------------------
+    def load(self, path: Path, engine, expect_shape: dict, tokenizer_fingerprint: str) -> dict:
+        """Verify, check compatibility, then load engine state and this rank's RNG state."""
+        state = verify(path, self.dist)
+        saved_shape = state.get("model", {})
+        diff = {k: (saved_shape.get(k), v) for k, v in expect_shape.items() if saved_shape.get(k) != v}
+        if state.get("tokenizer") != tokenizer_fingerprint:
+            diff["data.tokenizer"] = (state.get("tokenizer"), tokenizer_fingerprint)
+        if diff:
+            lines = [f"{k}: checkpoint {a!r} vs config {b!r}" for k, (a, b) in diff.items()]
+            raise CheckpointError(f"{path} does not match this config:\n  " + "\n  ".join(lines))
+        t0 = time.perf_counter()
+        engine.load(path / "state")
+        rng_file = path / "rng" / f"rank_{self.dist.rank:05d}.pt"
+        if rng_file.is_file():
+            set_rng_state(torch.load(rng_file, weights_only=True))
+        else:  # resumed on more ranks than saved: new ranks get a fresh, deterministic stream
+            log.warning("%s absent (saved with %s ranks); reseeding", rng_file, state.get("world_size"))
+            torch.manual_seed(int(state.get("seed", 0)) + 7919 * self.dist.rank + state["step"])
+        log.info("resumed from %s (step %d) in %.1fs", path, state["step"], time.perf_counter() - t0)
+        return state
+
+
+def verify(path: Path, dist: Dist | None = None) -> dict:
+    """Check every file against the manifest before anything is unpickled; returns
+    trainer.json. Every rank calls it and hashes its share; the problems are gathered."""
+    dist = dist or Dist()
+    mf = path / MANIFEST
+    if not (path / COMMIT).is_file() or not mf.is_file():
+        raise CheckpointError(f"{path} is not a committed checkpoint (no {COMMIT} or {MANIFEST})")
+    files = json.loads(mf.read_text())["files"]
+    names = sorted(files)
+    problems = []
+    for f in names[dist.rank :: dist.world_size]:
+        p, want = path / f, files[f]
+        if not p.is_file():
+            problems.append(f"{p}: missing")
+        elif p.stat().st_size != want["bytes"]:
+            problems.append(f"{p}: {p.stat().st_size} bytes, expected {want['bytes']}")
+        elif (got := sha256_file(p)) != want["sha256"]:
+            problems.append(f"{p}: sha256 {got}, expected {want['sha256']}")
+    extra = sorted(set(_files(path)) - set(names)) if dist.is_main else []
+    problems += [f"{path / f}: not in the manifest" for f in extra]
+    problems = [x for part in dist.all_gather_object(problems) for x in part]
+    if problems:
+        raise CheckpointError("checkpoint failed verification:\n  " + "\n  ".join(problems))
+    return json.loads((path / TRAINER).read_text())
+
+
+def resolve(path: str | Path) -> Path:
+    """A checkpoint dir, a checkpoints/ dir or a run dir -> the committed checkpoint it means."""
+    p = Path(path)
+    if (p / COMMIT).is_file():
+        return p
+    for root in (p, p / "checkpoints"):
+        marker = root / LATEST
+        if marker.is_file() and (root / marker.read_text().strip() / COMMIT).is_file():
+            return root / marker.read_text().strip()
+    raise CheckpointError(
+        f"{path}: no committed checkpoint here (nor a run dir or checkpoints/ with `latest`)"
+    )
+
+
+def load_model(path: str | Path):
+    """A plain GPT (CPU, fp32) with the weights of a checkpoint of any strategy, and the
+    checkpoint's trainer state. No process group: DCP reads the shards of every rank."""
+    import torch.distributed.checkpoint as dcp
+
+    from framework.model import GPT, ModelConfig
+
+    ckpt = resolve(path)
+    state = verify(ckpt)
+    model = GPT(ModelConfig(**state["config"]["model"]))
+    sd = model.state_dict()
+    with warnings.catch_warnings():  # DCP warns that a single process loads without a group
+        warnings.filterwarnings("ignore", message="torch.distributed is disabled")
+        dcp.load({"model": sd}, checkpoint_id=str(ckpt / "state"))
+    model.load_state_dict(sd)
+    return model, state
+
+
+def rng_state() -> dict:
+    s = {"torch": torch.get_rng_state()}
+    if torch.cuda.is_available() and torch.cuda.is_initialized():
+        s["cuda"] = torch.cuda.get_rng_state()
+    return s
+
+
+def set_rng_state(s: dict) -> None:
+    torch.set_rng_state(s["torch"])
+    if "cuda" in s and torch.cuda.is_available():
+        torch.cuda.set_rng_state(s["cuda"])
+
+
+def _pause_before_commit() -> None:
+    """Fault injection for the crash-during-save test (RELIABILITY A4): FW_TEST_PAUSE_BEFORE_COMMIT
+    seconds of sleep between the data files and the commit marker."""
+    pause = float(os.environ.get("FW_TEST_PAUSE_BEFORE_COMMIT", "0"))
+    if pause > 0:
+        log.warning("pausing %.0fs before commit (FW_TEST_PAUSE_BEFORE_COMMIT)", pause)
+        time.sleep(pause)

@@ -1,0 +1,238 @@
+"""Where training numbers go: metrics.jsonl, train.log, a progress bar, loss.png, and the
+optional wandb / TensorBoard sinks. Rank 0 writes; the other ranks only log warnings.
+
+Sinks are small objects with `log(record)` and `close()`, chosen once at start-up; the loop
+calls `Metrics.log(...)` and never asks which sinks exist.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import sys
+from pathlib import Path
+
+from framework.config import Config, LoggerConfig, to_dict
+
+log = logging.getLogger("framework")
+
+
+def setup_logging(rank: int, log_file: Path | None = None) -> None:
+    """Rank 0 logs INFO to stderr and train.log; other ranks only WARNING, tagged with the rank."""
+    log.handlers.clear()
+    log.propagate = False
+    level = logging.INFO if rank == 0 else logging.WARNING
+    log.setLevel(level)
+    fmt = logging.Formatter(
+        "%(asctime)s %(levelname)s " + (f"[rank {rank}] " if rank else "") + "%(message)s",
+        "%H:%M:%S",
+    )
+    stream = logging.StreamHandler(sys.stderr)
+    stream.setFormatter(fmt)
+    log.addHandler(stream)
+    if log_file is not None:
+        fh = logging.FileHandler(log_file)
+        fh.setFormatter(fmt)
+        log.addHandler(fh)
+
+
+class JsonlSink:
+    """metrics.jsonl: one object per line; floats keep full precision (json uses repr)."""
+
+    def __init__(self, path: Path, resume_step: int):
+        self.path = path
+        # On resume, drop records past the checkpoint: those steps are about to be redone.
+        if resume_step > 0 and path.exists():
+            keep = [
+                ln
+                for ln in path.read_text().splitlines()
+                if json.loads(ln).get("step", 0) <= resume_step
+            ]
+            path.write_text("".join(ln + "\n" for ln in keep))
+        elif resume_step == 0 and path.exists():
+            path.unlink()
+        self.f = open(path, "a", buffering=1)
+
+    def log(self, record: dict) -> None:
+        self.f.write(json.dumps(record) + "\n")
+
+    def close(self) -> None:
+        self.f.close()
+
+
+class WandbSink:
+    def __init__(self, cfg: Config, run_dir: Path):
+        import wandb
+
+        lc: LoggerConfig = cfg.logger
+        # A stable id stored in the run dir makes a resumed run continue the same wandb run.
+        id_file = run_dir / "wandb_id"
+        run_id = id_file.read_text().strip() if id_file.exists() else wandb.util.generate_id()
+        id_file.write_text(run_id)
+        self.run = wandb.init(
+            project=lc.project,
+            entity=lc.entity,
+            mode=lc.mode,
+            dir=str(run_dir),
+            name=cfg.run.name,
+            id=run_id,
+            resume="allow",
+            tags=list(lc.tags),
+            config=to_dict(cfg),  # the schema has no secret fields; the key comes from the env
+        )
+
+    def log(self, record: dict) -> None:
+        self.run.log({k: v for k, v in record.items() if k != "step"}, step=record["step"])
+
+    def close(self) -> None:
+        self.run.finish()
+
+
+class TensorBoardSink:
+    def __init__(self, run_dir: Path):
+        from torch.utils.tensorboard import SummaryWriter
+
+        self.w = SummaryWriter(str(run_dir / "tensorboard"))
+
+    def log(self, record: dict) -> None:
+        for k, v in record.items():
+            if k != "step" and isinstance(v, (int, float)) and v is not None:
+                self.w.add_scalar(k, v, record["step"])
+
+    def close(self) -> None:
+        self.w.close()
+
+
+class Progress:
+    """A tqdm bar (tokens/s, loss, ETA) on a terminal; plain log lines every log_every otherwise."""
+
+    def __init__(self, start_step: int, max_steps: int, log_every: int):
+        self.log_every = log_every
+        self.bar = None
+        if sys.stderr.isatty():
+            from tqdm import tqdm
+
+            self.bar = tqdm(total=max_steps, initial=start_step, unit="step", dynamic_ncols=True)
+
+    def update(self, record: dict) -> None:
+        tps = record.get("tokens_per_s") or 0.0
+        if self.bar is not None:
+            self.bar.update(1)
+            self.bar.set_postfix(loss=f"{record['loss']:.4f}", tok_s=f"{tps:,.0f}", refresh=False)
+        elif record["step"] % self.log_every == 0:
+            mfu = record.get("mfu")
+            log.info(
+                "step %d  loss %.4f  lr %.2e  grad_norm %.3f  %s tok/s%s",
+                record["step"],
+                record["loss"],
+                record["lr"],
+                record["grad_norm"],
+                f"{tps:,.0f}",
+                f"  mfu {mfu:.1%}" if mfu is not None else "",
+            )
+
+    def write(self, msg: str) -> None:
+        if self.bar is not None:
+            self.bar.write(msg)
+        log.info(msg)
+
+    def close(self) -> None:
+        if self.bar is not None:
+            self.bar.close()
+
+
+class Metrics:
+    """Rank 0's sinks. On other ranks every method is a no-op."""
+
+    def __init__(self, cfg: Config, run_dir: Path, rank: int, start_step: int):
+        self.active = rank == 0
+        self.run_dir = run_dir
+        self.train_curve: list[tuple[int, float]] = []
+        self.val_curve: list[tuple[int, float]] = []
+        self.sinks: list = []
+        if not self.active:
+            return
+        self.sinks.append(JsonlSink(run_dir / "metrics.jsonl", start_step))
+        if cfg.logger.name == "wandb":
+            self.sinks.append(WandbSink(cfg, run_dir))
+        elif cfg.logger.name == "tensorboard":
+            self.sinks.append(TensorBoardSink(run_dir))
+        self.progress = Progress(start_step, cfg.trainer.max_steps, cfg.trainer.log_every)
+        self._load_curves(start_step)
+
+    def _load_curves(self, start_step: int) -> None:
+        path = self.run_dir / "metrics.jsonl"
+        if start_step == 0 or not path.exists():
+            return
+        for ln in path.read_text().splitlines():
+            r = json.loads(ln)
+            if "loss" in r:
+                self.train_curve.append((r["step"], r["loss"]))
+            if "val_loss" in r:
+                self.val_curve.append((r["step"], r["val_loss"]))
+
+    def log_train(self, record: dict) -> None:
+        if not self.active:
+            return
+        self.train_curve.append((record["step"], record["loss"]))
+        for s in self.sinks:
+            s.log(record)
+        self.progress.update(record)
+
+    def log_eval(self, record: dict, sample: str | None = None) -> None:
+        if not self.active:
+            return
+        self.val_curve.append((record["step"], record["val_loss"]))
+        for s in self.sinks:
+            s.log(record)
+        per_source = "  ".join(
+            f"{k.removeprefix('val_loss/')} {v:.4f}"
+            for k, v in record.items()
+            if k.startswith("val_loss/")
+        )
+        self.progress.write(
+            f"eval step {record['step']}: val_loss {record['val_loss']:.4f} "
+            f"(ppl {record['val_ppl']:.2f})  {per_source}"
+        )
+        if sample is not None:
+            self.progress.write(f"sample: {sample!r}")
+        self.plot()
+
+    def log_data(self, record: dict) -> None:
+        if self.active:
+            for s in self.sinks:
+                s.log(record)
+
+    def plot(self) -> None:
+        """loss.png: train and val curves, rewritten at each eval."""
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+
+        fig, ax = plt.subplots(figsize=(7, 4))
+        if self.train_curve:
+            ax.plot(*zip(*self.train_curve), label="train", lw=1)
+        if self.val_curve:
+            ax.plot(*zip(*self.val_curve), "o-", label="val", lw=1.5)
+        ax.set_xlabel("step")
+        ax.set_ylabel("loss (nats/token)")
+        ax.legend()
+        ax.grid(alpha=0.3)
+        fig.tight_layout()
+        tmp = self.run_dir / "loss.png.tmp.png"
+        fig.savefig(tmp, dpi=100)
+        plt.close(fig)
+        tmp.replace(self.run_dir / "loss.png")
+
+    def close(self) -> None:
+        if not self.active:
+            return
+        self.progress.close()
+        for s in self.sinks:
+            s.close()
+
+
+def perplexity(loss: float) -> float:
+    return math.exp(loss) if loss < 700 else math.inf

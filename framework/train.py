@@ -1,0 +1,239 @@
+"""Training entry point: Hydra composes -> typed Config (converted once) -> build -> loop.
+
+    python -m framework.train model=gpt2-124m strategy=fsdp precision=bf16 trainer.max_steps=5000
+    torchrun --nproc_per_node 8 -m framework.train strategy=zero2 ...
+
+The same entry runs under python, torchrun, deepspeed --no_local_rank, accelerate launch and
+srun: ranks come from the environment (framework.parallel.dist).
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from pathlib import Path
+
+import hydra
+import torch
+from omegaconf import DictConfig
+
+from framework import config as C
+from framework.checkpoint import Checkpointer, model_shape
+from framework.data.loader import MixtureLoader, val_batches
+from framework.data.sample import generate as generate_sample_source
+from framework.data.shards import MANIFEST
+from framework.data.tokenizer import Tokenizer, load_tokenizer
+from framework.generate import sample
+from framework.metrics import Metrics, perplexity, setup_logging
+from framework.model import GPT
+from framework.optim import lr_at
+from framework.parallel import NonFiniteError, build_engine
+from framework.parallel.dist import Dist, env_world_size, init_distributed, teardown
+from framework.perf import flops_per_token, mfu, peak_flops
+
+log = logging.getLogger("framework")
+
+
+def train(cfg: C.Config) -> dict:
+    """Run (or resume) training as configured; returns the last step's numbers."""
+    C.validate(cfg, env_world_size())  # before any process group or device is touched
+    dist = init_distributed(cfg.trainer.device)
+    clean = False
+    try:
+        result = _train(cfg, dist)
+        clean = True
+        return result
+    finally:
+        teardown(clean)
+
+
+def _train(cfg: C.Config, dist: Dist) -> dict:
+    t, seed = cfg.trainer, cfg.trainer.seed
+    run_dir = prepare_run_dir(cfg.run.dir, dist)
+    setup_logging(dist.rank, run_dir / "train.log" if dist.is_main else None)
+    if t.deterministic:
+        torch.use_deterministic_algorithms(True)
+    tokenizer = load_tokenizer(cfg.data.tokenizer)
+    make_sample_sources(cfg.data, dist)
+
+    torch.manual_seed(seed)  # identical initial weights on every rank
+    engine = build_engine(build_model(cfg.model), cfg, dist)
+    dp_rank, dp_size = getattr(engine, "dp_rank", dist.rank), getattr(engine, "dp_size", dist.world_size)
+    accum = C.grad_accum_steps(cfg, dp_size)
+    loader = MixtureLoader(
+        cfg.data,
+        tokenizer,
+        t.seq_len,
+        t.global_batch_size,
+        t.micro_batch_size,
+        dp_rank,
+        dp_size,
+        seed,
+        cfg.model.vocab_size,
+    )
+    val = val_batches(cfg.data, t.seq_len, t.micro_batch_size, t.eval_batches, dp_rank, dp_size)
+    weights = {s.name: s.weight for s in cfg.data.sources if s.weight > 0}
+
+    ckpt = Checkpointer(run_dir / "checkpoints", cfg.checkpoint.keep, dist)
+    start = 0
+    torch.manual_seed(seed + 1 + dp_rank)  # dropout stream; TP peers of one dp rank share it
+    resume_from = ckpt.find_resume(cfg.checkpoint.resume, cfg.checkpoint.path)
+    if resume_from is not None:
+        state = ckpt.load(resume_from, engine, model_shape(cfg.model), tokenizer.fingerprint)
+        loader.load_state_dict(state["loader"])
+        engine.load_extra_state(state["engine"])
+        start = state["step"]
+    if dist.is_main:
+        (run_dir / "config.yaml").write_text(C.to_yaml(cfg))
+    metrics = Metrics(cfg, run_dir, dist.rank, start)
+    tokens_per_step = t.global_batch_size * t.seq_len
+    fpt = flops_per_token(cfg.model, t.seq_len)
+    peak = t.peak_flops or (
+        peak_flops(torch.cuda.get_device_name()) if dist.device.type == "cuda" else None
+    )
+    log.info(
+        "model %s: %.2fM parameters; %d ranks (dp %d), %d micro-batches of %d per step, %d tokens/step",
+        cfg.model.name,
+        sum(p.numel() for p in engine.plain_model().parameters()) / 1e6,
+        dist.world_size,
+        dp_size,
+        accum,
+        t.micro_batch_size,
+        tokens_per_step,
+    )
+
+    engine.train(True)
+    record: dict = {}
+    for step in range(start + 1, t.max_steps + 1):
+        clock = time.perf_counter()  # step time: data + forward/backward + update, not eval/save
+        lr = lr_at(step, cfg.optim, t.max_steps)
+        loss = torch.zeros((), device=dist.device)
+        for _ in range(accum):
+            loss += engine.forward_backward(next(loader), accum)
+        try:
+            res = engine.step(lr)
+        except NonFiniteError as e:
+            raise NonFiniteError(
+                f"step {step} (rank {dist.rank}): {e}; no update applied, nothing saved"
+            ) from e
+        loss = dist.all_reduce_mean(loss / accum).item()
+        tps = tokens_per_step / (time.perf_counter() - clock)
+        record = {
+            "step": step,
+            "loss": loss,
+            "lr": lr,
+            "grad_norm": res.grad_norm,
+            "tokens": step * tokens_per_step,
+            "tokens_per_s": tps,
+            "mfu": mfu(tps, fpt, peak, dist.world_size),
+        }
+        if res.skipped:
+            record["skipped"] = True
+        if step % t.log_every == 0 or step == t.max_steps:
+            record.update({f"data/tokens/{k}": v for k, v in loader.tokens_per_source().items()})
+        metrics.log_train(record)
+
+        if t.eval_every and (step % t.eval_every == 0 or step == t.max_steps):
+            metrics.log_eval(*evaluate(engine, val, weights, step, tokenizer, cfg, dist))
+        last = step == t.max_steps or step == t.stop_at_step
+        if last or (cfg.checkpoint.every and step % cfg.checkpoint.every == 0):
+            ckpt.save(step, engine, trainer_state(cfg, step, loader, engine, tokenizer, dist))
+        if step == t.stop_at_step:
+            log.info("stopping after step %d (trainer.stop_at_step); resume continues from here", step)
+            break
+    metrics.close()
+    return record
+
+
+def evaluate(engine, val: dict, weights: dict, step: int, tok: Tokenizer, cfg: C.Config, dist: Dist):
+    """Per-source validation loss (mean over this source's fixed val batches and all ranks) and
+    the mixture-weighted mean, plus a short text sample from a private generator."""
+    engine.train(False)
+    record: dict = {"step": step}
+    for name, batches in val.items():
+        total = torch.zeros((), device=dist.device)
+        for b in batches:
+            total += engine.eval_loss(b)
+        record[f"val_loss/{name}"] = dist.all_reduce_mean(total / max(len(batches), 1)).item()
+    wsum = sum(weights[n] for n in val)
+    record["val_loss"] = sum(weights[n] * record[f"val_loss/{n}"] for n in val) / wsum
+    record["val_ppl"] = perplexity(record["val_loss"])
+    text = None
+    if cfg.trainer.sample_tokens:
+        g = torch.Generator().manual_seed(cfg.trainer.seed + step)
+        ids = sample(
+            engine.logits,
+            [tok.eot_id],
+            cfg.trainer.sample_tokens,
+            cfg.model.block_size,
+            top_k=50,
+            generator=g,
+            device=dist.device,
+        )
+        text = tok.decode(ids[1:])
+    engine.train(True)
+    return record, text
+
+
+def trainer_state(cfg: C.Config, step: int, loader, engine, tok: Tokenizer, dist: Dist) -> dict:
+    return {
+        "step": step,
+        "seed": cfg.trainer.seed,
+        "world_size": dist.world_size,
+        "loader": loader.state_dict(),
+        "engine": engine.extra_state(),
+        "model": model_shape(cfg.model),
+        "tokenizer": tok.fingerprint,
+        "config": C.to_dict(cfg),
+    }
+
+
+def build_model(mcfg) -> GPT:
+    """The plain model on CPU with initial weights (from the global RNG, or model.init_from)."""
+    model = GPT(mcfg)
+    if mcfg.init_from:
+        from framework.export import load_hf_weights
+
+        load_hf_weights(model, mcfg.init_from)
+    return model
+
+
+def prepare_run_dir(path: str, dist: Dist) -> Path:
+    """Create run.dir on rank 0 and prove it writable; every rank fails alike if it is not."""
+    run_dir = Path(path)
+    error = None
+    if dist.is_main:
+        try:
+            run_dir.mkdir(parents=True, exist_ok=True)
+            probe = run_dir / ".write-probe"
+            probe.write_text("ok")
+            probe.unlink()
+        except OSError as e:
+            error = f"run.dir={path} is not writable: {e}"
+    error = dist.broadcast_object(error)
+    if error:
+        raise C.ConfigError(error)
+    return run_dir
+
+
+def make_sample_sources(data: C.DataConfig, dist: Dist) -> None:
+    """Generate the embedded sample sources that are not there yet (one process per node)."""
+    missing = [s for s in data.sources if s.generator and not (Path(s.path) / MANIFEST).is_file()]
+    if missing and dist.local_rank == 0:
+        for s in missing:
+            log.info("generating sample source %s into %s", s.name, s.path)
+            generate_sample_source(s.generator, s.path)
+    dist.barrier()
+
+
+@hydra.main(config_path=C.CONF_DIR, config_name="config", version_base=None)
+def _main(dcfg: DictConfig) -> None:
+    train(C.load(dcfg))
+
+
+def main() -> None:
+    _main()
+
+
+if __name__ == "__main__":
+    main()
