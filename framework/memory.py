@@ -6,11 +6,13 @@ No tensors, no devices: everything is counted from the model config. The account
   state (fp32 m and v, plus an fp32 master copy where the weights themselves are 16-bit),
   divided by the tensor-parallel degree for the block matrices and by the data-parallel degree
   for whatever the strategy shards;
-- gathered buffers of ZeRO-3 / FSDP: the unsharded weights of the block being computed plus
-  the prefetched next one, and the unsharded gradients of one block before reduce-scatter;
+- weight copies in the compute dtype: ZeRO-3 / FSDP's gathered blocks, or autocast's cached
+  16-bit casts of fp32 weights;
 - activations of one micro-batch: Korthikanti et al. 2022 ("Reducing Activation Recomputation
   in Large Transformer Models", section 4) per-layer bytes, generalised to our blocks (GQA,
-  SwiGLU, any FFN width), divided by tp under sequence parallel; plus the logits.
+  SwiGLU, any FFN width, fp32 residual stream under autocast), divided by tp under sequence
+  parallel; plus the loss. A CPU test checks the per-layer count against the tensors autograd
+  really saves.
 
 Left out (covered by the head-room in `FIT_FRACTION`): the CUDA context, NCCL buffers, DDP
 gradient buckets, allocator fragmentation and the transient gradients of activations.
@@ -141,20 +143,41 @@ def block_params_per_tp_rank(m: ModelConfig, tp: int) -> float:
     return (matrices / tp + num_params(m, non_embedding=True) - matrices) / m.n_layer
 
 
-def gathered_bytes(
-    m: ModelConfig, tp: int, strategy: str, compute_bytes: int, reshard_after_forward: bool = True
+def stream_bytes(precision: str, strategy: str) -> int:
+    """Bytes of the residual stream between blocks. Strategies that keep fp32 weights on every
+    rank (single, ddp, tp) run autocast over them: embeddings and residual adds stay fp32, and
+    each linear casts its input to 16-bit. The sharded strategies compute with 16-bit weights
+    (DeepSpeed's bf16 model, FSDP2's MixedPrecisionPolicy), so the stream is 16-bit too."""
+    if precision == "fp32" or strategy in ("single", "ddp", "tp"):
+        return 4
+    return 2
+
+
+def weight_copies_bytes(
+    m: ModelConfig,
+    tp: int,
+    strategy: str,
+    precision: str,
+    reshard_after_forward: bool = True,
 ) -> float:
-    """Unsharded buffers of ZeRO-3 / FSDP in the compute dtype: the weights of two blocks (the
-    one computing and the prefetched next), one block's gradients before reduce-scatter, and the
-    embeddings / head, which sit in the root unit and stay gathered for the whole step. FSDP with
-    reshard_after_forward=False keeps every gathered weight from forward to backward."""
-    if strategy not in ("zero3", "fsdp", "tp_fsdp"):
-        return 0.0
-    block = block_params_per_tp_rank(m, tp)
-    if strategy != "zero3" and not reshard_after_forward:
-        return (params_per_tp_rank(m, tp) + block) * compute_bytes
-    embeddings = num_params(m) - num_params(m, non_embedding=True)
-    return (3 * block + embeddings) * compute_bytes
+    """Weights in the compute dtype held during a step, beside the model state.
+
+    ZeRO-3 / FSDP: unsharded weights of two blocks (the one computing and the prefetched next),
+    one block's gradients before reduce-scatter, and the embeddings / head in the root unit,
+    gathered for the whole step; FSDP with reshard_after_forward=False keeps every gathered
+    weight from forward to backward. Autocast over fp32 weights (single, ddp, tp): its cached
+    16-bit cast of every matrix (blocks and output head) lives until backward.
+    """
+    a = 4 if precision == "fp32" else 2
+    if strategy in ("zero3", "fsdp", "tp_fsdp"):
+        block = block_params_per_tp_rank(m, tp)
+        if strategy != "zero3" and not reshard_after_forward:
+            return (params_per_tp_rank(m, tp) + block) * a
+        embeddings = num_params(m) - num_params(m, non_embedding=True)
+        return (3 * block + embeddings) * a
+    if precision != "fp32" and strategy in ("single", "ddp", "tp"):
+        return (block_matrix_params(m) / tp + m.vocab_size * m.n_embd) * a
+    return 0.0
 
 
 # -- activations ---------------------------------------------------------------------------------
@@ -168,59 +191,83 @@ def layer_activation_bytes(
     tp: int = 1,
     sequence_parallel: bool = True,
     compute_bytes: int = 2,
+    stream: int | None = None,
 ) -> float:
     """Bytes one transformer block keeps for backward for one micro-batch (B sequences of T).
 
     Korthikanti et al. 2022 count sbh(34 + 5as/h) per layer with 16-bit activations. Our
     attention is SDPA (flash / memory-efficient kernels), which never stores the (T x T) scores:
     it recomputes them in backward, so the 5as/h term becomes the softmax log-sum-exp (fp32,
-    per head and token). Counted in elements of s*b (tokens):
-      replicated over tp unless sequence parallel: block input, attention-norm output,
-        MLP-norm input (the residual) and output: 4h; dropout masks (1 byte): 2h if dropout
-      split over tp: q, k, v (h + 2 kv), SDPA output (h), MLP hidden (GeLU: fc out and GeLU
-        out, 2f; SwiGLU: gate, up, silu(gate), product, 4f)
-    which is Korthikanti's 34h for GPT-2 shapes with dropout (h=C, kv=h, f=4h).
+    per head and token). Per token, with a = compute_bytes and r = stream bytes (default a):
+      replicated over tp unless sequence parallel:
+        norm inputs: LayerNorm keeps its input (r); our RMSNorm computes in fp32 and keeps
+          its fp32 input and normalised output (8 bytes per element)
+        norm outputs as the linears read them: one a-byte tensor when r == a; autocast over an
+          fp32 stream casts once per linear (q, k, v: 3; fc: 1, or gate and up: 2)
+        dropout masks (1 byte): 2h if dropout > 0
+      split over tp: q, k, v, SDPA output (4h a), MLP hidden (GeLU: fc out and GeLU
+        out, 2f a; SwiGLU: gate, up, silu(gate), product, 4f a)
+    which is Korthikanti's 34h for GPT-2 shapes with dropout and r = a = 2 (f = 4h).
+    LayerNorm's mean and rstd (8 bytes per token) are left out.
 
     mode: none keeps all of it; selective (op-level, as torchtitan's 'op' policy) keeps the
-    matmul and SDPA outputs and recomputes norms and the GeLU / SiLU outputs; full keeps only
-    the block input (the recompute of one block at a time is `recompute_bytes`).
+    block input, the residual, and the matmul and SDPA outputs, and recomputes norms, casts and
+    the GeLU / SiLU outputs; full keeps only the block input (backward then rebuilds one block
+    at a time: `recompute_bytes`).
     """
     if mode not in AC_MODES:
         raise ValueError(f"activation checkpointing mode {mode!r} is not one of {AC_MODES}")
     tokens = seq_len * micro_batch
     C, F, a = m.n_embd, m.ffn_dim, compute_bytes
-    kv = m.kv_heads * m.head_dim
+    r = stream or a
     llama = m.style == "llama"
     sp = tp if sequence_parallel else 1  # divisor of the tensors sequence parallel splits
     if mode == "full":
-        return tokens * C * a / sp
+        return tokens * C * r / sp
 
     masks = 2 * C * 1 if m.dropout > 0 else 0  # bytes per token
     lse = m.n_head * 4 / tp  # fp32 log-sum-exp per head, bytes per token
-    qkv_out = (C + 2 * kv + C) * a / tp  # q, k, v and the SDPA output
-    block_input, attn_norm_out, mlp_norm_in, mlp_norm_out = C, C, C, C
+    # q, k, v and the SDPA output; GPT's Attention repeats the kv heads before SDPA, so SDPA
+    # keeps full-width k and v even under grouped-query attention.
+    qkv_out = 4 * C * a / tp
     if mode == "none":
-        replicated = (block_input + attn_norm_out + mlp_norm_in + mlp_norm_out) * a + masks
+        norm_inputs = 2 * C * (8 if llama else r)
+        casts = 2 if r == a else 3 + (2 if llama else 1)  # attention + MLP input tensors
+        replicated = norm_inputs + casts * C * a + masks
         hidden = (4 if llama else 2) * F * a / tp
-    else:  # selective: norm outputs and the activation function's outputs are recomputed
-        replicated = (block_input + mlp_norm_in) * a + masks
+    else:  # selective
+        replicated = 2 * C * r + masks  # block input and residual
         hidden = (2 if llama else 1) * F * a / tp  # fc out (GeLU); gate and up (SwiGLU)
     return tokens * (replicated / sp + qkv_out + lse + hidden)
 
 
 def recompute_bytes(
-    m: ModelConfig, seq_len: int, micro_batch: int, tp: int, sequence_parallel: bool, compute_bytes: int
+    m: ModelConfig,
+    seq_len: int,
+    micro_batch: int,
+    tp: int,
+    sequence_parallel: bool,
+    compute_bytes: int,
+    stream: int | None = None,
 ) -> float:
     """Full checkpointing rebuilds one block's activations at a time in backward."""
-    return layer_activation_bytes(m, seq_len, micro_batch, "none", tp, sequence_parallel, compute_bytes)
+    return layer_activation_bytes(
+        m, seq_len, micro_batch, "none", tp, sequence_parallel, compute_bytes, stream
+    )
 
 
-def logits_bytes(m: ModelConfig, seq_len: int, micro_batch: int, compute_bytes: int = 2) -> float:
-    """The output head's logits (compute dtype), their fp32 copy for the loss (GPT.forward calls
-    .float(); a no-op in fp32) and the fp32 log-softmax cross-entropy keeps: (B, T, V) each.
-    The head is not split by tensor parallel in this plan."""
-    per_logit = compute_bytes + (4 if compute_bytes != 4 else 0) + 4
-    return seq_len * micro_batch * m.vocab_size * per_logit
+LOSS_SAVED_BYTES = 4
+"""Per logit: the fp32 log-softmax that cross-entropy keeps for backward."""
+LOSS_BACKWARD_BYTES = 8
+"""Per logit, at the start of backward: the fp32 gradients of the log-softmax and of the logits."""
+
+
+def logits_bytes(m: ModelConfig, seq_len: int, micro_batch: int) -> float:
+    """Peak of the loss, which sits at the start of backward: the saved log-softmax plus the two
+    gradients, 12 bytes per logit ((B, T, V) each; the 16-bit logits and their fp32 copy for
+    the loss, GPT.forward's .float(), are freed when forward returns). The output head is not
+    split by tensor parallel in this plan."""
+    return seq_len * micro_batch * m.vocab_size * (LOSS_SAVED_BYTES + LOSS_BACKWARD_BYTES)
 
 
 def activation_bytes(
@@ -231,16 +278,17 @@ def activation_bytes(
     tp: int = 1,
     sequence_parallel: bool = True,
     compute_bytes: int = 2,
+    stream: int | None = None,
 ) -> float:
     """Peak activation bytes of one micro-batch on one GPU: every block's saved tensors, one
-    block's recompute under full checkpointing, and the logits."""
-    layers = m.n_layer * layer_activation_bytes(
-        m, seq_len, micro_batch, mode, tp, sequence_parallel, compute_bytes
-    )
+    block's recompute under full checkpointing, the final norm, and the loss."""
+    args = (tp, sequence_parallel, compute_bytes, stream)
+    layers = m.n_layer * layer_activation_bytes(m, seq_len, micro_batch, mode, *args)
     if mode == "full":
-        layers += recompute_bytes(m, seq_len, micro_batch, tp, sequence_parallel, compute_bytes)
-    final_norm = 2 * seq_len * micro_batch * m.n_embd * compute_bytes  # its input and output
-    return layers + final_norm + logits_bytes(m, seq_len, micro_batch, compute_bytes)
+        layers += recompute_bytes(m, seq_len, micro_batch, *args)
+    # The final norm keeps its input (stream) and hands the head its output (compute dtype).
+    final_norm = seq_len * micro_batch * m.n_embd * ((stream or compute_bytes) + compute_bytes)
+    return layers + final_norm + logits_bytes(m, seq_len, micro_batch)
 
 
 # -- time ----------------------------------------------------------------------------------------

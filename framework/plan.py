@@ -66,7 +66,8 @@ class Plan:
     params_bytes: float
     grads_bytes: float
     optimizer_bytes: float
-    gathered_bytes: float
+    weight_copies_bytes: float
+    """16-bit weights held during a step: gathered ZeRO-3/FSDP blocks, or autocast's casts."""
     activations_bytes: float
     gpu_memory_gib: float
 
@@ -76,7 +77,7 @@ class Plan:
             self.params_bytes
             + self.grads_bytes
             + self.optimizer_bytes
-            + self.gathered_bytes
+            + self.weight_copies_bytes
             + self.activations_bytes
         )
 
@@ -114,7 +115,7 @@ class Plan:
             "params_gib": gib(self.params_bytes),
             "grads_gib": gib(self.grads_bytes),
             "optimizer_gib": gib(self.optimizer_bytes),
-            "gathered_gib": gib(self.gathered_bytes),
+            "weight_copies_gib": gib(self.weight_copies_bytes),
             "activations_gib": gib(self.activations_bytes),
             "memory_gib": gib(self.memory_bytes),
             "gpu_memory_gib": self.gpu_memory_gib,
@@ -160,7 +161,9 @@ def make_plan(cfg: Config, world_size: int) -> Plan:
         params_bytes=state["params"],
         grads_bytes=state["grads"],
         optimizer_bytes=state["optimizer"],
-        gathered_bytes=memory.gathered_bytes(m, s.tp, s.name, sb.compute, s.reshard_after_forward),
+        weight_copies_bytes=memory.weight_copies_bytes(
+            m, s.tp, s.name, precision, s.reshard_after_forward
+        ),
         activations_bytes=memory.activation_bytes(
             m,
             t.seq_len,
@@ -169,6 +172,7 @@ def make_plan(cfg: Config, world_size: int) -> Plan:
             s.tp,
             s.sequence_parallel,
             sb.compute,
+            memory.stream_bytes(precision, s.name),
         ),
         gpu_memory_gib=gpu.memory_gib,
     )
@@ -212,14 +216,19 @@ def render(p: Plan, cfg: Config) -> str:
         f"  step time    {p.step_time_s:.3g} s at {p.mfu:.0%} MFU of {p.peak_flops / 1e12:g} TFLOP/s per GPU "
         f"({_count(p.tokens_per_step / p.step_time_s)} tokens/s)",
         "  memory per GPU (GiB)",
-        f"    weights     {gib(p.params_bytes)}  {sb.param} B/param, {_sharding(shards.params)}{tp_note}",
-        f"    gradients   {gib(p.grads_bytes)}  {sb.grad} B/param, {_sharding(shards.grads)}",
-        f"    optimizer   {gib(p.optimizer_bytes)}  {sb.optimizer} B/param ({optim_note}), "
+        f"    weights       {gib(p.params_bytes)}  {sb.param} B/param, {_sharding(shards.params)}{tp_note}",
+        f"    gradients     {gib(p.grads_bytes)}  {sb.grad} B/param, {_sharding(shards.grads)}",
+        f"    optimizer     {gib(p.optimizer_bytes)}  {sb.optimizer} B/param ({optim_note}), "
         f"{_sharding(shards.optimizer)}",
-        f"    gathered    {gib(p.gathered_bytes)}  ZeRO-3/FSDP unsharded blocks in flight",
-        f"    activations {gib(p.activations_bytes)}  one micro-batch of {p.micro_batch_size}, "
-        f"checkpointing={p.activation_checkpointing}{sp_note}, + logits",
-        f"    total       {gib(p.memory_bytes)}  of {p.gpu_memory_gib:g} "
+        f"    weight copies {gib(p.weight_copies_bytes)}  "
+        + (
+            "ZeRO-3/FSDP gathered blocks in flight"
+            if p.strategy in ("zero3", "fsdp", "tp_fsdp")
+            else "autocast's 16-bit casts of the fp32 matrices"
+        ),
+        f"    activations   {gib(p.activations_bytes)}  one micro-batch of {p.micro_batch_size}, "
+        f"checkpointing={p.activation_checkpointing}{sp_note}, + loss",
+        f"    total         {gib(p.memory_bytes)}  of {p.gpu_memory_gib:g} "
         f"(plan limit {p.limit_gib:.0f} = {memory.FIT_FRACTION:.0%}): "
         + ("fits" if p.fits else "DOES NOT FIT"),
     ]
