@@ -15,7 +15,8 @@ No tensors, no devices: everything is counted from the model config. The account
   really saves.
 
 Left out (covered by the head-room in `FIT_FRACTION`): the CUDA context, NCCL buffers, DDP
-gradient buckets, allocator fragmentation and the transient gradients of activations.
+gradient buckets, allocator fragmentation and the transient activation gradients inside a
+block during backward.
 """
 
 from __future__ import annotations
@@ -35,6 +36,7 @@ class Gpu:
     device_name: str
     """As CUDA reports it; framework.perf.peak_flops matches it (one peak table)."""
     memory_gib: float
+    """Nominal size (the marketed GB; CUDA reports about 1% less, inside FIT_FRACTION)."""
     fp8: bool
     """Our fp8 path needs sm_90 or newer (precision.py checks the real device at train time)."""
 

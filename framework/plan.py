@@ -135,9 +135,11 @@ def make_plan(cfg: Config, world_size: int) -> Plan:
     shards = memory.dp_shards(s.name, dp, s.hsdp_replicas)
     n_local = memory.params_per_tp_rank(m, s.tp)
     state = memory.model_state_bytes(n_local, sb, shards)
+    if s.zero_offload:  # DeepSpeed keeps the fp32 master and AdamW state in host memory
+        state["optimizer"] = 0.0
     fpt = flops_per_token(m, t.seq_len)
     tokens_per_step = t.global_batch_size * t.seq_len
-    peak = peak_flops(gpu.device_name)
+    peak = t.peak_flops or peak_flops(gpu.device_name)  # trainer.peak_flops overrides, as in training
     if peak is None:  # every GPUS entry has a peak; a test keeps the two tables in step
         raise ConfigError(f"plan.gpu={cfg.plan.gpu}: no peak FLOP/s known for {gpu.device_name!r}")
     return Plan(
@@ -185,6 +187,21 @@ def _count(n: float) -> str:
     return f"{n:.0f}"
 
 
+def _si(x: float) -> str:
+    for unit, scale in (("P", 1e15), ("T", 1e12), ("G", 1e9), ("M", 1e6), ("k", 1e3)):
+        if abs(x) >= scale:
+            return f"{x / scale:.2f} {unit}"
+    return f"{x:.0f} "
+
+
+def _copies_note(p: Plan) -> str:
+    if p.strategy in ("zero3", "fsdp", "tp_fsdp"):
+        return "ZeRO-3/FSDP gathered blocks in flight"
+    if p.weight_copies_bytes:
+        return "autocast's 16-bit casts of the fp32 matrices"
+    return "none: the weights are already in the compute dtype"
+
+
 def _sharding(divisor: int) -> str:
     return f"sharded over {divisor} dp ranks" if divisor > 1 else "replicated over dp"
 
@@ -195,7 +212,9 @@ def render(p: Plan, cfg: Config) -> str:
     sb = memory.state_bytes(p.precision, p.strategy)
     shards = memory.dp_shards(p.strategy, p.dp, s.hsdp_replicas)
     tp_note = f", block matrices split over tp={p.tp}" if p.tp > 1 else ""
-    if sb.param < 4:
+    if s.zero_offload:
+        optim_note = "in host memory: strategy.zero_offload"
+    elif sb.param < 4:
         optim_note = "fp32 m, v + fp32 master"
     elif p.precision == "fp32":
         optim_note = "fp32 m, v"
@@ -211,7 +230,7 @@ def render(p: Plan, cfg: Config) -> str:
         f"  batch        {cfg.trainer.global_batch_size} sequences x {cfg.trainer.seq_len} tokens = "
         f"{_count(p.tokens_per_step)} tokens/step; micro-batch {p.micro_batch_size} x "
         f"{p.grad_accum} accumulation steps per dp rank",
-        f"  compute      {_count(p.flops_per_token)}FLOP/token (6N + 12 L H Q T); "
+        f"  compute      {_si(p.flops_per_token)}FLOP/token (6N + 12 L H Q T); "
         f"{p.flops_per_token * p.tokens_per_step:.3g} FLOP/step",
         f"  step time    {p.step_time_s:.3g} s at {p.mfu:.0%} MFU of {p.peak_flops / 1e12:g} TFLOP/s per GPU "
         f"({_count(p.tokens_per_step / p.step_time_s)} tokens/s)",
@@ -220,12 +239,7 @@ def render(p: Plan, cfg: Config) -> str:
         f"    gradients     {gib(p.grads_bytes)}  {sb.grad} B/param, {_sharding(shards.grads)}",
         f"    optimizer     {gib(p.optimizer_bytes)}  {sb.optimizer} B/param ({optim_note}), "
         f"{_sharding(shards.optimizer)}",
-        f"    weight copies {gib(p.weight_copies_bytes)}  "
-        + (
-            "ZeRO-3/FSDP gathered blocks in flight"
-            if p.strategy in ("zero3", "fsdp", "tp_fsdp")
-            else "autocast's 16-bit casts of the fp32 matrices"
-        ),
+        f"    weight copies {gib(p.weight_copies_bytes)}  {_copies_note(p)}",
         f"    activations   {gib(p.activations_bytes)}  one micro-batch of {p.micro_batch_size}, "
         f"checkpointing={p.activation_checkpointing}{sp_note}, + loss",
         f"    total         {gib(p.memory_bytes)}  of {p.gpu_memory_gib:g} "

@@ -4,12 +4,13 @@ from __future__ import annotations
 
 import json
 import sys
+from pathlib import Path
 
 import pytest
 import torch
 
 from framework import memory
-from framework.config import ConfigError
+from framework.config import CONF_DIR, ConfigError
 from framework.model.gpt import ModelConfig, num_params
 from framework.perf import peak_flops
 from framework.plan import make_plan, render, resolve_world_size
@@ -364,3 +365,34 @@ def test_plan_main_in_process_touches_no_cuda(monkeypatch, capsys):
         abs=1e-3,
     )  # fmt: skip
     assert torch.cuda.is_initialized() is False
+
+
+@pytest.mark.parametrize("flavor", sorted(p.stem for p in (Path(CONF_DIR) / "model").glob("*.yaml")))
+def test_counts_match_a_meta_device_build(flavor):
+    # The plan counts from the config alone; every shipped flavor, built on the meta device
+    # (no memory), must have exactly those parameters and block matrices.
+    from framework.model.gpt import GPT
+
+    m = make_cfg([f"model={flavor}"]).model
+    with torch.device("meta"):
+        model = GPT(m)
+    assert sum(p.numel() for p in model.parameters()) == num_params(m)
+    matrices = sum(
+        p.numel() for name, p in model.named_parameters() if name.startswith("blocks.") and p.dim() == 2
+    )
+    assert matrices == memory.block_matrix_params(m)
+
+
+def test_zero_offload_moves_the_optimizer_off_the_gpu():
+    base = ["model=gpt2-1.3b", "strategy=zero2", "trainer.global_batch_size=128"]
+    on_gpu = make_plan(make_cfg(base), 8)
+    offloaded = make_plan(make_cfg([*base, "strategy.zero_offload=true"]), 8)
+    assert on_gpu.optimizer_bytes == pytest.approx(num_params(make_cfg(base).model) * 12 / 8)
+    assert offloaded.optimizer_bytes == 0
+    assert offloaded.memory_bytes == pytest.approx(on_gpu.memory_bytes - on_gpu.optimizer_bytes)
+
+
+def test_trainer_peak_flops_overrides_the_gpu_table():
+    p = make_plan(make_cfg(["trainer.peak_flops=5e14"]), 1)
+    assert p.peak_flops == 5e14
+    assert p.step_time_s == pytest.approx(p.flops_per_token * p.tokens_per_step / (5e14 * 0.45))
