@@ -57,7 +57,7 @@ GPUS: dict[str, Gpu] = {
 }
 
 DEEPSPEED_STRATEGIES = ("zero1", "zero2", "zero3")
-AC_MODES = ("none", "full", "selective")
+AC_MODES = ("none", "selective", "full")
 
 
 # -- model state ---------------------------------------------------------------------------------

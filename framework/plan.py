@@ -69,6 +69,9 @@ class Plan:
     weight_copies_bytes: float
     """16-bit weights held during a step: gathered ZeRO-3/FSDP blocks, or autocast's casts."""
     activations_bytes: float
+    """Under strategy.activation_checkpointing."""
+    activations_by_mode_bytes: dict[str, float]
+    """Under each mode (none | selective | full), to show the trade-off."""
     gpu_memory_gib: float
 
     @property
@@ -117,6 +120,7 @@ class Plan:
             "optimizer_gib": gib(self.optimizer_bytes),
             "weight_copies_gib": gib(self.weight_copies_bytes),
             "activations_gib": gib(self.activations_bytes),
+            "activations_by_mode_gib": {k: gib(v) for k, v in self.activations_by_mode_bytes.items()},
             "memory_gib": gib(self.memory_bytes),
             "gpu_memory_gib": self.gpu_memory_gib,
             "fits": self.fits,
@@ -142,6 +146,11 @@ def make_plan(cfg: Config, world_size: int) -> Plan:
     peak = t.peak_flops or peak_flops(gpu.device_name)  # trainer.peak_flops overrides, as in training
     if peak is None:  # every GPUS entry has a peak; a test keeps the two tables in step
         raise ConfigError(f"plan.gpu={cfg.plan.gpu}: no peak FLOP/s known for {gpu.device_name!r}")
+    act_args = (s.tp, s.sequence_parallel, sb.compute, memory.stream_bytes(precision, s.name))
+    by_mode = {
+        mode: memory.activation_bytes(m, t.seq_len, t.micro_batch_size, mode, *act_args)
+        for mode in memory.AC_MODES
+    }
     return Plan(
         model=m.name,
         gpu=cfg.plan.gpu,
@@ -166,16 +175,8 @@ def make_plan(cfg: Config, world_size: int) -> Plan:
         weight_copies_bytes=memory.weight_copies_bytes(
             m, s.tp, s.name, precision, s.reshard_after_forward
         ),
-        activations_bytes=memory.activation_bytes(
-            m,
-            t.seq_len,
-            t.micro_batch_size,
-            s.activation_checkpointing,
-            s.tp,
-            s.sequence_parallel,
-            sb.compute,
-            memory.stream_bytes(precision, s.name),
-        ),
+        activations_bytes=by_mode[s.activation_checkpointing],
+        activations_by_mode_bytes=by_mode,
         gpu_memory_gib=gpu.memory_gib,
     )
 
@@ -222,6 +223,7 @@ def render(p: Plan, cfg: Config) -> str:
         optim_note = "fp32 m, v; the fp32 weights are the master"
     sp_note = " / tp (sequence parallel)" if p.tp > 1 and s.sequence_parallel else ""
     gib = lambda x: f"{x / GIB:9.2f}"  # noqa: E731
+    by_mode = ", ".join(f"{k} {v / GIB:.2f}" for k, v in p.activations_by_mode_bytes.items())
     lines = [
         f"plan: {p.model} on {p.world_size} x {p.gpu} ({p.gpu_memory_gib:g} GiB), strategy={p.strategy} "
         f"(dp={p.dp}, tp={p.tp}), precision={p.precision}, "
@@ -241,7 +243,7 @@ def render(p: Plan, cfg: Config) -> str:
         f"{_sharding(shards.optimizer)}",
         f"    weight copies {gib(p.weight_copies_bytes)}  {_copies_note(p)}",
         f"    activations   {gib(p.activations_bytes)}  one micro-batch of {p.micro_batch_size}, "
-        f"checkpointing={p.activation_checkpointing}{sp_note}, + loss",
+        f"checkpointing={p.activation_checkpointing}{sp_note}, + loss (by mode: {by_mode})",
         f"    total         {gib(p.memory_bytes)}  of {p.gpu_memory_gib:g} "
         f"(plan limit {p.limit_gib:.0f} = {memory.FIT_FRACTION:.0%}): "
         + ("fits" if p.fits else "DOES NOT FIT"),

@@ -224,6 +224,9 @@ def test_gpt3_175b_on_1024_h100_fits_with_zero_paper_numbers():
     assert p.optimizer_bytes == pytest.approx(n * 12 / 1024)
     # Full checkpointing keeps 96 block inputs (2 s h bytes each) + one block's recompute + logits.
     assert 4.5 * GIB < p.activations_bytes < 8 * GIB
+    assert p.activations_by_mode_bytes["full"] == p.activations_bytes
+    # Without checkpointing one micro-batch of 2048 tokens would not fit an 80 GiB H100.
+    assert p.activations_by_mode_bytes["none"] > 72 * GIB
     assert p.memory_bytes / GIB < 80 * memory.FIT_FRACTION
     assert p.fits
     # 6N + 12 L H Q T FLOP/token; 2048 x 2048 tokens per step at 45% of 989 TFLOP/s on 1024 GPUs.
