@@ -34,7 +34,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # run from a ch
 
 from framework import memory  # noqa: E402
 from framework.config import CONF_DIR, Config, load  # noqa: E402
-from framework.model.gpt import GPT, ModelConfig  # noqa: E402
+from framework.model.gpt import GPT, ModelConfig, num_params  # noqa: E402
 from framework.optim import param_groups  # noqa: E402
 from framework.perf import flops_per_token, mfu, peak_flops  # noqa: E402
 
@@ -76,12 +76,17 @@ def bench_config(model: str, args, micro_batch: int, run_dir: str) -> Config:
 
 
 def pick_micro_batch(m: ModelConfig, seq_len: int, device_bytes: int) -> int:
-    """Largest power of two whose planned memory (16 B/param of model state + activations of
-    one micro-batch, framework.memory) stays within 60% of the device: the plan leaves out
-    backward's transient buffers, so keep a wide margin."""
-    state = 16 * memory.params_per_tp_rank(m, 1)
+    """Largest power of two whose planned memory (framework.memory, as framework.plan counts
+    strategy=single in bf16) stays within 60% of the device: the plan leaves out backward's
+    transient buffers inside a block, so keep a wide margin."""
+    fixed = 16 * num_params(m) + memory.weight_copies_bytes(m, 1, "single", "bf16")
+    stream = memory.stream_bytes("bf16", "single")
+
+    def planned(b: int) -> float:
+        return fixed + memory.activation_bytes(m, seq_len, b, "none", compute_bytes=2, stream=stream)
+
     b = 1
-    while state + memory.activation_bytes(m, seq_len, 2 * b, "none") <= 0.6 * device_bytes and b < 256:
+    while planned(2 * b) <= 0.6 * device_bytes and b < 256:
         b *= 2
     return b
 
