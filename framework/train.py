@@ -103,6 +103,8 @@ def _train(cfg: C.Config, dist: Dist) -> dict:
     )
 
     engine.train(True)
+    if t.eval_every and start == 0:  # the untrained baseline: the curve starts at ~log(vocab)
+        metrics.log_eval(*evaluate(engine, val, weights, 0, tokenizer, cfg, dist))
     record: dict = {}
     for step in range(start + 1, t.max_steps + 1):
         clock = time.perf_counter()  # step time: data + forward/backward + update, not eval/save

@@ -1,0 +1,138 @@
+"""Training end to end in-process: run-dir contract, exact resume (with negative controls),
+checkpoint policies and errors for bad input."""
+
+from __future__ import annotations
+
+import json
+import math
+
+import pytest
+import torch
+
+from framework import checkpoint as ckpt_mod
+from framework.checkpoint import CheckpointError, load_model
+from framework.config import ConfigError
+from framework.data.loader import MixtureLoader
+from framework.train import train
+from tests.helpers import TINY, make_cfg, read_metrics, train_losses
+
+
+def run(tmp_path, name: str, *extra: str):
+    cfg = make_cfg([*TINY, f"run.dir={tmp_path / name}", *extra])
+    train(cfg)
+    return tmp_path / name
+
+
+@pytest.fixture(scope="module")
+def reference(tmp_path_factory, sample_data):
+    """An uninterrupted 10-step run: the reference for every resume test."""
+    return run(tmp_path_factory.mktemp("ref"), "full")
+
+
+def test_run_directory_contract(reference):
+    names = {p.name for p in reference.iterdir()}
+    assert {"config.yaml", "metrics.jsonl", "train.log", "checkpoints"} <= names
+    ck = reference / "checkpoints"
+    assert (ck / "latest").read_text().strip() == "step_00000010"
+    step = ck / "step_00000010"
+    assert {"COMMITTED", "manifest.json", "trainer.json", "state", "rng"} <= {
+        p.name for p in step.iterdir()
+    }
+    records = read_metrics(reference)
+    assert [r["step"] for r in records] == list(range(1, 11))
+    for r in records:
+        assert {"step", "loss", "lr", "grad_norm", "tokens", "tokens_per_s", "mfu"} <= set(r)
+        assert math.isfinite(r["loss"]) and r["tokens"] == r["step"] * 8 * 32
+    # per-source token counters add up to everything drawn so far
+    last = records[-1]
+    drawn = sum(v for k, v in last.items() if k.startswith("data/tokens/"))
+    assert drawn == last["tokens"]
+    assert "model:" in (reference / "config.yaml").read_text()
+
+
+def test_resume_is_bitwise_exact(tmp_path, reference):
+    d = run(tmp_path, "split", "trainer.stop_at_step=6")
+    assert max(train_losses(d)) == 6
+    assert (d / "checkpoints/latest").read_text().strip() == "step_00000006"
+    run(tmp_path, "split")  # a new invocation resumes from step 6 (resume=auto)
+    assert train_losses(d) == train_losses(reference)
+    grad = {r["step"]: repr(r["grad_norm"]) for r in read_metrics(d)}
+    assert grad == {r["step"]: repr(r["grad_norm"]) for r in read_metrics(reference)}
+    a, _ = load_model(d)
+    b, _ = load_model(reference)
+    for (k, x), (_, y) in zip(a.state_dict().items(), b.state_dict().items()):
+        assert torch.equal(x, y), k
+
+
+def test_resume_without_rng_state_diverges(tmp_path, reference, monkeypatch):
+    """Negative control: the test above would catch a lost RNG state (dropout masks)."""
+    run(tmp_path, "norng", "trainer.stop_at_step=6")
+    monkeypatch.setattr(ckpt_mod, "set_rng_state", lambda s: None)
+    d = run(tmp_path, "norng")
+    got, want = train_losses(d), train_losses(reference)
+    assert all(got[s] == want[s] for s in range(1, 7))
+    assert any(got[s] != want[s] for s in range(7, 11))
+
+
+def test_resume_without_data_position_diverges(tmp_path, reference, monkeypatch):
+    run(tmp_path, "nodata", "trainer.stop_at_step=6")
+    monkeypatch.setattr(MixtureLoader, "load_state_dict", lambda self, sd: None)
+    d = run(tmp_path, "nodata")
+    got, want = train_losses(d), train_losses(reference)
+    assert any(got[s] != want[s] for s in range(7, 11))
+
+
+def test_resume_required_without_checkpoint_fails_naming_path(tmp_path, sample_data):
+    with pytest.raises(CheckpointError, match=str(tmp_path / "empty" / "checkpoints")):
+        run(tmp_path, "empty", "checkpoint.resume=required")
+    assert not list((tmp_path / "empty" / "checkpoints").glob("step_*"))
+
+
+def test_unwritable_run_dir_is_refused(tmp_path, sample_data):
+    blocker = tmp_path / "file"
+    blocker.write_text("not a directory")
+    with pytest.raises(ConfigError, match=r"run.dir=.*file/run is not writable"):
+        train(make_cfg([*TINY, f"run.dir={blocker}/run"]))
+
+
+def test_retention_keeps_newest_and_latest(tmp_path, sample_data):
+    d = run(tmp_path, "keep", "checkpoint.every=2", "checkpoint.keep=2")
+    kept = sorted(p.name for p in (d / "checkpoints").glob("step_*"))
+    assert kept == ["step_00000008", "step_00000010"]
+    assert (d / "checkpoints/latest").read_text().strip() == "step_00000010"
+
+
+def test_corrupt_checkpoint_is_refused_before_loading(tmp_path, sample_data):
+    d = run(tmp_path, "bad", "trainer.stop_at_step=4")
+    shard = next((d / "checkpoints/step_00000004/state").glob("*.distcp"))
+    data = bytearray(shard.read_bytes())
+    data[len(data) // 2] ^= 0xFF  # still parseable: DCP alone would load it silently
+    shard.write_bytes(bytes(data))
+    with pytest.raises(CheckpointError, match=rf"{shard.name}: sha256 \w+, expected \w+"):
+        run(tmp_path, "bad")
+
+
+def test_incomplete_checkpoint_is_ignored_and_cleaned(tmp_path, sample_data):
+    d = run(tmp_path, "partial", "trainer.stop_at_step=4")
+    partial = d / "checkpoints" / ".tmp-step_00000006"
+    partial.mkdir()
+    (partial / "trainer.json").write_text("{}")
+    fake = d / "checkpoints" / "step_00000008"  # no COMMITTED marker: not a checkpoint
+    fake.mkdir()
+    run(tmp_path, "partial", "trainer.stop_at_step=6")
+    assert not partial.exists()
+    assert train_losses(d)[5]  # resumed from step 4, not 8
+    assert json.loads((d / "checkpoints/step_00000006/trainer.json").read_text())["step"] == 6
+
+
+def test_changed_model_shape_is_refused_on_resume(tmp_path, sample_data):
+    run(tmp_path, "shape", "trainer.stop_at_step=4")
+    with pytest.raises(CheckpointError, match=r"n_layer: checkpoint 2 vs config 3"):
+        run(tmp_path, "shape", "model.n_layer=3")
+
+
+def test_stop_at_step_keeps_schedule_of_max_steps(reference, tmp_path):
+    d = run(tmp_path, "lr", "trainer.stop_at_step=3")
+    assert {r["step"]: r["lr"] for r in read_metrics(d)} == {
+        r["step"]: r["lr"] for r in read_metrics(reference) if r["step"] <= 3
+    }

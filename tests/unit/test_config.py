@@ -1,0 +1,193 @@
+"""The Hydra tree: every file composes, the key set is frozen, cross-field errors name keys."""
+
+from __future__ import annotations
+
+import importlib
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+from omegaconf import OmegaConf
+
+from framework.config import CONF_DIR, ConfigError, load, validate
+from tests.helpers import compose, make_cfg
+
+GROUPS = ("model", "data", "strategy", "precision", "logger")
+ROOT_CONFIGS = sorted(p.stem for p in Path(CONF_DIR).glob("*.yaml"))
+
+# The full set of training config keys. Adding a knob is a deliberate change: update this list.
+FROZEN_KEYS = """
+checkpoint.every checkpoint.keep checkpoint.path checkpoint.resume
+data.allow_empty_source data.cache_dir data.doc_mask data.name data.num_workers data.root data.schedule
+data.sources data.tokenizer
+logger.entity logger.mode logger.name logger.project logger.tags
+model.bias model.block_size model.dropout model.ffn_hidden model.init_from model.init_std model.multiple_of
+model.n_embd model.n_head model.n_kv_head model.n_layer model.name model.norm_eps model.rope_theta model.style
+model.tie_embeddings model.vocab_size
+optim.beta1 optim.beta2 optim.decay_fraction optim.eps optim.fused optim.grad_clip optim.lr optim.min_lr_ratio
+optim.schedule optim.warmup_steps optim.weight_decay
+plan.gpu plan.mfu plan.world_size
+precision.fp8_min_dim precision.initial_loss_scale precision.loss_scale_window precision.min_loss_scale
+precision.name
+run.dir run.name
+strategy.activation_checkpointing strategy.compile strategy.hsdp_replicas strategy.name
+strategy.reshard_after_forward strategy.sequence_parallel strategy.tp strategy.zero_offload
+trainer.deterministic trainer.device trainer.eval_batches trainer.eval_every trainer.global_batch_size
+trainer.log_every trainer.max_steps trainer.micro_batch_size trainer.peak_flops trainer.sample_tokens
+trainer.seed trainer.seq_len trainer.stop_at_step
+""".split()
+
+
+def _flat_keys(d: dict, prefix: str = "") -> list[str]:
+    out = []
+    for k, v in d.items():
+        if isinstance(v, dict):
+            out += _flat_keys(v, f"{prefix}{k}.")
+        else:
+            out.append(prefix + k)
+    return out
+
+
+def group_files():
+    return [(g, p.stem) for g in GROUPS for p in sorted((Path(CONF_DIR) / g).glob("*.yaml"))]
+
+
+@pytest.mark.parametrize(("group", "option"), group_files())
+def test_every_group_file_composes(group, option):
+    dcfg = compose([f"{group}={option}"])
+    assert dcfg[group].name == option or group == "precision" or dcfg[group].name
+    if (group, option) == ("data", "gpt3_mix"):
+        # The user must give the paths: conversion fails naming the missing key.
+        with pytest.raises(ConfigError, match=r"data.tokenizer|sources"):
+            load(dcfg)
+        return
+    cfg = load(dcfg)
+    assert getattr(cfg, group).name == option
+
+
+@pytest.mark.parametrize("name", [n for n in ROOT_CONFIGS if n != "config"])
+def test_every_root_config_composes(name):
+    importlib.import_module(f"framework.{name}")  # registers its schema in the ConfigStore
+    dcfg = compose(name=name)
+    assert "hydra" not in dcfg  # the hydra node is Hydra's; our part is the schema
+    assert len(dcfg) > 0
+
+
+def test_key_set_is_frozen():
+    keys = sorted(_flat_keys(OmegaConf.to_container(compose())))
+    assert keys == sorted(FROZEN_KEYS)
+
+
+def test_data_sample_has_three_weighted_sources():
+    cfg = make_cfg()
+    assert [s.name for s in cfg.data.sources] == ["markov", "zipf", "arith"]
+    assert sum(s.weight for s in cfg.data.sources) == pytest.approx(1.0)
+    assert cfg.model.name == "debug" and cfg.strategy.name == "single"
+
+
+def test_gpt3_mix_weights_are_gpt3_table():
+    dcfg = compose(["data=gpt3_mix"])
+    weights = {s.name: s.weight for s in dcfg.data.sources}
+    assert weights == {
+        "commoncrawl": 0.60,
+        "webtext2": 0.22,
+        "books1": 0.08,
+        "books2": 0.08,
+        "wikipedia": 0.03,
+    }
+
+
+def test_wrong_type_fails_at_compose_with_key_path():
+    with pytest.raises(Exception, match=r"trainer.max_steps"):
+        compose(["trainer.max_steps=lots"])
+
+
+def test_unknown_key_fails_at_compose():
+    with pytest.raises(Exception, match=r"trainer.max_step"):
+        compose(["trainer.max_step=3"])
+
+
+@pytest.mark.parametrize(
+    ("overrides", "world", "expected"),
+    [
+        (
+            ["model.n_embd=100", "model.n_head=3"],
+            1,
+            r"model.n_embd=100 is not divisible by model.n_head=3",
+        ),
+        (
+            ["trainer.global_batch_size=10", "trainer.micro_batch_size=4"],
+            1,
+            r"trainer.global_batch_size=10 is not divisible by trainer.micro_batch_size=4",
+        ),
+        (
+            ["trainer.global_batch_size=8", "trainer.micro_batch_size=4", "strategy=ddp"],
+            4,
+            r"data-parallel degree 4",
+        ),
+        (["strategy=tp", "strategy.tp=2"], 3, r"world size 3 is not divisible by strategy.tp=2"),
+        (["strategy=tp", "strategy.tp=8"], 8, r"model.n_head=4 is not divisible by strategy.tp=8"),
+        (["trainer.seq_len=512"], 1, r"trainer.seq_len=512 exceeds model.block_size=256"),
+        (["checkpoint.keep=1"], 1, r"checkpoint.keep=1"),
+        (["trainer.stop_at_step=500", "trainer.max_steps=100"], 1, r"trainer.stop_at_step=500"),
+        (["strategy=single"], 2, r"strategy=single runs on one process"),
+    ],
+)
+def test_cross_field_errors_name_keys(overrides, world, expected):
+    with pytest.raises(ConfigError, match=expected):
+        validate(make_cfg(overrides), world)
+
+
+def test_all_problems_reported_at_once():
+    cfg = make_cfg(["model.n_embd=100", "model.n_head=3", "checkpoint.keep=1", "optim.lr=-1"])
+    with pytest.raises(ConfigError) as e:
+        validate(cfg)
+    msg = str(e.value)
+    assert "model.n_embd" in msg and "checkpoint.keep" in msg and "optim.lr" in msg
+
+
+@pytest.mark.parametrize("weight", ["-1", "nan", "inf"])
+def test_bad_weights_refused(weight):
+    with pytest.raises(ConfigError, match=r"data.sources\[0\] \(markov\).weight"):
+        validate(make_cfg([f"data.sources.0.weight={weight}"]))
+
+
+def test_all_zero_weights_refused():
+    zero = [f"data.sources.{i}.weight=0" for i in range(3)]
+    with pytest.raises(ConfigError, match="all weights are 0"):
+        validate(make_cfg(zero))
+
+
+def test_validation_survives_python_O(tmp_path):
+    """Errors are raised explicitly, never by `assert`, so `python -O` keeps them."""
+    code = (
+        "from tests.helpers import make_cfg\n"
+        "from framework.config import validate, ConfigError\n"
+        "try:\n"
+        "    validate(make_cfg(['model.n_embd=100', 'model.n_head=3']))\n"
+        "except ConfigError as e:\n"
+        "    print('REFUSED', e)\n"
+    )
+    out = subprocess.run(
+        [sys.executable, "-O", "-c", code],
+        capture_output=True,
+        text=True,
+        cwd=Path(CONF_DIR).parent,
+        env=os.environ | {"PYTHONPATH": str(Path(CONF_DIR).parent)},
+    )
+    assert "REFUSED" in out.stdout and "model.n_embd=100" in out.stdout, out.stderr
+
+
+def test_unknown_flavor_lists_valid_ones(tmp_path):
+    out = subprocess.run(
+        [sys.executable, "-m", "framework.train", "model=gpt5", f"run.dir={tmp_path}/r"],
+        capture_output=True,
+        text=True,
+        cwd=tmp_path,
+    )
+    assert out.returncode != 0
+    err = out.stderr + out.stdout
+    assert "gpt5" in err and "gpt2-124m" in err and "llama-7b" in err
+    assert not (tmp_path / "r").exists()
