@@ -296,7 +296,7 @@ def validate(cfg: Config, world_size: int = 1) -> None:
                 f"trainer.global_batch_size={t.global_batch_size} is not divisible by "
                 f"trainer.micro_batch_size={t.micro_batch_size} x data-parallel degree {dp} "
                 f"(world size {world_size} / strategy.tp={s.tp}) = {per_step}, so gradient "
-                f"accumulation steps would be {t.global_batch_size / per_step:g}; nearest valid "
+                f"accumulation steps would be {t.global_batch_size / per_step:.3g}; nearest valid "
                 f"trainer.global_batch_size: {near}"
             )
     if t.seq_len > m.block_size:
