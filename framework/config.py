@@ -293,7 +293,9 @@ def validate(cfg: Config, world_size: int = 1) -> None:
     if t.seq_len > m.block_size:
         errors.append(f"trainer.seq_len={t.seq_len} exceeds model.block_size={m.block_size}")
     if t.stop_at_step is not None and not 1 <= t.stop_at_step <= t.max_steps:
-        errors.append(f"trainer.stop_at_step={t.stop_at_step} must be in [1, trainer.max_steps={t.max_steps}]")
+        errors.append(
+            f"trainer.stop_at_step={t.stop_at_step} must be in [1, trainer.max_steps={t.max_steps}]"
+        )
     if t.device not in ("auto", "cpu", "cuda"):
         errors.append(f"trainer.device={t.device!r} must be auto|cpu|cuda")
     if t.eval_every < 0 or t.log_every <= 0:
@@ -343,6 +345,9 @@ def _validate_sources(d: DataConfig) -> list[str]:
             errors.append(f"data.sources[{i}] ({s.name}).max_epochs={s.max_epochs} must be > 0")
     if d.sources and not errors and sum(s.weight for s in d.sources) <= 0:
         errors.append("data.sources: all weights are 0; at least one source must have weight > 0")
+    steps = [e.step for e in d.schedule]
+    if any(st < 1 for st in steps) or steps != sorted(set(steps)):
+        errors.append(f"data.schedule steps {steps} must be >= 1 and strictly increasing")
     for j, entry in enumerate(d.schedule):
         unknown = set(entry.weights) - set(names)
         if unknown:
