@@ -43,9 +43,7 @@ def peak_flops(device_name: str) -> float | None:
     return None
 
 
-def mfu(
-    tokens_per_s: float, flops_per_tok: float, peak: float | None, n_devices: int = 1
-) -> float | None:
+def mfu(tokens_per_s: float, flops_per_tok: float, peak: float | None, n_devices: int = 1) -> float | None:
     """Model FLOPs utilisation in [0, 1] over n_devices; None where the peak is unknown (CPU)."""
     if not peak:
         return None

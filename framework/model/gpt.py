@@ -74,7 +74,9 @@ class ModelConfig:
             if getattr(self, key) <= 0:
                 errors.append(f"model.{key}={getattr(self, key)} must be > 0")
         if self.n_head > 0 and self.n_embd % self.n_head:
-            errors.append(f"model.n_embd={self.n_embd} is not divisible by model.n_head={self.n_head}")
+            errors.append(
+                f"model.n_embd={self.n_embd} is not divisible by model.n_head={self.n_head}"
+            )
         if self.n_head > 0 and self.kv_heads > 0 and self.n_head % self.kv_heads:
             errors.append(
                 f"model.n_head={self.n_head} is not divisible by model.n_kv_head={self.kv_heads}"
