@@ -293,9 +293,7 @@ def validate(cfg: Config, world_size: int = 1) -> None:
     if t.seq_len > m.block_size:
         errors.append(f"trainer.seq_len={t.seq_len} exceeds model.block_size={m.block_size}")
     if t.stop_at_step is not None and not 1 <= t.stop_at_step <= t.max_steps:
-        errors.append(
-            f"trainer.stop_at_step={t.stop_at_step} must be in [1, trainer.max_steps={t.max_steps}]"
-        )
+        errors.append(f"trainer.stop_at_step={t.stop_at_step} must be in [1, trainer.max_steps={t.max_steps}]")
     if t.device not in ("auto", "cpu", "cuda"):
         errors.append(f"trainer.device={t.device!r} must be auto|cpu|cuda")
     if t.eval_every < 0 or t.log_every <= 0:
