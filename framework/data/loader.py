@@ -57,6 +57,17 @@ class Batch:
 
 
 @dataclass
+class Step:
+    """One optimizer step's micro-batches for this rank, and the loader state after it."""
+
+    batches: list[Batch]
+    position: int
+    counts: np.ndarray
+    error: str | None = None
+    """Set when the step would exceed a source's max_epochs (raised when it is reached)."""
+
+
+@dataclass
 class LoaderState:
     position: int = 0
     """Global samples consumed (all ranks)."""
@@ -183,8 +194,11 @@ class MixtureLoader:
             if cfg.num_workers > 0
             else None
         )
-        self._pending: deque[tuple[Future, int, np.ndarray]] = deque()
-        self._next = (0, np.zeros(len(names), dtype=np.int64))  # next step to schedule (prefetch)
+        self._pending: deque[Future] = deque()  # chunks being built by workers, in order
+        self._steps: deque[Step] = deque()  # built steps not yet handed out
+        self._next = (0, np.zeros(len(names), dtype=np.int64))  # where the next chunk starts
+        # steps built per chunk: about 1M tokens of this rank, at most 64 steps
+        self.steps_per_chunk = max(1, min(64, (1 << 20) // (self.per_rank * seq_len)))
         self._pin = torch.cuda.is_available()
         if max_steps is not None:
             self.check_plan(max_steps)
@@ -244,65 +258,88 @@ class MixtureLoader:
         return {s.name: int(c) for s, c in zip(self.sources, self.mixture.counts_at(position))}
 
     def _alloc(self, shape: tuple[int, ...], dtype: torch.dtype) -> np.ndarray:
-        t = torch.empty(shape, dtype=dtype, pin_memory=self._pin)
-        return t.numpy()
+        """A host buffer, page-locked when CUDA is present (so copies to the device overlap)."""
+        return torch.empty(shape, dtype=dtype, pin_memory=self._pin).numpy()
 
-    def _build_step(self, position: int, counts: np.ndarray) -> list[Batch]:
-        """This rank's micro-batches of the step starting at global sample `position`, given the
-        per-source window counters before it. A pure function: safe in worker threads."""
-        src = self.mixture.assign(position, position + self.G)  # (G,)
-        lo = self.rank * self.per_rank
-        buf = self._alloc((self.per_rank, self.seq_len + 1), torch.int64)
-        doc = self._alloc((self.per_rank, self.seq_len + 1), torch.int32) if self.cfg.doc_mask else None
+    def _build_chunk(self, position: int, counts: np.ndarray, n_steps: int) -> list[Step]:
+        """This rank's micro-batches of n_steps consecutive optimizer steps from global sample
+        `position`, given the per-source window counters before it. Building many steps in one
+        vectorised pass amortises the fixed numpy cost per gather. A pure function of its
+        arguments: safe in worker threads, and its output does not depend on who calls it."""
+        G, R, S = self.G, self.per_rank, len(self.packed)
+        src = self.mixture.assign(position, position + n_steps * G)  # (n*G,) source of each sample
+        # window index of each sample = counter before the chunk + rank among earlier samples of its source
+        order = np.argsort(src, kind="stable")
+        per_source = np.bincount(src, minlength=S)
+        rank = np.empty_like(src)
+        rank[order] = np.arange(len(src)) - np.repeat(np.cumsum(per_source) - per_source, per_source)
+        ks = counts[src] + rank
+        mine = (np.arange(n_steps)[:, None] * G + self.rank * R + np.arange(R)[None, :]).reshape(
+            -1
+        )  # (n*R,)
+        src_m, ks_m = src[mine], ks[mine]
+        buf = self._alloc((n_steps * R, self.seq_len + 1), torch.int64)
+        doc = self._alloc((n_steps * R, self.seq_len + 1), torch.int32) if self.cfg.doc_mask else None
         for j, packed in enumerate(self.packed):
-            idx = np.flatnonzero(src == j)  # this step's samples of source j, in order
-            ks = counts[j] + np.arange(len(idx))
-            mine = (idx >= lo) & (idx < lo + self.per_rank)
-            packed.gather(ks[mine], buf, idx[mine] - lo, doc)
+            rows = np.flatnonzero(src_m == j)
+            packed.gather(ks_m[rows], buf, rows, doc)
+        step_counts = np.bincount(np.arange(len(src)) // G * S + src, minlength=n_steps * S)
+        after = counts + np.cumsum(
+            step_counts.reshape(n_steps, S), axis=0
+        )  # (n, S) counters after each step
         t = torch.from_numpy(buf)
         d = torch.from_numpy(doc)[:, :-1] if doc is not None else None
-        return [
-            Batch(
-                t[i : i + self.mb, :-1],
-                t[i : i + self.mb, 1:],
-                d[i : i + self.mb] if d is not None else None,
-            )
-            for i in range(0, self.per_rank, self.mb)
-        ]
+        steps = []
+        for i in range(n_steps):
+            over = np.flatnonzero(after[i] > self.cap_windows)
+            error = None
+            if len(over):
+                s = self.sources[int(over[0])]
+                error = f"source {s.name!r} would be drawn past max_epochs={s.max_epochs:g} at step {(position // G) + i + 1}"
+            batches = [
+                Batch(
+                    t[r : r + self.mb, :-1],
+                    t[r : r + self.mb, 1:],
+                    d[r : r + self.mb] if d is not None else None,
+                )
+                for r in range(i * R, (i + 1) * R, self.mb)
+            ]
+            steps.append(Step(batches, position + (i + 1) * G, after[i], error))
+        return steps
 
-    def _advance(self, position: int, counts: np.ndarray) -> tuple[int, np.ndarray]:
-        after = counts + self.mixture.counts(position, position + self.G)
-        over = np.flatnonzero(after > self.cap_windows)
-        if len(over):
-            j = int(over[0])
-            raise DataError(
-                f"source {self.sources[j].name!r} would be drawn past max_epochs="
-                f"{self.sources[j].max_epochs:g} at global sample {position}"
-            )
-        return position + self.G, after
+    def _plan_next_chunk(self) -> tuple[int, np.ndarray, int]:
+        """(position, counters, steps) of the next chunk to build; advances the plan cursor."""
+        position, counts = self._next
+        n = self.steps_per_chunk
+        self._next = (
+            position + n * self.G,
+            counts + self.mixture.counts(position, position + n * self.G),
+        )
+        return position, counts, n
 
     def __iter__(self):
         return self
 
     def __next__(self) -> Batch:
         if not self._ready:
-            pos = self.state.position
-            counts = np.array([self.state.counts[s.name] for s in self.sources], dtype=np.int64)
-            if self._pool is None:
-                batches = self._build_step(pos, counts)
-                pos, counts = self._advance(pos, counts)
-            else:
-                while len(self._pending) < 2 * self.cfg.num_workers:  # keep workers ahead
-                    p, c = self._next
-                    nxt = self._advance(p, c)
-                    self._pending.append((self._pool.submit(self._build_step, p, c), *nxt))
-                    self._next = nxt
-                fut, pos, counts = self._pending.popleft()
-                batches = fut.result()
+            if not self._steps:
+                if self._pool is None:
+                    self._steps.extend(self._build_chunk(*self._plan_next_chunk()))
+                else:
+                    while len(self._pending) < self.cfg.num_workers:  # keep every worker a chunk ahead
+                        self._pending.append(
+                            self._pool.submit(self._build_chunk, *self._plan_next_chunk())
+                        )
+                    self._steps.extend(self._pending.popleft().result())
+            step = self._steps.popleft()
+            if step.error:
+                raise DataError(step.error)
             # the state moves only when a step's batches are handed out (consumed), never when
-            # they are prefetched
-            self.state = LoaderState(pos, {s.name: int(c) for s, c in zip(self.sources, counts)})
-            self._ready.extend(batches)
+            # they are built ahead
+            self.state = LoaderState(
+                step.position, {s.name: int(c) for s, c in zip(self.sources, step.counts)}
+            )
+            self._ready.extend(step.batches)
         return self._ready.popleft()
 
     def tokens_per_source(self) -> dict[str, int]:
@@ -342,9 +379,10 @@ class MixtureLoader:
         self._ready.clear()
 
     def _drop_prefetch(self) -> None:
-        for fut, _, _ in self._pending:
+        for fut in self._pending:
             fut.cancel()
         self._pending.clear()
+        self._steps.clear()
 
     def close(self) -> None:
         """Stop background workers (idempotent)."""

@@ -108,7 +108,9 @@ class PackedSource:
         # assignment), then cast to the output dtype in one vectorised step
         scratch = np.empty(n_win * width, dtype=self.dtype)
         smv = memoryview(scratch).cast("B")
-        marks = np.zeros((n_win, width), np.int32) if doc_ids is not None else None  # 1: a document starts
+        marks = (
+            np.zeros((n_win, width), np.int32) if doc_ids is not None else None
+        )  # 1: a document starts
         first_epoch, last_epoch = int(starts.min() // E), int((starts.max() + width - 1) // E)
         for epoch in range(first_epoch, last_epoch + 1):
             base = epoch * E
@@ -130,7 +132,9 @@ class PackedSource:
                 off_p = off[win]
             src = (start[d] + (lo - cum[d])) * isz
             dst = (off_p + lo) * isz
-            for sh, i, j, n in zip(shard[d].tolist(), src.tolist(), dst.tolist(), ((hi - lo) * isz).tolist()):
+            for sh, i, j, n in zip(
+                shard[d].tolist(), src.tolist(), dst.tolist(), ((hi - lo) * isz).tolist()
+            ):
                 smv[j : j + n] = self._bytes[sh][i : i + n]
             if marks is not None:
                 marks.reshape(-1)[dst // isz] = 1

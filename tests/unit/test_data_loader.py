@@ -160,15 +160,30 @@ def test_same_seed_any_worker_count_identical_batches(three):
     assert len(set(hashes[0])) == 8
 
 
-def test_state_counts_only_consumed_steps_with_prefetch(three):
-    ld = loader(cfg_for(three, num_workers=2))
+@pytest.mark.parametrize("workers", [0, 2])
+def test_state_counts_only_consumed_steps_with_prefetch(three, workers):
+    ld = loader(cfg_for(three, num_workers=workers))
     steps(ld, 2)
-    assert ld.state_dict()["position"] == 2 * G  # though workers built steps 3.. already
-    assert len(ld._pending) > 0
+    assert ld.state_dict()["position"] == 2 * G  # though later steps are built already
+    assert len(ld._steps) + len(ld._pending) > 0
+    assert ld.state_dict()["counts"] == ld.counts_at(2 * G)
     next(ld)
     with pytest.raises(RuntimeError, match="mid optimizer step"):
         ld.state_dict()
     ld.close()
+
+
+def test_max_epochs_enforced_at_the_step_that_exceeds_it(three):
+    cfg = cfg_for(three)
+    cfg.sources[2].max_epochs = 0.05
+    ld = loader(cfg)
+    cap = 0.05 * ld.packed[2].windows_per_epoch()
+    last_ok = next(s for s in range(1, 1000) if ld.mixture.counts_at((s + 1) * G)[2] > cap)
+    steps(ld, last_ok)
+    with pytest.raises(
+        DataError, match=rf"source 'wiki' would be drawn past max_epochs=0.05 at step {last_ok + 1}"
+    ):
+        next(ld)
 
 
 def test_realized_token_shares_match_weights(three):
