@@ -42,6 +42,7 @@ class ScheduleEntry:
     step: int = MISSING
     """First optimizer step at which `weights` apply."""
     weights: dict[str, float] = field(default_factory=dict)
+    """{source name: weight} from `step` on; a source not named keeps its previous weight."""
 
 
 @dataclass

@@ -56,10 +56,9 @@ class PackedSource:
             doc_shard.append(np.full(info.rows, i, dtype=np.int32))
             doc_start.append(offsets[:-1].astype(np.int64))
             doc_len.append(np.diff(offsets).astype(np.int64))
-        cat = lambda xs, dt: np.concatenate(xs) if xs else np.zeros(0, dt)  # noqa: E731
-        self.doc_shard = cat(doc_shard, np.int32)
-        self.doc_start = cat(doc_start, np.int64)
-        self.doc_len = cat(doc_len, np.int64)
+        self.doc_shard = np.concatenate(doc_shard) if shards else np.zeros(0, np.int32)
+        self.doc_start = np.concatenate(doc_start) if shards else np.zeros(0, np.int64)
+        self.doc_len = np.concatenate(doc_len) if shards else np.zeros(0, np.int64)
         self.epoch_tokens = int(self.doc_len.sum())
         self.dtype = np.dtype(manifest.dtype)
         self.itemsize = self.dtype.itemsize
