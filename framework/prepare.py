@@ -18,7 +18,6 @@ is a no-op; `overwrite=true` redoes it.
 
 from __future__ import annotations
 
-import gzip  # noqa: F401  (fsspec's gzip codec; imported so a missing codec fails here)
 import hashlib
 import io
 import json
@@ -39,6 +38,7 @@ import hydra
 import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
+import zstandard
 from hydra.core.config_store import ConfigStore
 from omegaconf import MISSING, DictConfig, OmegaConf
 
@@ -167,41 +167,72 @@ def list_inputs(spec: str) -> list[InputFile]:
 
 
 def iter_texts(files: list[InputFile], text_key: str) -> Iterator[str]:
-    """Document texts of every file, in order. Errors name the file (and line for jsonl)."""
+    """Document texts of every file, in order. Errors name the file (and line for jsonl):
+    pyarrow, gzip and zstd errors on a truncated or corrupt file do not."""
     for f in files:
-        if f.kind == "txt":
-            with fsspec.open(f.url, "rb", compression="infer") as fh:
-                yield fh.read().decode("utf-8", errors="replace")
-        elif f.kind == "jsonl":
-            with fsspec.open(f.url, "rt", compression="infer", encoding="utf-8") as fh:
-                for line_no, line in enumerate(fh, 1):
-                    if not line.strip():
-                        continue
-                    try:
-                        yield json.loads(line)[text_key]
-                    except json.JSONDecodeError as e:
-                        raise PrepareError(f"{f.url} line {line_no}: not JSON ({e})") from e
-                    except (KeyError, TypeError) as e:
-                        raise PrepareError(
-                            f"{f.url} line {line_no}: no {text_key!r} field (text_key)"
-                        ) from e
-        elif f.kind == "parquet":
-            with fsspec.open(f.url, "rb") as fh:
-                pf = pq.ParquetFile(fh)
-                if text_key not in pf.schema_arrow.names:
-                    raise PrepareError(f"{f.url}: no column {text_key!r} (has {pf.schema_arrow.names})")
-                for batch in pf.iter_batches(columns=[text_key], batch_size=4096):
-                    yield from (t for t in batch.column(0).to_pylist() if t is not None)
-        else:  # a `datasets` Arrow stream file
-            with fsspec.open(f.url, "rb") as fh:
-                try:
-                    reader = pa.ipc.open_stream(io.BytesIO(fh.read()))
-                except pa.ArrowInvalid as e:
-                    raise PrepareError(f"{f.url}: not an Arrow stream file ({e})") from e
-                if text_key not in reader.schema.names:
-                    raise PrepareError(f"{f.url}: no column {text_key!r} (has {reader.schema.names})")
-                for batch in reader:
-                    yield from (t for t in batch.column(text_key).to_pylist() if t is not None)
+        try:
+            yield from _file_texts(f, text_key)
+        except PrepareError:
+            raise
+        except (pa.ArrowException, OSError, EOFError, ValueError, zstandard.ZstdError) as e:
+            raise PrepareError(f"input file {f.url} is unreadable (truncated or corrupt?): {e}") from e
+
+
+def _lines(url: str) -> Iterator[str]:
+    """Text lines of a (possibly compressed) file. zstd is decoded here rather than by fsspec,
+    whose reader ends a truncated frame silently (documents would be lost without an error)."""
+    if not url.lower().endswith(".zst"):
+        with fsspec.open(url, "rt", compression="infer", encoding="utf-8") as fh:
+            yield from fh
+        return
+    dec, pending = zstandard.ZstdDecompressor().decompressobj(), b""
+    with fsspec.open(url, "rb") as fh:
+        while chunk := fh.read(1 << 20):
+            out = dec.decompress(chunk)
+            while dec.eof and dec.unused_data:  # the next frame of a multi-frame file
+                rest, dec = dec.unused_data, zstandard.ZstdDecompressor().decompressobj()
+                out += dec.decompress(rest)
+            *lines, pending = (pending + out).split(b"\n")
+            yield from (line.decode("utf-8") for line in lines)
+    if not dec.eof:
+        raise PrepareError(
+            f"input file {url} is unreadable (truncated or corrupt?): zstd frame ends early"
+        )
+    if pending:
+        yield pending.decode("utf-8")
+
+
+def _file_texts(f: InputFile, text_key: str) -> Iterator[str]:
+    if f.kind == "txt":
+        with fsspec.open(f.url, "rb", compression="infer") as fh:
+            yield fh.read().decode("utf-8", errors="replace")
+    elif f.kind == "jsonl":
+        for line_no, line in enumerate(_lines(f.url), 1):
+            if not line.strip():
+                continue
+            try:
+                yield json.loads(line)[text_key]
+            except json.JSONDecodeError as e:
+                raise PrepareError(f"{f.url} line {line_no}: not JSON ({e})") from e
+            except (KeyError, TypeError) as e:
+                raise PrepareError(f"{f.url} line {line_no}: no {text_key!r} field (text_key)") from e
+    elif f.kind == "parquet":
+        with fsspec.open(f.url, "rb") as fh:
+            pf = pq.ParquetFile(fh)
+            if text_key not in pf.schema_arrow.names:
+                raise PrepareError(f"{f.url}: no column {text_key!r} (has {pf.schema_arrow.names})")
+            for batch in pf.iter_batches(columns=[text_key], batch_size=4096):
+                yield from (t for t in batch.column(0).to_pylist() if t is not None)
+    else:  # a `datasets` Arrow stream file
+        with fsspec.open(f.url, "rb") as fh:
+            try:
+                reader = pa.ipc.open_stream(io.BytesIO(fh.read()))
+            except pa.ArrowInvalid as e:
+                raise PrepareError(f"{f.url}: not an Arrow stream file ({e})") from e
+            if text_key not in reader.schema.names:
+                raise PrepareError(f"{f.url}: no column {text_key!r} (has {reader.schema.names})")
+            for batch in reader:
+                yield from (t for t in batch.column(text_key).to_pylist() if t is not None)
 
 
 # -- tokenizing ------------------------------------------------------------------------------

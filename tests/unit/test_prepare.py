@@ -170,3 +170,18 @@ def test_train_tokenizer_saved_used_and_fingerprinted(tmp_path):
     assert (
         m.tokens("train") + m.tokens("val") < sum(len(t.encode()) + 1 for t in TEXTS) / 2
     )  # BPE compresses
+
+
+@pytest.mark.parametrize("fmt", ["parquet", "jsonl.gz", "jsonl.zst"])
+def test_truncated_input_file_named(tmp_path, fmt):
+    path = tmp_path / f"a.{fmt}"
+    if fmt == "parquet":
+        pq.write_table(pa.table({"text": TEXTS}), path)
+    else:
+        write_jsonl(path, TEXTS * 20, gzip.open if fmt.endswith("gz") else zst_open)
+    path.write_bytes(path.read_bytes()[: path.stat().st_size // 2])
+    with pytest.raises(
+        PrepareError, match=rf"input file {path} is unreadable \(truncated or corrupt\?\)"
+    ):
+        run(tmp_path, path)
+    assert not (tmp_path / "out").exists()
