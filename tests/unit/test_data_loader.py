@@ -272,3 +272,17 @@ def test_val_batches_fixed_and_split_across_ranks(three):
     assert torch.equal(torch.cat([b.inputs for b in r0["web"]]), web[0::2])
     assert torch.equal(torch.cat([b.inputs for b in r1["web"]]), web[1::2])
     assert torch.equal(web, torch.cat([b.inputs for b in val_batches(cfg, T, MB, 2, 0, 1)["web"]]))
+
+
+def test_resume_refuses_changed_mixture_or_seq_len(three):
+    ld = loader(cfg_for(three))
+    steps(ld, 3)
+    sd = ld.state_dict()
+    changed = loader(cfg_for(three, weights=(0.2, 0.3, 0.5)))
+    with pytest.raises(
+        DataError, match=r"checkpointed data counters .* do not match the mixture's order at position 24"
+    ):
+        changed.load_state_dict(sd)
+    other_len = MixtureLoader(cfg_for(three), TOK, 2 * T, G, MB, 0, 1, 1337, 65536)
+    with pytest.raises(DataError, match=r"seq_len=16, this run has 32"):
+        other_len.load_state_dict(sd)
