@@ -185,3 +185,22 @@ def test_truncated_input_file_named(tmp_path, fmt):
     ):
         run(tmp_path, path)
     assert not (tmp_path / "out").exists()
+
+
+def test_conf_prepare_yaml_composes_to_the_schema():
+    from hydra import compose, initialize_config_dir
+    from omegaconf import OmegaConf
+
+    from framework.prepare import CONF_DIR
+
+    with initialize_config_dir(CONF_DIR, version_base=None):
+        cfg = compose("prepare", overrides=["input=raw/*.jsonl", "output=data/web", "workers=3"])
+    obj = OmegaConf.to_object(cfg)
+    assert isinstance(obj, PrepareConfig)
+    assert (obj.input, obj.output, obj.workers, obj.tokenizer, obj.val_fraction) == (
+        "raw/*.jsonl",
+        "data/web",
+        3,
+        "byte",
+        0.01,
+    )
