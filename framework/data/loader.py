@@ -75,6 +75,26 @@ class LoaderState:
     """Windows consumed per source."""
 
 
+def to_batches(
+    windows: np.ndarray, doc: np.ndarray | None, micro_batch_size: int, pin: bool
+) -> list[Batch]:
+    """Micro-batches of (n, T+1) windows: inputs are the first T tokens, targets the last T.
+    On CPU they are zero-copy views; with CUDA, contiguous page-locked copies, since a strided
+    view would first be copied to pageable memory and the host-to-device copy could not overlap."""
+    t = torch.from_numpy(windows)
+    d = torch.from_numpy(doc)[:, :-1] if doc is not None else None
+    parts = [
+        (t[i : i + micro_batch_size], None if d is None else d[i : i + micro_batch_size])
+        for i in range(0, len(t), micro_batch_size)
+    ]
+    if not pin:
+        return [Batch(x[:, :-1], x[:, 1:], dx) for x, dx in parts]
+    return [
+        Batch(x[:, :-1].pin_memory(), x[:, 1:].pin_memory(), None if dx is None else dx.pin_memory())
+        for x, dx in parts
+    ]
+
+
 def resolve_cache_dir(cfg: DataConfig) -> str:
     """data.cache_dir, resolving its ${oc.env:...} default when the DataConfig was built in
     Python rather than composed by Hydra."""
@@ -257,10 +277,6 @@ class MixtureLoader:
         """Windows per source consumed by the first `position` global samples."""
         return {s.name: int(c) for s, c in zip(self.sources, self.mixture.counts_at(position))}
 
-    def _alloc(self, shape: tuple[int, ...], dtype: torch.dtype) -> np.ndarray:
-        """A host buffer, page-locked when CUDA is present (so copies to the device overlap)."""
-        return torch.empty(shape, dtype=dtype, pin_memory=self._pin).numpy()
-
     def _build_chunk(self, position: int, counts: np.ndarray, n_steps: int) -> list[Step]:
         """This rank's micro-batches of n_steps consecutive optimizer steps from global sample
         `position`, given the per-source window counters before it. Building many steps in one
@@ -278,8 +294,8 @@ class MixtureLoader:
             -1
         )  # (n*R,)
         src_m, ks_m = src[mine], ks[mine]
-        buf = self._alloc((n_steps * R, self.seq_len + 1), torch.int64)
-        doc = self._alloc((n_steps * R, self.seq_len + 1), torch.int32) if self.cfg.doc_mask else None
+        buf = np.empty((n_steps * R, self.seq_len + 1), dtype=np.int64)
+        doc = np.empty((n_steps * R, self.seq_len + 1), dtype=np.int32) if self.cfg.doc_mask else None
         for j, packed in enumerate(self.packed):
             rows = np.flatnonzero(src_m == j)
             packed.gather(ks_m[rows], buf, rows, doc)
@@ -287,8 +303,6 @@ class MixtureLoader:
         after = counts + np.cumsum(
             step_counts.reshape(n_steps, S), axis=0
         )  # (n, S) counters after each step
-        t = torch.from_numpy(buf)
-        d = torch.from_numpy(doc)[:, :-1] if doc is not None else None
         steps = []
         for i in range(n_steps):
             over = np.flatnonzero(after[i] > self.cap_windows)
@@ -296,14 +310,12 @@ class MixtureLoader:
             if len(over):
                 s = self.sources[int(over[0])]
                 error = f"source {s.name!r} would be drawn past max_epochs={s.max_epochs:g} at step {(position // G) + i + 1}"
-            batches = [
-                Batch(
-                    t[r : r + self.mb, :-1],
-                    t[r : r + self.mb, 1:],
-                    d[r : r + self.mb] if d is not None else None,
-                )
-                for r in range(i * R, (i + 1) * R, self.mb)
-            ]
+            batches = to_batches(
+                buf[i * R : (i + 1) * R],
+                None if doc is None else doc[i * R : (i + 1) * R],
+                self.mb,
+                self._pin,
+            )
             steps.append(Step(batches, position + (i + 1) * G, after[i], error))
         return steps
 
@@ -417,14 +429,5 @@ def val_batches(
         buf = np.empty((len(mine), seq_len + 1), dtype=np.int64)
         doc = np.empty((len(mine), seq_len + 1), dtype=np.int32) if cfg.doc_mask else None
         p.gather(mine, buf, np.arange(len(mine)), doc)
-        t = torch.from_numpy(buf)
-        d = torch.from_numpy(doc)[:, :-1] if doc is not None else None
-        out[s.name] = [
-            Batch(
-                t[i : i + micro_batch_size, :-1],
-                t[i : i + micro_batch_size, 1:],
-                d[i : i + micro_batch_size] if d is not None else None,
-            )
-            for i in range(0, len(mine), micro_batch_size)
-        ]
+        out[s.name] = to_batches(buf, doc, micro_batch_size, torch.cuda.is_available())
     return out
