@@ -385,6 +385,12 @@ def localize(path: str, cache_dir: str) -> Path:
         except FileNotFoundError as e:
             os.unlink(tmp)
             raise DataError(f"shard {path}/{info.file} listed in the manifest is missing") from e
+        digest = sha256_file(tmp)
+        if digest != info.sha256:  # never keep a bad copy in the cache
+            os.unlink(tmp)
+            raise DataError(
+                f"shard {path}/{info.file}: downloaded sha256 {digest} but the manifest says {info.sha256}"
+            )
         os.replace(tmp, dst)
     shutil.copyfile(local / (MANIFEST + ".remote"), local / MANIFEST)  # manifest last
     return local

@@ -259,5 +259,8 @@ def test_fsspec_url_cached_locally_and_verified(tmp_path):
     fs.pipe_file(f"/remote/a/{name}", bytes(blob))
     for p in (tmp_path / "cache" / "sources").glob(f"*/{name}"):
         p.unlink()
-    with pytest.raises(DataError, match=rf"{name}: sha256 [0-9a-f]+ but the manifest says"):
+    with pytest.raises(
+        DataError, match=rf"memory://remote/a/{name}: downloaded sha256 [0-9a-f]+ but the manifest says"
+    ):
         build(data_cfg(tmp_path, a=("memory://remote/a", 1.0)))
+    assert not list((tmp_path / "cache" / "sources").glob(f"*/{name}"))  # the bad copy is not cached
