@@ -286,3 +286,35 @@ def test_resume_refuses_changed_mixture_or_seq_len(three):
     other_len = MixtureLoader(cfg_for(three), TOK, 2 * T, G, MB, 0, 1, 1337, 65536)
     with pytest.raises(DataError, match=r"seq_len=16, this run has 32"):
         other_len.load_state_dict(sd)
+
+
+def test_default_sample_config_builds_as_train_py_does(tmp_path):
+    """conf/config.yaml with data=sample, composed by Hydra: the sources are generated on first
+    use, verified, and the mixture table names them (the embedded default of `make train`)."""
+    from hydra import compose, initialize_config_dir
+
+    from framework.config import CONF_DIR, load, validate
+    from framework.data.tokenizer import load_tokenizer
+
+    overrides = [
+        f"data.root={tmp_path}/data",
+        f"data.cache_dir={tmp_path}/cache",
+        "trainer.max_steps=20",
+    ]
+    with initialize_config_dir(CONF_DIR, version_base=None):
+        cfg = load(compose("config", overrides=overrides))
+    validate(cfg)
+    t = cfg.trainer
+    ld = MixtureLoader(
+        cfg.data, load_tokenizer(cfg.data.tokenizer), t.seq_len, t.global_batch_size, t.micro_batch_size,
+        0, 1, t.seed, cfg.model.vocab_size, max_steps=t.max_steps,
+    )  # fmt: skip
+    table = ld.mixture_table(t.max_steps)
+    assert all(name in table for name in ("markov", "zipf", "arith"))
+    b = next(ld)
+    assert b.inputs.shape == (t.micro_batch_size, t.seq_len) and int(b.inputs.max()) < 257
+    assert set(val_batches(cfg.data, t.seq_len, t.micro_batch_size, 1, 0, 1)) == {
+        "markov",
+        "zipf",
+        "arith",
+    }
