@@ -236,15 +236,14 @@ class MixtureLoader:
             for i, seg in enumerate(segs):
                 end = min(total, segs[i + 1].start if i + 1 < len(segs) else total)
                 counts += seg.weights * max(0, end - seg.start)
-        base = {s.name: s.weight for s in self.cfg.sources}
-        total_w = sum(w for w in base.values() if w > 0) or 1.0
         rows = []
-        for s, p, c in zip(self.sources, self.packed, counts):
+        first = self.mixture.segments[0].weights  # normalised, after dropping empty sources
+        for s, p, c, w in zip(self.sources, self.packed, counts, first):
             drawn = int(round(c)) * self.seq_len
             rows.append(
                 PlanRow(
                     s.name,
-                    base[s.name] / total_w,
+                    float(w),
                     p.epoch_tokens,
                     drawn,
                     drawn / p.epoch_tokens,
