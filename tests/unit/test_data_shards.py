@@ -148,6 +148,7 @@ def test_empty_source_error_or_warning_with_renormalised_weights(tmp_path, caplo
     assert "data source 'empty'" in caplog.text and "dropped" in caplog.text
     assert [s.name for s in loader.sources] == ["a"]
     assert loader.mixture.segments[0].weights.tolist() == [1.0]
+    assert [(r.source, r.weight) for r in loader.plan(10)] == [("a", 1.0)]
 
 
 @pytest.mark.parametrize(
