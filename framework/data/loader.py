@@ -111,9 +111,12 @@ def ever_enabled(cfg: DataConfig) -> list[SourceConfig]:
     return [s for s in cfg.sources if s.weight > 0 or s.name in later]
 
 
-def open_source(s: SourceConfig, cache_dir: str) -> tuple[Path, Manifest]:
+def open_source(
+    s: SourceConfig, cache_dir: str, tokenizer: Tokenizer | None = None, vocab_size: int | None = None
+) -> tuple[Path, Manifest]:
     """A verified local copy of a source: generated (sample corpus) or fetched (fsspec URL) if
-    needed, every shard checked against the manifest. Errors name the source and path."""
+    needed, the manifest checked against the tokenizer and model (cheap, first), then every
+    shard against the manifest. Errors name the source and path."""
     if s.generator and not is_url(s.path) and not (Path(s.path) / MANIFEST).is_file():
         from framework.data.sample import generate
 
@@ -123,6 +126,8 @@ def open_source(s: SourceConfig, cache_dir: str) -> tuple[Path, Manifest]:
         m = read_manifest(local)
     except DataError as e:
         raise DataError(f"source {s.name!r} (data.sources path {s.path}): {e}") from e
+    if tokenizer is not None and vocab_size is not None:
+        check_tokenizer(s.name, s.path, m, tokenizer, vocab_size)
     verify_source(s.name, local, m, m.vocab_size, cache_dir)
     return local, m
 
@@ -162,8 +167,7 @@ class MixtureLoader:
         self.sources: list[SourceConfig] = []
         self.packed: list[PackedSource] = []
         for s in enabled:
-            local, m = open_source(s, cache_dir)
-            check_tokenizer(s.name, s.path, m, tokenizer, vocab_size)
+            local, m = open_source(s, cache_dir, tokenizer, vocab_size)
             if m.tokens("train") == 0:
                 if not cfg.allow_empty_source:
                     raise DataError(
