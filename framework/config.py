@@ -42,6 +42,7 @@ class ScheduleEntry:
     step: int = MISSING
     """First optimizer step at which `weights` apply."""
     weights: dict[str, float] = field(default_factory=dict)
+    """{source name: weight} from `step` on; a source not named keeps its previous weight."""
 
 
 @dataclass
@@ -399,6 +400,9 @@ def _validate_sources(d: DataConfig) -> list[str]:
             errors.append(f"data.sources[{i}] ({s.name}).max_epochs={s.max_epochs} must be > 0")
     if d.sources and not errors and sum(s.weight for s in d.sources) <= 0:
         errors.append("data.sources: all weights are 0; at least one source must have weight > 0")
+    steps = [e.step for e in d.schedule]
+    if any(st < 1 for st in steps) or steps != sorted(set(steps)):
+        errors.append(f"data.schedule steps {steps} must be >= 1 and strictly increasing")
     for j, entry in enumerate(d.schedule):
         unknown = set(entry.weights) - set(names)
         if unknown:
