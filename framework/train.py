@@ -70,7 +70,9 @@ def _train(cfg: C.Config, dist: Dist) -> dict:
         dp_size,
         seed,
         cfg.model.vocab_size,
+        max_steps=t.max_steps,  # refuses a plan past a source's max_epochs now, not mid-run
     )
+    log.info("data mixture:\n%s", loader.mixture_table(t.max_steps))
     val = val_batches(cfg.data, t.seq_len, t.micro_batch_size, t.eval_batches, dp_rank, dp_size)
     weights = {s.name: s.weight for s in cfg.data.sources}
 
