@@ -42,6 +42,7 @@ class ScheduleEntry:
     step: int = MISSING
     """First optimizer step at which `weights` apply."""
     weights: dict[str, float] = field(default_factory=dict)
+    """{source name: weight} from `step` on; a source not named keeps its previous weight."""
 
 
 @dataclass
@@ -257,9 +258,15 @@ def validate(cfg: Config, world_size: int = 1) -> None:
     if s.tp < 1:
         errors.append(f"strategy.tp={s.tp} must be >= 1")
     elif s.tp > 1 and s.name not in ("tp", "tp_fsdp"):
-        errors.append(f"strategy.tp={s.tp} needs strategy=tp or tp_fsdp (got {s.name})")
+        why = ""
+        if s.name in ("zero1", "zero2", "zero3"):
+            why = ": DeepSpeed ZeRO is not combined with tensor parallel here; use strategy=tp_fsdp"
+        errors.append(f"strategy.tp={s.tp} needs strategy=tp or tp_fsdp (got strategy={s.name}){why}")
     elif world_size % s.tp:
-        errors.append(f"world size {world_size} is not divisible by strategy.tp={s.tp}")
+        errors.append(
+            f"world size {world_size} is not divisible by strategy.tp={s.tp}: the data-parallel "
+            f"degree world/tp = {world_size}/{s.tp} must be a whole number >= 1"
+        )
     else:
         if m.n_head % s.tp:
             errors.append(f"model.n_head={m.n_head} is not divisible by strategy.tp={s.tp}")
@@ -273,10 +280,7 @@ def validate(cfg: Config, world_size: int = 1) -> None:
         errors.append(
             f"strategy=tp_fsdp needs a data-parallel degree >= 2: world {world_size} / tp {s.tp}"
         )
-    if s.hsdp_replicas < 1 or (s.hsdp_replicas > 1 and world_size % s.hsdp_replicas):
-        errors.append(
-            f"strategy.hsdp_replicas={s.hsdp_replicas} must be >= 1 and divide world size {world_size}"
-        )
+    errors += _validate_hsdp(s, world_size)
     if s.activation_checkpointing not in ("none", "full", "selective"):
         errors.append(
             f"strategy.activation_checkpointing={s.activation_checkpointing!r} must be none|full|selective"
@@ -287,10 +291,16 @@ def validate(cfg: Config, world_size: int = 1) -> None:
         if getattr(t, key) <= 0:
             errors.append(f"trainer.{key}={getattr(t, key)} must be > 0")
     if t.micro_batch_size > 0 and dp > 0 and t.global_batch_size > 0:
-        if t.global_batch_size % (t.micro_batch_size * dp):
+        per_step = t.micro_batch_size * dp  # sequences of one micro-batch on every dp rank
+        if t.global_batch_size % per_step:
+            lower = t.global_batch_size // per_step * per_step
+            near = " or ".join(str(n) for n in (lower, lower + per_step) if n > 0)
             errors.append(
                 f"trainer.global_batch_size={t.global_batch_size} is not divisible by "
-                f"trainer.micro_batch_size={t.micro_batch_size} x data-parallel degree {dp}"
+                f"trainer.micro_batch_size={t.micro_batch_size} x data-parallel degree {dp} "
+                f"(world size {world_size} / strategy.tp={s.tp}) = {per_step}, so gradient "
+                f"accumulation steps would be {t.global_batch_size / per_step:.3g}; nearest valid "
+                f"trainer.global_batch_size: {near}"
             )
     if t.seq_len > m.block_size:
         errors.append(f"trainer.seq_len={t.seq_len} exceeds model.block_size={m.block_size}")
@@ -327,9 +337,54 @@ def validate(cfg: Config, world_size: int = 1) -> None:
     if cfg.logger.mode not in ("online", "offline", "disabled"):
         errors.append(f"logger.mode={cfg.logger.mode!r} must be online|offline|disabled")
 
+    errors += _validate_targets(cfg)
     errors += _validate_sources(cfg.data)
     if errors:
         raise ConfigError("invalid config:\n  - " + "\n  - ".join(errors))
+
+
+def _validate_hsdp(s: StrategyConfig, world_size: int) -> list[str]:
+    """HSDP replicates FSDP shard groups: only FSDP strategies have them, and the data-parallel
+    ranks must split evenly into strategy.hsdp_replicas groups."""
+    if s.hsdp_replicas < 1:
+        return [f"strategy.hsdp_replicas={s.hsdp_replicas} must be >= 1"]
+    if s.hsdp_replicas == 1:
+        return []
+    if s.name not in ("fsdp", "tp_fsdp"):
+        return [
+            f"strategy.hsdp_replicas={s.hsdp_replicas} needs strategy=fsdp or tp_fsdp (got {s.name})"
+        ]
+    dp = world_size // s.tp if s.tp >= 1 else world_size
+    if dp % s.hsdp_replicas:
+        return [
+            f"strategy.hsdp_replicas={s.hsdp_replicas} does not divide the data-parallel degree {dp} "
+            f"(world size {world_size} / strategy.tp={s.tp})"
+        ]
+    return []
+
+
+def _validate_targets(cfg: Config) -> list[str]:
+    """Checks of the target hardware (plan.*) and of options that belong to one engine."""
+    from framework.memory import GPUS  # the GPU table lives beside the memory math
+
+    errors = []
+    pl, s = cfg.plan, cfg.strategy
+    gpu = GPUS.get(pl.gpu)
+    if gpu is None:
+        errors.append(f"plan.gpu={pl.gpu!r} is not one of {', '.join(GPUS)}")
+    elif cfg.precision.name == "fp8" and not gpu.fp8:
+        fp8_gpus = "|".join(name for name, g in GPUS.items() if g.fp8)
+        errors.append(
+            f"precision=fp8 needs a Hopper-class (sm_90+) GPU, but plan.gpu={pl.gpu}: use "
+            f"precision=bf16, or plan.gpu={fp8_gpus}"
+        )
+    if not 0 < pl.mfu <= 1:
+        errors.append(f"plan.mfu={pl.mfu} must be in (0, 1]")
+    if pl.world_size is not None and pl.world_size < 1:
+        errors.append(f"plan.world_size={pl.world_size} must be >= 1")
+    if s.zero_offload and s.name not in ("zero1", "zero2", "zero3"):
+        errors.append(f"strategy.zero_offload=true needs strategy=zero1|zero2|zero3 (got {s.name})")
+    return errors
 
 
 def _validate_sources(d: DataConfig) -> list[str]:
@@ -347,6 +402,9 @@ def _validate_sources(d: DataConfig) -> list[str]:
             errors.append(f"data.sources[{i}] ({s.name}).max_epochs={s.max_epochs} must be > 0")
     if d.sources and not errors and sum(s.weight for s in d.sources) <= 0:
         errors.append("data.sources: all weights are 0; at least one source must have weight > 0")
+    steps = [e.step for e in d.schedule]
+    if any(st < 1 for st in steps) or steps != sorted(set(steps)):
+        errors.append(f"data.schedule steps {steps} must be >= 1 and strictly increasing")
     for j, entry in enumerate(d.schedule):
         unknown = set(entry.weights) - set(names)
         if unknown:

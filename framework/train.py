@@ -70,9 +70,11 @@ def _train(cfg: C.Config, dist: Dist) -> dict:
         dp_size,
         seed,
         cfg.model.vocab_size,
+        max_steps=t.max_steps,  # refuses a plan past a source's max_epochs now, not mid-run
     )
+    log.info("data mixture:\n%s", loader.mixture_table(t.max_steps))
     val = val_batches(cfg.data, t.seq_len, t.micro_batch_size, t.eval_batches, dp_rank, dp_size)
-    weights = {s.name: s.weight for s in cfg.data.sources if s.weight > 0}
+    weights = {s.name: s.weight for s in cfg.data.sources}
 
     ckpt = Checkpointer(run_dir / "checkpoints", cfg.checkpoint.keep, dist)
     start = 0
@@ -103,7 +105,7 @@ def _train(cfg: C.Config, dist: Dist) -> dict:
     )
 
     engine.train(True)
-    if t.eval_every and start == 0:  # the untrained baseline: the curve starts at ~log(vocab)
+    if val and t.eval_every and start == 0:  # the untrained baseline: the curve starts at ~log(vocab)
         metrics.log_eval(*evaluate(engine, val, weights, 0, tokenizer, cfg, dist))
     record: dict = {}
     for step in range(start + 1, t.max_steps + 1):
@@ -135,7 +137,7 @@ def _train(cfg: C.Config, dist: Dist) -> dict:
             record.update({f"data/tokens/{k}": v for k, v in loader.tokens_per_source().items()})
         metrics.log_train(record)
 
-        if t.eval_every and (step % t.eval_every == 0 or step == t.max_steps):
+        if val and t.eval_every and (step % t.eval_every == 0 or step == t.max_steps):
             metrics.log_eval(*evaluate(engine, val, weights, step, tokenizer, cfg, dist))
         last = step == t.max_steps or step == t.stop_at_step
         if last or (cfg.checkpoint.every and step % cfg.checkpoint.every == 0):
@@ -143,6 +145,7 @@ def _train(cfg: C.Config, dist: Dist) -> dict:
         if step == t.stop_at_step:
             log.info("stopping after step %d (trainer.stop_at_step); resume continues from here", step)
             break
+    loader.close()
     metrics.close()
     return record
 
@@ -157,8 +160,10 @@ def evaluate(engine, val: dict, weights: dict, step: int, tok: Tokenizer, cfg: C
         for b in batches:
             total += engine.eval_loss(b)
         record[f"val_loss/{name}"] = dist.all_reduce_mean(total / max(len(batches), 1)).item()
-    wsum = sum(weights[n] for n in val)
-    record["val_loss"] = sum(weights[n] * record[f"val_loss/{n}"] for n in val) / wsum
+    w = {n: weights.get(n, 0.0) for n in val}
+    if not sum(w.values()):  # only disabled (scheduled-later) sources have a val split
+        w = dict.fromkeys(val, 1.0)
+    record["val_loss"] = sum(w[n] * record[f"val_loss/{n}"] for n in val) / sum(w.values())
     record["val_ppl"] = perplexity(record["val_loss"])
     text = None
     if cfg.trainer.sample_tokens:

@@ -1,104 +1,49 @@
-"""Packing, weighted mixing and per-rank batching.
+"""The training data loader: verified sources -> weighted mixture -> packed windows -> this
+rank's micro-batches.
 
-Global sample order (a pure function of seed, mixture, manifests and seq_len; independent of
-world size and worker count):
-- each source is an endless token stream: epoch e is its documents in a fresh seeded
-  permutation, epochs back to back; window k of a source is stream[k*T : k*T + T + 1], so
-  every token is a target exactly once (windows overlap by the one token that is both the last
-  input of one and the first of the next: no token lost or duplicated at boundaries);
-- global sample n goes to the source whose cumulative-weight interval holds
-  frac(n * phi + offset(seed)) (a low-discrepancy sequence: realized shares stay within a few
-  samples of the weights at every prefix, and since every sample has T+1 tokens, sample
-  shares are token shares); its window index is the count of earlier samples of that source.
-- optimizer step s (from 1) uses global samples [(s-1)*G, s*G); data-parallel rank r takes a
-  contiguous slice of G/dp, cut into micro-batches.
+Global sample order is a pure function of (seed, mixture incl. schedule, manifests, seq_len):
+- `mixture.Mixture` says which source global sample n comes from;
+- the sample is that source's next window (`packing.PackedSource`), i.e. window k where k is the
+  number of earlier samples of the same source;
+- optimizer step s (from 1) uses global samples [(s-1)*G, s*G); data-parallel rank r takes the
+  contiguous slice [r*G/dp, (r+1)*G/dp), cut into micro-batches.
+Nothing depends on the world size or on num_workers, so a resume on another data-parallel size
+continues the same global sequence.
 
 The loader state is the global sample position plus the per-source window counters (derivable
-from the position; stored so a resume needs no recount and can cross-check).
+from the position; stored so a resume cross-checks that the mixture did not change).
+Every check of the data (manifests, checksums, schema, id range, emptiness, max_epochs) runs in
+the constructor, so a bad source fails before the model, optimizer or a checkpoint exist.
 """
 
 from __future__ import annotations
 
-import math
+import logging
+from collections import deque
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 import torch
 
-from framework.config import DataConfig
-from framework.data.shards import DataError, Manifest, open_shard, read_manifest
+from framework.config import DataConfig, SourceConfig
+from framework.data.mixture import Mixture, PlanRow, format_table
+from framework.data.packing import PackedSource
+from framework.data.shards import (
+    MANIFEST,
+    DataError,
+    Manifest,
+    check_tokenizer,
+    is_url,
+    localize,
+    read_manifest,
+    verify_source,
+)
 from framework.data.tokenizer import Tokenizer
 
-PHI = (math.sqrt(5.0) - 1.0) / 2.0
-
-
-class PackedSource:
-    """One prepared source split as an endless packed token stream."""
-
-    def __init__(self, name: str, path: str, split: str, seq_len: int, seed: int, shuffle: bool):
-        self.name, self.seq_len = name, seq_len
-        self.manifest: Manifest = read_manifest(path)
-        shards = self.manifest.split(split)
-        if not shards or sum(s.tokens for s in shards) == 0:
-            raise DataError(f"source {name!r} ({path}) has no {split} tokens")
-        self.tokens, doc_shard, doc_start, doc_len = [], [], [], []
-        for i, info in enumerate(shards):
-            toks, offsets = open_shard(Path(path) / info.file, self.manifest.dtype)
-            if len(toks) != info.tokens or len(offsets) - 1 != info.rows:
-                raise DataError(
-                    f"shard {Path(path) / info.file}: {len(offsets) - 1} rows / {len(toks)} tokens "
-                    f"but the manifest says {info.rows} / {info.tokens}"
-                )
-            self.tokens.append(toks)
-            doc_shard.append(np.full(info.rows, i, dtype=np.int32))
-            doc_start.append(offsets[:-1].astype(np.int64))
-            doc_len.append(np.diff(offsets).astype(np.int64))
-        self.doc_shard = np.concatenate(doc_shard)
-        self.doc_start = np.concatenate(doc_start)
-        self.doc_len = np.concatenate(doc_len)
-        self.epoch_tokens = int(self.doc_len.sum())
-        self.seed, self.shuffle = seed, shuffle
-        self._epoch, self._order, self._cum = -1, None, None
-
-    def windows_per_epoch(self) -> float:
-        return self.epoch_tokens / self.seq_len
-
-    def _set_epoch(self, epoch: int) -> None:
-        if epoch == self._epoch:
-            return
-        n = len(self.doc_len)
-        if self.shuffle:
-            rng = np.random.default_rng([self.seed, epoch, _stable_hash(self.name)])
-            self._order = rng.permutation(n)
-        else:
-            self._order = np.arange(n)
-        self._cum = np.concatenate([[0], np.cumsum(self.doc_len[self._order])])
-        self._epoch = epoch
-
-    def _read(self, pos: int, length: int, out: np.ndarray) -> None:
-        """Copy stream[pos : pos+length] into out (crossing documents and epochs)."""
-        filled = 0
-        while filled < length:
-            epoch, off = divmod(pos + filled, self.epoch_tokens)
-            self._set_epoch(epoch)
-            d = int(np.searchsorted(self._cum, off, side="right")) - 1
-            while filled < length and d < len(self._order):
-                doc = self._order[d]
-                within = off - int(self._cum[d])
-                take = min(int(self.doc_len[doc]) - within, length - filled)
-                start = int(self.doc_start[doc]) + within
-                out[filled : filled + take] = self.tokens[self.doc_shard[doc]][start : start + take]
-                filled += take
-                off += take
-                d += 1
-
-    def window(self, k: int, out: np.ndarray) -> None:
-        self._read(k * self.seq_len, self.seq_len + 1, out)
-
-
-def _stable_hash(name: str) -> int:
-    return int.from_bytes(name.encode()[:8].ljust(8, b"\0"), "little")
+log = logging.getLogger(__name__)
+EXACT_PLAN_SAMPLES = 50_000_000  # above this, the plan uses weight x samples (error < 1 window/segment)
 
 
 @dataclass
@@ -112,6 +57,17 @@ class Batch:
 
 
 @dataclass
+class Step:
+    """One optimizer step's micro-batches for this rank, and the loader state after it."""
+
+    batches: list[Batch]
+    position: int
+    counts: np.ndarray
+    error: str | None = None
+    """Set when the step would exceed a source's max_epochs (raised when it is reached)."""
+
+
+@dataclass
 class LoaderState:
     position: int = 0
     """Global samples consumed (all ranks)."""
@@ -119,8 +75,65 @@ class LoaderState:
     """Windows consumed per source."""
 
 
+def to_batches(
+    windows: np.ndarray, doc: np.ndarray | None, micro_batch_size: int, pin: bool
+) -> list[Batch]:
+    """Micro-batches of (n, T+1) windows: inputs are the first T tokens, targets the last T.
+    On CPU they are zero-copy views; with CUDA, contiguous page-locked copies, since a strided
+    view would first be copied to pageable memory and the host-to-device copy could not overlap."""
+    t = torch.from_numpy(windows)
+    d = torch.from_numpy(doc)[:, :-1] if doc is not None else None
+    parts = [
+        (t[i : i + micro_batch_size], None if d is None else d[i : i + micro_batch_size])
+        for i in range(0, len(t), micro_batch_size)
+    ]
+    if not pin:
+        return [Batch(x[:, :-1], x[:, 1:], dx) for x, dx in parts]
+    return [
+        Batch(x[:, :-1].pin_memory(), x[:, 1:].pin_memory(), None if dx is None else dx.pin_memory())
+        for x, dx in parts
+    ]
+
+
+def resolve_cache_dir(cfg: DataConfig) -> str:
+    """data.cache_dir, resolving its ${oc.env:...} default when the DataConfig was built in
+    Python rather than composed by Hydra."""
+    if "${" not in cfg.cache_dir:
+        return cfg.cache_dir
+    from omegaconf import OmegaConf
+
+    return str(OmegaConf.create({"d": cfg.cache_dir}).d)
+
+
+def ever_enabled(cfg: DataConfig) -> list[SourceConfig]:
+    """Sources with a weight > 0 at step 1 or in any schedule entry; the others are disabled."""
+    later = {k for e in cfg.schedule for k, w in e.weights.items() if w > 0}
+    return [s for s in cfg.sources if s.weight > 0 or s.name in later]
+
+
+def open_source(
+    s: SourceConfig, cache_dir: str, tokenizer: Tokenizer | None = None, vocab_size: int | None = None
+) -> tuple[Path, Manifest]:
+    """A verified local copy of a source: generated (sample corpus) or fetched (fsspec URL) if
+    needed, the manifest checked against the tokenizer and model (cheap, first), then every
+    shard against the manifest. Errors name the source and path."""
+    if s.generator and not is_url(s.path) and not (Path(s.path) / MANIFEST).is_file():
+        from framework.data.sample import generate
+
+        generate(s.generator, s.path)
+    try:
+        local = localize(s.path, cache_dir)
+        m = read_manifest(local)
+    except DataError as e:
+        raise DataError(f"source {s.name!r} (data.sources path {s.path}): {e}") from e
+    if tokenizer is not None and vocab_size is not None:
+        check_tokenizer(s.name, s.path, m, tokenizer, vocab_size)
+    verify_source(s.name, local, m, m.vocab_size, cache_dir)
+    return local, m
+
+
 class MixtureLoader:
-    """Yields this rank's micro-batches (inputs, targets) of shape (micro_batch_size, seq_len)."""
+    """Yields this rank's micro-batches of shape (micro_batch_size, seq_len)."""
 
     def __init__(
         self,
@@ -133,114 +146,291 @@ class MixtureLoader:
         dp_size: int,
         seed: int,
         vocab_size: int,
+        max_steps: int | None = None,
     ):
-        self.sources = [s for s in cfg.sources if s.weight > 0]
-        self.packed = [
-            PackedSource(s.name, s.path, "train", seq_len, seed, shuffle=True) for s in self.sources
-        ]
-        for s, p in zip(self.sources, self.packed):
-            check_manifest(s.name, s.path, p.manifest, tokenizer, vocab_size)
-        w = np.array([s.weight for s in self.sources], dtype=np.float64)
-        self.weights = w / w.sum()
-        self.bounds = np.cumsum(self.weights)
-        self.bounds[-1] = 1.0 + 1e-12
-        self.offset = (seed * PHI) % 1.0
-        self.seq_len, self.G, self.mb = seq_len, global_batch_size, micro_batch_size
+        """max_steps: when given, refuse a plan that draws a source past its max_epochs now
+        (otherwise the cap is enforced when a batch would exceed it)."""
+        if global_batch_size % dp_size or (global_batch_size // dp_size) % micro_batch_size:
+            raise DataError(
+                f"global_batch_size={global_batch_size} is not divisible by micro_batch_size="
+                f"{micro_batch_size} x dp_size={dp_size}"
+            )
+        self.cfg, self.seq_len, self.G, self.mb = cfg, seq_len, global_batch_size, micro_batch_size
         self.rank, self.dp = dp_rank, dp_size
         self.per_rank = global_batch_size // dp_size
-        self.state = LoaderState(0, {s.name: 0 for s in self.sources})
-        self._queue: list[Batch] = []
+        cache_dir = resolve_cache_dir(cfg)
 
-    def source_of(self, n: np.ndarray) -> np.ndarray:
-        x = (n * PHI + self.offset) % 1.0
-        return np.searchsorted(self.bounds, x, side="right")
+        enabled = ever_enabled(cfg)
+        for s in cfg.sources:
+            if s not in enabled:
+                log.info("data source %r has weight 0: disabled", s.name)
+        self.sources: list[SourceConfig] = []
+        self.packed: list[PackedSource] = []
+        for s in enabled:
+            local, m = open_source(s, cache_dir, tokenizer, vocab_size)
+            if m.tokens("train") == 0:
+                if not cfg.allow_empty_source:
+                    raise DataError(
+                        f"source {s.name!r} ({s.path}) has no train tokens; remove it, set its weight "
+                        "to 0, or set data.allow_empty_source=true to drop it with a warning"
+                    )
+                log.warning(
+                    "data source %r (%s) is empty: dropped, the other weights renormalised "
+                    "(data.allow_empty_source=true)",
+                    s.name,
+                    s.path,
+                )
+                continue
+            self.sources.append(s)
+            self.packed.append(PackedSource(s.name, local, m, "train", seq_len, seed, shuffle=True))
+        if not self.sources:
+            raise DataError("no data source with weight > 0 has training tokens")
+        names = [s.name for s in self.sources]
+        schedule = [
+            (e.step, {k: w for k, w in e.weights.items() if k in names})
+            for e in sorted(cfg.schedule, key=lambda e: e.step)
+        ]
+        self.mixture = Mixture(
+            names, [s.weight for s in self.sources], schedule, global_batch_size, seed
+        )
+        for seg in self.mixture.segments:
+            for name, w in zip(names, seg.weights):
+                if 0 < w * global_batch_size < 0.5:
+                    log.warning(
+                        "data source %r: weight %.2g is %.2f samples per global batch of %d from sample "
+                        "%d: it is drawn only every few steps",
+                        name,
+                        w,
+                        w * global_batch_size,
+                        global_batch_size,
+                        seg.start,
+                    )
+        self.cap_windows = np.array(
+            [
+                np.inf if s.max_epochs is None else s.max_epochs * p.windows_per_epoch()
+                for s, p in zip(self.sources, self.packed)
+            ]
+        )
+        self.state = LoaderState(0, {n: 0 for n in names})
+        self._ready: deque[Batch] = deque()
+        self._pool = (
+            ThreadPoolExecutor(cfg.num_workers, thread_name_prefix="data")
+            if cfg.num_workers > 0
+            else None
+        )
+        self._pending: deque[Future] = deque()  # chunks being built by workers, in order
+        self._steps: deque[Step] = deque()  # built steps not yet handed out
+        self._next = (0, np.zeros(len(names), dtype=np.int64))  # where the next chunk starts
+        # steps built per chunk: about 1M tokens of this rank, at most 64 steps
+        self.steps_per_chunk = max(1, min(64, (1 << 20) // (self.per_rank * seq_len)))
+        self._pin = torch.cuda.is_available()
+        if max_steps is not None:
+            self.check_plan(max_steps)
+
+    # -- the plan ---------------------------------------------------------------------------
+
+    def plan(self, max_steps: int) -> list[PlanRow]:
+        """The GPT-3-style table rows for a run of max_steps optimizer steps."""
+        total = max_steps * self.G
+        if total <= EXACT_PLAN_SAMPLES:
+            counts = self.mixture.counts_at(total).astype(np.float64)
+        else:
+            counts = np.zeros(len(self.sources))
+            segs = self.mixture.segments
+            for i, seg in enumerate(segs):
+                end = min(total, segs[i + 1].start if i + 1 < len(segs) else total)
+                counts += seg.weights * max(0, end - seg.start)
+        rows = []
+        first = self.mixture.segments[0].weights  # normalised, after dropping empty sources
+        for s, p, c, w in zip(self.sources, self.packed, counts, first):
+            drawn = int(round(c)) * self.seq_len
+            rows.append(
+                PlanRow(
+                    s.name,
+                    float(w),
+                    p.epoch_tokens,
+                    drawn,
+                    drawn / p.epoch_tokens,
+                    s.max_epochs,
+                )
+            )
+        return rows
+
+    def check_plan(self, max_steps: int) -> None:
+        """Refuse a run that would draw a source more than its max_epochs."""
+        over = [r for r in self.plan(max_steps) if r.max_epochs is not None and r.epochs > r.max_epochs]
+        if over:
+            raise DataError(
+                "the data plan exceeds max_epochs: "
+                + "; ".join(
+                    f"source {r.source!r} would be drawn {r.epochs:.3f} epochs ({r.tokens_drawn:,} of "
+                    f"{r.tokens_available:,} tokens) > max_epochs={r.max_epochs:g}"
+                    for r in over
+                )
+                + f" in trainer.max_steps={max_steps}: lower max_steps or the weight, or add data"
+            )
+
+    def mixture_table(self, max_steps: int) -> str:
+        """The table train.py prints at start-up (source, weight, tokens available/drawn, epochs)."""
+        return format_table(self.plan(max_steps), max_steps, self.G * self.seq_len)
+
+    # -- batches ----------------------------------------------------------------------------
 
     def counts_at(self, position: int) -> dict[str, int]:
-        """Windows per source consumed by the first `position` global samples (vectorised)."""
-        counts = np.zeros(len(self.sources), dtype=np.int64)
-        for lo in range(0, position, 1 << 22):
-            src = self.source_of(np.arange(lo, min(position, lo + (1 << 22)), dtype=np.float64))
-            counts += np.bincount(src, minlength=len(self.sources))
-        return {s.name: int(c) for s, c in zip(self.sources, counts)}
+        """Windows per source consumed by the first `position` global samples."""
+        return {s.name: int(c) for s, c in zip(self.sources, self.mixture.counts_at(position))}
 
-    def next_global_batch(self) -> tuple[np.ndarray, np.ndarray]:
-        """Advance one optimizer step; return this rank's (samples, source index) slice."""
-        n = np.arange(self.state.position, self.state.position + self.G, dtype=np.float64)
-        src = self.source_of(n)
-        buf = np.empty((self.per_rank, self.seq_len + 1), dtype=np.int64)
-        lo = self.rank * self.per_rank
-        counts = self.state.counts
-        for i, s in enumerate(src):
-            name = self.sources[s].name
-            if lo <= i < lo + self.per_rank:
-                self.packed[s].window(counts[name], buf[i - lo])
-            counts[name] += 1
-        self.state.position += self.G
-        return buf, src[lo : lo + self.per_rank]
+    def _build_chunk(self, position: int, counts: np.ndarray, n_steps: int) -> list[Step]:
+        """This rank's micro-batches of n_steps consecutive optimizer steps from global sample
+        `position`, given the per-source window counters before it. Building many steps in one
+        vectorised pass amortises the fixed numpy cost per gather. A pure function of its
+        arguments: safe in worker threads, and its output does not depend on who calls it."""
+        G, R, S = self.G, self.per_rank, len(self.packed)
+        src = self.mixture.assign(position, position + n_steps * G)  # (n*G,) source of each sample
+        # window index of each sample = counter before the chunk + rank among earlier samples of its source
+        order = np.argsort(src, kind="stable")
+        per_source = np.bincount(src, minlength=S)
+        rank = np.empty_like(src)
+        rank[order] = np.arange(len(src)) - np.repeat(np.cumsum(per_source) - per_source, per_source)
+        ks = counts[src] + rank
+        mine = (np.arange(n_steps)[:, None] * G + self.rank * R + np.arange(R)[None, :]).reshape(
+            -1
+        )  # (n*R,)
+        src_m, ks_m = src[mine], ks[mine]
+        buf = np.empty((n_steps * R, self.seq_len + 1), dtype=np.int64)
+        doc = np.empty((n_steps * R, self.seq_len + 1), dtype=np.int32) if self.cfg.doc_mask else None
+        for j, packed in enumerate(self.packed):
+            rows = np.flatnonzero(src_m == j)
+            packed.gather(ks_m[rows], buf, rows, doc)
+        step_counts = np.bincount(np.arange(len(src)) // G * S + src, minlength=n_steps * S)
+        after = counts + np.cumsum(
+            step_counts.reshape(n_steps, S), axis=0
+        )  # (n, S) counters after each step
+        steps = []
+        for i in range(n_steps):
+            over = np.flatnonzero(after[i] > self.cap_windows)
+            error = None
+            if len(over):
+                s = self.sources[int(over[0])]
+                error = f"source {s.name!r} would be drawn past max_epochs={s.max_epochs:g} at step {(position // G) + i + 1}"
+            batches = to_batches(
+                buf[i * R : (i + 1) * R],
+                None if doc is None else doc[i * R : (i + 1) * R],
+                self.mb,
+                self._pin,
+            )
+            steps.append(Step(batches, position + (i + 1) * G, after[i], error))
+        return steps
+
+    def _plan_next_chunk(self) -> tuple[int, np.ndarray, int]:
+        """(position, counters, steps) of the next chunk to build; advances the plan cursor."""
+        position, counts = self._next
+        n = self.steps_per_chunk
+        self._next = (
+            position + n * self.G,
+            counts + self.mixture.counts(position, position + n * self.G),
+        )
+        return position, counts, n
 
     def __iter__(self):
         return self
 
     def __next__(self) -> Batch:
-        if not self._queue:
-            buf, _ = self.next_global_batch()
-            t = torch.from_numpy(buf)
-            self._queue = [
-                Batch(t[i : i + self.mb, :-1], t[i : i + self.mb, 1:])
-                for i in range(0, self.per_rank, self.mb)
-            ]
-        return self._queue.pop(0)
+        if not self._ready:
+            if not self._steps:
+                if self._pool is None:
+                    self._steps.extend(self._build_chunk(*self._plan_next_chunk()))
+                else:
+                    while len(self._pending) < self.cfg.num_workers:  # keep every worker a chunk ahead
+                        self._pending.append(
+                            self._pool.submit(self._build_chunk, *self._plan_next_chunk())
+                        )
+                    self._steps.extend(self._pending.popleft().result())
+            step = self._steps.popleft()
+            if step.error:
+                raise DataError(step.error)
+            # the state moves only when a step's batches are handed out (consumed), never when
+            # they are built ahead
+            self.state = LoaderState(
+                step.position, {s.name: int(c) for s, c in zip(self.sources, step.counts)}
+            )
+            self._ready.extend(step.batches)
+        return self._ready.popleft()
 
     def tokens_per_source(self) -> dict[str, int]:
-        return {k: v * self.seq_len for k, v in self.state.counts.items()}
+        """Target tokens drawn so far per source (the data/tokens/<source> counters)."""
+        out = {s.name: 0 for s in self.cfg.sources}
+        out.update({k: v * self.seq_len for k, v in self.state.counts.items()})
+        return out
 
     def state_dict(self) -> dict:
-        if self._queue:
-            raise RuntimeError("loader state taken mid optimizer step")
-        return {"position": self.state.position, "counts": dict(self.state.counts)}
+        if self._ready:
+            raise RuntimeError(
+                "loader state taken mid optimizer step (micro-batches of the step remain)"
+            )
+        return {
+            "position": self.state.position,
+            "counts": dict(self.state.counts),
+            "seq_len": self.seq_len,
+        }
 
     def load_state_dict(self, sd: dict) -> None:
-        expected = self.counts_at(sd["position"])
+        """Resume at a global sample position (from any data-parallel size). The stored counters
+        must equal the mixture's, else the data config or the manifests changed."""
+        if sd.get("seq_len", self.seq_len) != self.seq_len:
+            raise DataError(
+                f"checkpointed data position is for seq_len={sd['seq_len']}, this run has {self.seq_len}"
+            )
+        position = int(sd["position"])
+        expected = self.counts_at(position)
         if sd.get("counts") and sd["counts"] != expected:
             raise DataError(
                 f"checkpointed data counters {sd['counts']} do not match the mixture's order at "
-                f"position {sd['position']} ({expected}): the data config or manifests changed"
+                f"position {position} ({expected}): the data config or manifests changed"
             )
-        self.state = LoaderState(int(sd["position"]), expected)
-        self._queue = []
+        self._drop_prefetch()
+        self.state = LoaderState(position, expected)
+        self._next = (position, np.array([expected[s.name] for s in self.sources], dtype=np.int64))
+        self._ready.clear()
 
+    def _drop_prefetch(self) -> None:
+        for fut in self._pending:
+            fut.cancel()
+        self._pending.clear()
+        self._steps.clear()
 
-def check_manifest(name: str, path: str, m: Manifest, tok: Tokenizer, vocab_size: int) -> None:
-    if m.tokenizer_fingerprint != tok.fingerprint:
-        raise DataError(
-            f"source {name!r} ({path}) was written with tokenizer {m.tokenizer} "
-            f"(fingerprint {m.tokenizer_fingerprint}) but data.tokenizer is {tok.name} ({tok.fingerprint})"
-        )
-    if m.vocab_size > vocab_size:
-        raise DataError(
-            f"source {name!r} ({path}) has vocabulary {m.vocab_size} but model.vocab_size={vocab_size}"
-        )
+    def close(self) -> None:
+        """Stop background workers (idempotent)."""
+        self._drop_prefetch()
+        if self._pool is not None:
+            self._pool.shutdown(wait=True, cancel_futures=True)
+            self._pool = None
+
+    def __del__(self):
+        pool = getattr(self, "_pool", None)
+        if pool is not None:
+            pool.shutdown(wait=False, cancel_futures=True)
 
 
 def val_batches(
     cfg: DataConfig, seq_len: int, micro_batch_size: int, n_batches: int, dp_rank: int, dp_size: int
 ) -> dict[str, list[Batch]]:
-    """Fixed validation batches per source (first windows of the val split, no shuffle), this
-    rank's share of them."""
+    """Fixed validation batches per source: the first windows of the val split in file order,
+    this rank's share of them (window k goes to rank k % dp_size). A source without a val split
+    is skipped with a warning."""
+    cache_dir = resolve_cache_dir(cfg)
     out = {}
-    for s in cfg.sources:
-        if s.weight <= 0:
+    for s in ever_enabled(cfg):
+        local, m = open_source(s, cache_dir)
+        if m.tokens("val") == 0:
+            log.warning("data source %r has no val split: no validation loss for it", s.name)
             continue
-        p = PackedSource(s.name, s.path, "val", seq_len, 0, shuffle=False)
-        total = min(n_batches * micro_batch_size * dp_size, int(p.windows_per_epoch()))
+        p = PackedSource(s.name, local, m, "val", seq_len, 0, shuffle=False)
+        total = min(n_batches * micro_batch_size * dp_size, (p.epoch_tokens - 1) // seq_len)
         total -= total % dp_size
-        mine = range(dp_rank, total, dp_size)
+        mine = np.arange(dp_rank, total, dp_size)
         buf = np.empty((len(mine), seq_len + 1), dtype=np.int64)
-        for j, k in enumerate(mine):
-            p.window(k, buf[j])
-        t = torch.from_numpy(buf)
-        out[s.name] = [
-            Batch(t[i : i + micro_batch_size, :-1], t[i : i + micro_batch_size, 1:])
-            for i in range(0, len(mine), micro_batch_size)
-        ]
+        doc = np.empty((len(mine), seq_len + 1), dtype=np.int32) if cfg.doc_mask else None
+        p.gather(mine, buf, np.arange(len(mine)), doc)
+        out[s.name] = to_batches(buf, doc, micro_batch_size, torch.cuda.is_available())
     return out

@@ -1,15 +1,28 @@
-"""Arrow IPC token shards and their manifest.
+"""Arrow IPC token shards, their manifest, and start-up verification.
 
 A prepared source directory holds `<split>-<NNNNN>.arrow` files (Arrow IPC *file* format, one
-record batch, one row per document, column `input_ids: list<uint16|uint32>`, every document
-ending with the tokenizer's end-of-text id) and `manifest.json`, written last.
+row per document, a single column `input_ids: list<dtype>` where dtype is the manifest's
+declared unsigned type, every document ending with the tokenizer's end-of-text id) and
+`manifest.json`, written last: a directory without a manifest is not a source.
+
+Reading is zero-copy: a shard is memory-mapped and its token values and row offsets are numpy
+views of the mapping. Verification (`verify_source`) runs once at start-up, before training:
+every shard present with the manifest's size, sha256 equal (hashing is cached by path, size and
+mtime so a warm start re-hashes nothing that did not change), schema exactly as declared, row and
+token counts as declared, and every id inside the vocabulary. pyarrow alone does not name the
+file in its errors and silently casts or nulls mismatched schemas; every check here names the
+shard (and row) and what differs.
 """
 
 from __future__ import annotations
 
 import hashlib
 import json
+import logging
 import os
+import shutil
+import tempfile
+import threading
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
@@ -18,8 +31,13 @@ import pyarrow as pa
 
 from framework.data.tokenizer import Tokenizer
 
+log = logging.getLogger(__name__)
+
 SCHEMA_VERSION = 1
 MANIFEST = "manifest.json"
+COLUMN = "input_ids"
+# dtypes a manifest may declare, with the largest vocabulary each can hold
+DTYPE_MAX_VOCAB = {"uint8": 2**8, "uint16": 2**16, "uint32": 2**32, "int32": 2**31, "int64": 2**63}
 
 
 class DataError(ValueError):
@@ -31,7 +49,12 @@ def dtype_for_vocab(vocab_size: int) -> str:
 
 
 def shard_schema(dtype: str) -> pa.Schema:
-    return pa.schema([("input_ids", pa.list_(pa.from_numpy_dtype(np.dtype(dtype))))])
+    return pa.schema([(COLUMN, pa.list_(pa.from_numpy_dtype(np.dtype(dtype))))])
+
+
+def is_url(path: str) -> bool:
+    """An fsspec URL (s3://, gs://, memory://, file://, ...) rather than a local path."""
+    return "://" in str(path)
 
 
 @dataclass
@@ -54,6 +77,7 @@ class Manifest:
     tokenizer_fingerprint: str
     shards: list[ShardInfo] = field(default_factory=list)
     meta: dict = field(default_factory=dict)
+    """How the source was made: input description, prepare parameters."""
 
     def split(self, split: str) -> list[ShardInfo]:
         return [s for s in self.shards if s.split == split]
@@ -71,12 +95,20 @@ def sha256_file(path: str | Path, chunk: int = 1 << 22) -> str:
 
 
 def write_shard(path: Path, docs: list[np.ndarray], dtype: str) -> tuple[int, int]:
-    """Write one shard from token arrays; returns (rows, tokens)."""
+    """Write one shard from token arrays; returns (rows, tokens). Ids outside the dtype's range
+    are refused here (numpy would wrap them silently)."""
     lengths = np.fromiter((len(d) for d in docs), dtype=np.int64, count=len(docs))
-    offsets = np.zeros(len(docs) + 1, dtype=np.int32)
+    offsets = np.zeros(len(docs) + 1, dtype=np.int64)
     np.cumsum(lengths, out=offsets[1:])
-    values = np.concatenate(docs).astype(dtype, copy=False) if docs else np.zeros(0, dtype)
-    arr = pa.ListArray.from_arrays(pa.array(offsets), pa.array(values))
+    values = np.concatenate(docs) if docs else np.zeros(0, dtype)
+    info = np.iinfo(np.dtype(dtype))
+    if len(values) and (values.min() < info.min or values.max() > info.max):
+        raise DataError(f"{path}: token ids [{values.min()}, {values.max()}] do not fit {dtype}")
+    if offsets[-1] >= 2**31:  # list<> offsets are int32
+        raise DataError(f"{path}: {offsets[-1]} tokens in one shard; use a smaller shard_tokens")
+    arr = pa.ListArray.from_arrays(
+        pa.array(offsets.astype(np.int32)), pa.array(values.astype(dtype, copy=False))
+    )
     batch = pa.record_batch([arr], schema=shard_schema(dtype))
     with pa.OSFile(str(path), "wb") as sink, pa.ipc.new_file(sink, batch.schema) as writer:
         writer.write_batch(batch)
@@ -98,6 +130,8 @@ class SourceWriter:
         self.shards: list[ShardInfo] = []
 
     def add(self, split: str, doc: np.ndarray) -> None:
+        if len(doc) == 0:
+            return
         self.pending.setdefault(split, []).append(doc)
         self.pending_tokens[split] = self.pending_tokens.get(split, 0) + len(doc)
         if self.pending_tokens[split] >= self.shard_tokens:
@@ -110,8 +144,8 @@ class SourceWriter:
             return
         n = sum(1 for s in self.shards if s.split == split)
         name = f"{split}-{n:05d}.arrow"
-        rows, tokens = write_shard(self.out / name, docs, self.dtype)
         path = self.out / name
+        rows, tokens = write_shard(path, docs, self.dtype)
         self.shards.append(ShardInfo(name, split, rows, tokens, path.stat().st_size, sha256_file(path)))
 
     def close(self, meta: dict | None = None) -> Manifest:
@@ -138,31 +172,234 @@ def write_manifest(out_dir: Path, m: Manifest) -> None:
 
 
 def read_manifest(source_dir: str | Path) -> Manifest:
+    """Parse and sanity-check a manifest (declared schema version, dtype, shard fields)."""
     p = Path(source_dir) / MANIFEST
     if not p.is_file():
         raise DataError(f"no {MANIFEST} in {source_dir}: prepare it with `python -m framework.prepare`")
     try:
         raw = json.loads(p.read_text())
         shards = [ShardInfo(**s) for s in raw.pop("shards")]
-        return Manifest(shards=shards, **raw)
+        m = Manifest(shards=shards, **raw)
     except (json.JSONDecodeError, TypeError, KeyError) as e:
         raise DataError(f"{p}: unreadable manifest ({e})") from e
+    if m.schema_version != SCHEMA_VERSION:
+        raise DataError(
+            f"{p}: schema_version {m.schema_version}, this framework reads {SCHEMA_VERSION}: re-run prepare"
+        )
+    if m.dtype not in DTYPE_MAX_VOCAB:
+        raise DataError(f"{p}: dtype {m.dtype!r} is not one of {sorted(DTYPE_MAX_VOCAB)}")
+    if m.vocab_size > DTYPE_MAX_VOCAB[m.dtype]:
+        raise DataError(
+            f"{p}: dtype {m.dtype} holds ids < {DTYPE_MAX_VOCAB[m.dtype]} but vocab_size is "
+            f"{m.vocab_size}: ids would wrap; re-run prepare (it picks uint32)"
+        )
+    return m
 
 
 def open_shard(path: str | Path, dtype: str) -> tuple[np.ndarray, np.ndarray]:
     """Memory-map a shard: (tokens, offsets) numpy views, zero-copy. Document i is
     tokens[offsets[i]:offsets[i+1]]. Errors name the file (pyarrow's own do not)."""
     try:
-        table = pa.ipc.open_file(pa.memory_map(str(path), "r")).read_all()
+        reader = pa.ipc.open_file(pa.memory_map(str(path), "r"))
+        table = reader.read_all()
     except (pa.ArrowInvalid, OSError) as e:
         raise DataError(f"shard {path} is unreadable or truncated: {e}") from e
     expected = shard_schema(dtype)
-    if not table.schema.equals(expected):
-        raise DataError(f"shard {path} has schema {table.schema} but the manifest declares {expected}")
-    col = table.column("input_ids")
-    if col.num_chunks != 1:
+    if not table.schema.remove_metadata().equals(expected):
+        raise DataError(
+            f"shard {path}: schema differs from the manifest: {schema_diff(table.schema, expected)}"
+        )
+    col = table.column(COLUMN)
+    if col.num_chunks == 0:
+        return np.zeros(0, dtype), np.zeros(1, np.int64)
+    if col.num_chunks != 1:  # our writer emits one batch; a foreign writer may not (this copies)
         col = pa.chunked_array([pa.concat_arrays(col.chunks)])
     arr = col.chunk(0)
+    if arr.null_count:
+        raise DataError(f"shard {path}: {arr.null_count} null rows in {COLUMN}")
     offsets = arr.offsets.to_numpy()
     tokens = arr.values.to_numpy(zero_copy_only=True)
     return tokens, offsets
+
+
+def schema_diff(actual: pa.Schema, expected: pa.Schema) -> str:
+    """Human diff of two schemas: missing, extra and retyped columns."""
+    a = {f.name: f.type for f in actual}
+    e = {f.name: f.type for f in expected}
+    parts = [f"missing column {k!r} ({t})" for k, t in e.items() if k not in a]
+    parts += [f"extra column {k!r} ({t})" for k, t in a.items() if k not in e]
+    parts += [f"column {k!r} is {a[k]}, declared {e[k]}" for k in e if k in a and a[k] != e[k]]
+    return "; ".join(parts) or f"{actual} vs {expected}"
+
+
+# -- verification -------------------------------------------------------------------------
+
+
+class _VerifyCache:
+    """sha256 and id-range results keyed by (absolute path, size, mtime_ns): a shard whose bytes
+    change gets a new mtime and is hashed again. Kept in process and in a JSON file under the
+    cache dir, so a warm start skips re-hashing unchanged shards."""
+
+    def __init__(self) -> None:
+        self.lock = threading.Lock()
+        self.mem: dict[str, dict] = {}
+
+    @staticmethod
+    def key(path: Path) -> str:
+        st = path.stat()
+        return f"{path.resolve()}|{st.st_size}|{st.st_mtime_ns}"
+
+    def _file(self, cache_dir: str | None) -> Path | None:
+        return Path(cache_dir) / "verified.json" if cache_dir else None
+
+    def get(self, key: str, cache_dir: str | None) -> dict | None:
+        with self.lock:
+            if key in self.mem:
+                return self.mem[key]
+            f = self._file(cache_dir)
+            if f and f.is_file():
+                try:
+                    self.mem.update(json.loads(f.read_text()))
+                except (json.JSONDecodeError, OSError):
+                    pass  # a damaged cache only costs a re-hash
+            return self.mem.get(key)
+
+    def put(self, key: str, value: dict, cache_dir: str | None) -> None:
+        with self.lock:
+            self.mem[key] = value
+            f = self._file(cache_dir)
+            if not f:
+                return
+            try:
+                f.parent.mkdir(parents=True, exist_ok=True)
+                fd, tmp = tempfile.mkstemp(dir=f.parent, prefix=".verified-")
+                with os.fdopen(fd, "w") as out:
+                    json.dump(self.mem, out)
+                os.replace(tmp, f)
+            except OSError as e:  # read-only cache dir: in-process cache still works
+                log.debug("cannot write %s: %s", f, e)
+
+
+VERIFY_CACHE = _VerifyCache()
+
+
+def verify_shard(
+    path: Path, info: ShardInfo, m: Manifest, vocab_size: int, cache_dir: str | None
+) -> None:
+    """Check one shard against its manifest entry: presence, size, sha256, schema, rows,
+    tokens, id range. Raises DataError naming the shard and what differs."""
+    if not path.is_file():
+        raise DataError(f"shard {path} listed in {path.parent / MANIFEST} is missing")
+    size = path.stat().st_size
+    if size != info.bytes:
+        raise DataError(
+            f"shard {path}: size {size} bytes but the manifest says {info.bytes} (truncated or replaced)"
+        )
+    key = _VerifyCache.key(path)
+    cached = VERIFY_CACHE.get(key, cache_dir)
+    if cached and cached.get("sha256") == info.sha256 and cached.get("vocab_size", -1) <= vocab_size:
+        return
+    digest = sha256_file(path)
+    if digest != info.sha256:
+        raise DataError(
+            f"shard {path}: sha256 {digest} but the manifest says {info.sha256} (bytes altered)"
+        )
+    tokens, offsets = open_shard(path, m.dtype)
+    if len(offsets) - 1 != info.rows or len(tokens) != info.tokens:
+        raise DataError(
+            f"shard {path}: {len(offsets) - 1} rows / {len(tokens)} tokens but the manifest says "
+            f"{info.rows} rows / {info.tokens} tokens"
+        )
+    check_token_range(path, tokens, offsets, vocab_size)
+    VERIFY_CACHE.put(key, {"sha256": digest, "vocab_size": vocab_size}, cache_dir)
+
+
+def check_token_range(path: Path, tokens: np.ndarray, offsets: np.ndarray, vocab_size: int) -> None:
+    """Every id in [0, vocab_size); the first offender is reported with its row (document)."""
+    if len(tokens) == 0:
+        return
+    lo, hi = int(tokens.min()), int(tokens.max())
+    if lo >= 0 and hi < vocab_size:
+        return
+    bad = int(np.flatnonzero((tokens < 0) | (tokens >= vocab_size))[0])
+    row = int(np.searchsorted(offsets, bad, side="right")) - 1
+    raise DataError(
+        f"shard {path} row {row}: token id {int(tokens[bad])} outside the vocabulary [0, {vocab_size}) "
+        f"(ids in this shard span [{lo}, {hi}])"
+    )
+
+
+def check_tokenizer(name: str, path: str, m: Manifest, tok: Tokenizer, vocab_size: int) -> None:
+    """The shards were written by the configured tokenizer and fit the model's embedding."""
+    if m.tokenizer_fingerprint != tok.fingerprint:
+        raise DataError(
+            f"source {name!r} ({path}) was written with tokenizer {m.tokenizer} "
+            f"(fingerprint {m.tokenizer_fingerprint}) but data.tokenizer is {tok.name} ({tok.fingerprint})"
+        )
+    if m.vocab_size != tok.vocab_size:
+        raise DataError(
+            f"source {name!r} ({path}) has vocab_size {m.vocab_size} but tokenizer {tok.name} has {tok.vocab_size}"
+        )
+    if m.vocab_size > vocab_size:
+        raise DataError(
+            f"source {name!r} ({path}) has vocabulary {m.vocab_size} but model.vocab_size={vocab_size}"
+        )
+
+
+def verify_source(
+    name: str, path: str | Path, m: Manifest, vocab_size: int, cache_dir: str | None
+) -> None:
+    """Verify every shard of a source (all splits) against its manifest."""
+    for info in m.shards:
+        try:
+            verify_shard(Path(path) / info.file, info, m, vocab_size, cache_dir)
+        except DataError as e:
+            raise DataError(f"source {name!r}: {e}") from e
+
+
+def localize(path: str, cache_dir: str) -> Path:
+    """A local directory for a source: the path itself, or, for an fsspec URL, a copy under
+    cache_dir (manifest first, then any shard missing or of the wrong size). The copy is
+    verified against the manifest by `verify_source` like a local source."""
+    if not is_url(path):
+        return Path(path)
+    import fsspec
+
+    fs, root = fsspec.core.url_to_fs(path)
+    local = Path(cache_dir) / "sources" / hashlib.sha256(path.encode()).hexdigest()[:16]
+    local.mkdir(parents=True, exist_ok=True)
+    try:
+        manifest_text = fs.cat_file(f"{root.rstrip('/')}/{MANIFEST}")
+    except FileNotFoundError as e:
+        raise DataError(f"no {MANIFEST} at {path}: prepare it with `python -m framework.prepare`") from e
+    (local / (MANIFEST + ".remote")).write_bytes(manifest_text)
+    m = read_manifest_text(manifest_text, path)
+    for info in m.shards:
+        dst = local / info.file
+        if dst.is_file() and dst.stat().st_size == info.bytes:
+            continue
+        fd, tmp = tempfile.mkstemp(dir=local, prefix=f".{info.file}-")
+        os.close(fd)
+        try:
+            fs.get_file(f"{root.rstrip('/')}/{info.file}", tmp)
+        except FileNotFoundError as e:
+            os.unlink(tmp)
+            raise DataError(f"shard {path}/{info.file} listed in the manifest is missing") from e
+        digest = sha256_file(tmp)
+        if digest != info.sha256:  # never keep a bad copy in the cache
+            os.unlink(tmp)
+            raise DataError(
+                f"shard {path}/{info.file}: downloaded sha256 {digest} but the manifest says {info.sha256}"
+            )
+        os.replace(tmp, dst)
+    shutil.copyfile(local / (MANIFEST + ".remote"), local / MANIFEST)  # manifest last
+    return local
+
+
+def read_manifest_text(text: bytes, where: str) -> Manifest:
+    with tempfile.TemporaryDirectory() as d:
+        (Path(d) / MANIFEST).write_bytes(text)
+        try:
+            return read_manifest(d)
+        except DataError as e:
+            raise DataError(str(e).replace(d, where)) from e

@@ -16,10 +16,22 @@ MARKOV_ONLY = ["data.sources.1.weight=0", "data.sources.2.weight=0"]
 def test_markov_val_loss_approaches_entropy_rate(tmp_path, sample_data):
     h = markov_entropy_rate()  # nats/token
     assert 1.5 < h < 2.5  # the chain is peaked well below log(17)
-    cfg = make_cfg([*MARKOV_ONLY, f"run.dir={tmp_path}/m", "trainer.max_steps=120", "trainer.seq_len=64",
-                    "trainer.micro_batch_size=32", "trainer.global_batch_size=32", "optim.lr=3e-3",
-                    "optim.warmup_steps=10", "trainer.eval_every=120", "trainer.eval_batches=16",
-                    "trainer.sample_tokens=0", "checkpoint.every=0"])
+    cfg = make_cfg(
+        [
+            *MARKOV_ONLY,
+            f"run.dir={tmp_path}/m",
+            "trainer.max_steps=120",
+            "trainer.seq_len=64",
+            "trainer.micro_batch_size=32",
+            "trainer.global_batch_size=32",
+            "optim.lr=3e-3",
+            "optim.warmup_steps=10",
+            "trainer.eval_every=120",
+            "trainer.eval_batches=16",
+            "trainer.sample_tokens=0",
+            "checkpoint.every=0",
+        ]
+    )
     train(cfg)
     evals = [r for r in read_metrics(tmp_path / "m") if "val_loss" in r]
     first, last = evals[0]["val_loss/markov"], evals[-1]["val_loss/markov"]

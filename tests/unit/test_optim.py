@@ -36,13 +36,26 @@ def test_constant_schedule():
 
 @pytest.mark.parametrize("style", ["gpt2", "llama"])
 def test_no_weight_decay_on_norms_biases_embeddings(style):
-    model = GPT(ModelConfig(style=style, n_layer=2, n_embd=32, n_head=4, vocab_size=40, multiple_of=16,
-                            tie_embeddings=style == "gpt2", bias=style == "gpt2"))
+    model = GPT(
+        ModelConfig(
+            style=style,
+            n_layer=2,
+            n_embd=32,
+            n_head=4,
+            vocab_size=40,
+            multiple_of=16,
+            tie_embeddings=style == "gpt2",
+            bias=style == "gpt2",
+        )
+    )
     decay, no_decay = param_groups(model, 0.1)
     names = {id(p): n for n, p in model.named_parameters()}
     decayed = {names[id(p)] for p in decay["params"]}
     assert decay["weight_decay"] == 0.1 and no_decay["weight_decay"] == 0.0
-    assert all(n.endswith("weight") and ("attn.w" in n or "mlp.w" in n or n == "lm_head.weight") for n in decayed)
+    assert all(
+        n.endswith("weight") and ("attn.w" in n or "mlp.w" in n or n == "lm_head.weight")
+        for n in decayed
+    )
     assert not any("norm" in n or "emb" in n or n.endswith("bias") for n in decayed)
     # every parameter is in exactly one group
     assert len(decay["params"]) + len(no_decay["params"]) == len(list(model.parameters()))

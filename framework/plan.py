@@ -1,0 +1,272 @@
+"""`python -m framework.plan`: validate a composed config for a target world size and print the
+per-GPU memory and FLOPs plan, without a process group and without touching a GPU (nothing
+here calls into CUDA), so a 1024-GPU config is checked on a laptop in a second or two.
+
+    python -m framework.plan model=gpt3-175b strategy=zero3 plan.world_size=1024 plan.gpu=h100 \
+        trainer.seq_len=2048 trainer.micro_batch_size=1 trainer.global_batch_size=2048 \
+        strategy.activation_checkpointing=full
+
+Same config tree as training (conf/config.yaml); plan.world_size (default: the launcher's
+WORLD_SIZE, else 1), plan.gpu and plan.mfu pick the target. The memory model is in
+framework/memory.py. A config that cannot run exits 1 with a ConfigError naming the keys. The
+last stdout line is one JSON object (memory_gib, flops_per_token, the breakdown, fits).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+from dataclasses import dataclass
+
+import hydra
+from omegaconf import DictConfig
+
+from framework import memory
+from framework.config import CONF_DIR, Config, ConfigError, dp_degree, grad_accum_steps, load, validate
+from framework.model.gpt import num_params
+from framework.perf import flops_per_token, peak_flops
+
+GIB = memory.GIB
+
+
+def resolve_world_size(requested: int | None, env: dict[str, str] | None = None) -> int:
+    """plan.world_size, else the launcher's WORLD_SIZE, else 1."""
+    if requested is not None:
+        return requested
+    env = os.environ if env is None else env
+    raw = env.get("WORLD_SIZE", "1")
+    try:
+        return int(raw)
+    except ValueError:
+        raise ConfigError(f"WORLD_SIZE={raw!r} is not an integer; set plan.world_size instead") from None
+
+
+@dataclass
+class Plan:
+    model: str
+    gpu: str
+    world_size: int
+    strategy: str
+    dp: int
+    tp: int
+    precision: str
+    activation_checkpointing: str
+    micro_batch_size: int
+    grad_accum: int
+    params: int
+    """Whole model."""
+    params_per_gpu: float
+    """Parameters stored on one GPU (after tp and dp sharding)."""
+    flops_per_token: float
+    tokens_per_step: int
+    peak_flops: float
+    mfu: float
+    step_time_s: float
+    params_bytes: float
+    grads_bytes: float
+    optimizer_bytes: float
+    weight_copies_bytes: float
+    """16-bit weights held during a step: gathered ZeRO-3/FSDP blocks, or autocast's casts."""
+    activations_bytes: float
+    """Under strategy.activation_checkpointing."""
+    activations_by_mode_bytes: dict[str, float]
+    """Under each mode (none | selective | full), to show the trade-off."""
+    gpu_memory_gib: float
+
+    @property
+    def memory_bytes(self) -> float:
+        return (
+            self.params_bytes
+            + self.grads_bytes
+            + self.optimizer_bytes
+            + self.weight_copies_bytes
+            + self.activations_bytes
+        )
+
+    @property
+    def limit_gib(self) -> float:
+        return memory.FIT_FRACTION * self.gpu_memory_gib
+
+    @property
+    def fits(self) -> bool:
+        return self.memory_bytes / GIB <= self.limit_gib
+
+    def summary(self) -> dict:
+        """The JSON line: per-GPU sizes in GiB."""
+
+        def gib(x: float) -> float:
+            return round(x / GIB, 4)
+
+        return {
+            "model": self.model,
+            "gpu": self.gpu,
+            "world_size": self.world_size,
+            "strategy": self.strategy,
+            "dp": self.dp,
+            "tp": self.tp,
+            "precision": self.precision,
+            "activation_checkpointing": self.activation_checkpointing,
+            "grad_accum": self.grad_accum,
+            "params": self.params,
+            "params_per_gpu": round(self.params_per_gpu),
+            "flops_per_token": self.flops_per_token,
+            "tokens_per_step": self.tokens_per_step,
+            "step_time_s": round(self.step_time_s, 4),
+            "tokens_per_s": round(self.tokens_per_step / self.step_time_s),
+            "mfu": self.mfu,
+            "params_gib": gib(self.params_bytes),
+            "grads_gib": gib(self.grads_bytes),
+            "optimizer_gib": gib(self.optimizer_bytes),
+            "weight_copies_gib": gib(self.weight_copies_bytes),
+            "activations_gib": gib(self.activations_bytes),
+            "activations_by_mode_gib": {k: gib(v) for k, v in self.activations_by_mode_bytes.items()},
+            "memory_gib": gib(self.memory_bytes),
+            "gpu_memory_gib": self.gpu_memory_gib,
+            "fits": self.fits,
+        }
+
+
+def make_plan(cfg: Config, world_size: int) -> Plan:
+    """Validate `cfg` for `world_size` GPUs (ConfigError naming the keys) and size one GPU."""
+    validate(cfg, world_size)
+    m, s, t = cfg.model, cfg.strategy, cfg.trainer
+    gpu = memory.GPUS[cfg.plan.gpu]
+    # The plan targets GPUs, where precision=auto means bf16.
+    precision = "bf16" if cfg.precision.name == "auto" else cfg.precision.name
+    dp = dp_degree(cfg, world_size)
+    sb = memory.state_bytes(precision, s.name)
+    shards = memory.dp_shards(s.name, dp, s.hsdp_replicas)
+    n_local = memory.params_per_tp_rank(m, s.tp)
+    state = memory.model_state_bytes(n_local, sb, shards)
+    if s.zero_offload:  # DeepSpeed keeps the fp32 master and AdamW state in host memory
+        state["optimizer"] = 0.0
+    fpt = flops_per_token(m, t.seq_len)
+    tokens_per_step = t.global_batch_size * t.seq_len
+    peak = t.peak_flops or peak_flops(gpu.device_name)  # trainer.peak_flops overrides, as in training
+    if peak is None:  # every GPUS entry has a peak; a test keeps the two tables in step
+        raise ConfigError(f"plan.gpu={cfg.plan.gpu}: no peak FLOP/s known for {gpu.device_name!r}")
+    act_args = (s.tp, s.sequence_parallel, sb.compute, memory.stream_bytes(precision, s.name))
+    by_mode = {
+        mode: memory.activation_bytes(m, t.seq_len, t.micro_batch_size, mode, *act_args)
+        for mode in memory.AC_MODES
+    }
+    return Plan(
+        model=m.name,
+        gpu=cfg.plan.gpu,
+        world_size=world_size,
+        strategy=s.name,
+        dp=dp,
+        tp=s.tp,
+        precision=precision,
+        activation_checkpointing=s.activation_checkpointing,
+        micro_batch_size=t.micro_batch_size,
+        grad_accum=grad_accum_steps(cfg, dp),
+        params=num_params(m),
+        params_per_gpu=n_local / shards.params,
+        flops_per_token=fpt,
+        tokens_per_step=tokens_per_step,
+        peak_flops=peak,
+        mfu=cfg.plan.mfu,
+        step_time_s=memory.step_time_s(fpt, tokens_per_step, world_size, peak, cfg.plan.mfu),
+        params_bytes=state["params"],
+        grads_bytes=state["grads"],
+        optimizer_bytes=state["optimizer"],
+        weight_copies_bytes=memory.weight_copies_bytes(
+            m, s.tp, s.name, precision, s.reshard_after_forward
+        ),
+        activations_bytes=by_mode[s.activation_checkpointing],
+        activations_by_mode_bytes=by_mode,
+        gpu_memory_gib=gpu.memory_gib,
+    )
+
+
+def _count(n: float) -> str:
+    for unit, scale in (("T", 1e12), ("B", 1e9), ("M", 1e6), ("k", 1e3)):
+        if abs(n) >= scale:
+            return f"{n / scale:.2f} {unit}"
+    return f"{n:.0f}"
+
+
+def _si(x: float) -> str:
+    for unit, scale in (("P", 1e15), ("T", 1e12), ("G", 1e9), ("M", 1e6), ("k", 1e3)):
+        if abs(x) >= scale:
+            return f"{x / scale:.2f} {unit}"
+    return f"{x:.0f} "
+
+
+def _copies_note(p: Plan) -> str:
+    if p.strategy in ("zero3", "fsdp", "tp_fsdp"):
+        return "ZeRO-3/FSDP gathered blocks in flight"
+    if p.weight_copies_bytes:
+        return "autocast's 16-bit casts of the fp32 matrices"
+    return "none: the weights are already in the compute dtype"
+
+
+def _sharding(divisor: int) -> str:
+    return f"sharded over {divisor} dp ranks" if divisor > 1 else "replicated over dp"
+
+
+def render(p: Plan, cfg: Config) -> str:
+    """The human-readable plan (the JSON line follows it)."""
+    s = cfg.strategy
+    sb = memory.state_bytes(p.precision, p.strategy)
+    shards = memory.dp_shards(p.strategy, p.dp, s.hsdp_replicas)
+    tp_note = f", block matrices split over tp={p.tp}" if p.tp > 1 else ""
+    if s.zero_offload:
+        optim_note = "in host memory: strategy.zero_offload"
+    elif sb.param < 4:
+        optim_note = "fp32 m, v + fp32 master"
+    elif p.precision == "fp32":
+        optim_note = "fp32 m, v"
+    else:
+        optim_note = "fp32 m, v; the fp32 weights are the master"
+    sp_note = " / tp (sequence parallel)" if p.tp > 1 and s.sequence_parallel else ""
+    gib = lambda x: f"{x / GIB:9.2f}"  # noqa: E731
+    by_mode = ", ".join(f"{k} {v / GIB:.2f}" for k, v in p.activations_by_mode_bytes.items())
+    lines = [
+        f"plan: {p.model} on {p.world_size} x {p.gpu} ({p.gpu_memory_gib:g} GiB), strategy={p.strategy} "
+        f"(dp={p.dp}, tp={p.tp}), precision={p.precision}, "
+        f"activation_checkpointing={p.activation_checkpointing}",
+        f"  parameters   {_count(p.params)} in the model, {_count(p.params_per_gpu)} stored per GPU",
+        f"  batch        {cfg.trainer.global_batch_size} sequences x {cfg.trainer.seq_len} tokens = "
+        f"{_count(p.tokens_per_step)} tokens/step; micro-batch {p.micro_batch_size} x "
+        f"{p.grad_accum} accumulation steps per dp rank",
+        f"  compute      {_si(p.flops_per_token)}FLOP/token (6N + 12 L H Q T); "
+        f"{p.flops_per_token * p.tokens_per_step:.3g} FLOP/step",
+        f"  step time    {p.step_time_s:.3g} s at {p.mfu:.0%} MFU of {p.peak_flops / 1e12:g} TFLOP/s per GPU "
+        f"({_count(p.tokens_per_step / p.step_time_s)} tokens/s)",
+        "  memory per GPU (GiB)",
+        f"    weights       {gib(p.params_bytes)}  {sb.param} B/param, {_sharding(shards.params)}{tp_note}",
+        f"    gradients     {gib(p.grads_bytes)}  {sb.grad} B/param, {_sharding(shards.grads)}",
+        f"    optimizer     {gib(p.optimizer_bytes)}  {sb.optimizer} B/param ({optim_note}), "
+        f"{_sharding(shards.optimizer)}",
+        f"    weight copies {gib(p.weight_copies_bytes)}  {_copies_note(p)}",
+        f"    activations   {gib(p.activations_bytes)}  one micro-batch of {p.micro_batch_size}, "
+        f"checkpointing={p.activation_checkpointing}{sp_note}, + loss (by mode: {by_mode})",
+        f"    total         {gib(p.memory_bytes)}  of {p.gpu_memory_gib:g} "
+        f"(plan limit {p.limit_gib:.0f} = {memory.FIT_FRACTION:.0%}): "
+        + ("fits" if p.fits else "DOES NOT FIT"),
+    ]
+    if not p.fits:
+        lines.append(
+            "  to fit: shard more (strategy=zero3|fsdp|tp_fsdp), raise strategy.tp, turn on "
+            "strategy.activation_checkpointing=full, or lower trainer.micro_batch_size"
+        )
+    return "\n".join(lines)
+
+
+@hydra.main(config_path=CONF_DIR, config_name="config", version_base=None)
+def main(dcfg: DictConfig) -> None:
+    try:
+        cfg = load(dcfg)
+        plan = make_plan(cfg, resolve_world_size(cfg.plan.world_size))
+    except ConfigError as e:
+        print(f"framework.plan: {e}", file=sys.stderr)
+        sys.exit(1)
+    print(render(plan, cfg))
+    print(json.dumps(plan.summary()))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,476 @@
+"""Raw text -> Arrow token shards + manifest (a prepared source for `data.sources`).
+
+    python -m framework.prepare input=<file|glob|dir|fsspec URL> output=<dir> tokenizer=byte
+    fw-prepare input='raw/*.jsonl.zst' output=data/web tokenizer=path/to/tokenizer.json workers=8
+    fw-prepare input=raw/books output=data/books train_tokenizer=32000
+
+Inputs: jsonl (optionally .gz / .zst), parquet, plain .txt (one document per file), and
+Hugging Face `datasets` save_to_disk directories (their Arrow stream files are read with pyarrow;
+`datasets` itself is not needed). Documents are tokenized in worker processes in order, each
+followed by the end-of-text id. A document goes to the validation split when a seeded hash of
+its text falls under val_fraction, so the split depends neither on `workers` nor on document
+order, and duplicates land on the same side.
+
+The source is written into a temporary sibling directory, manifest.json last, then renamed into
+place: a crash leaves no half source. Re-running with the same input, tokenizer and parameters
+is a no-op; `overwrite=true` redoes it.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import io
+import json
+import logging
+import multiprocessing
+import os
+import shutil
+import sys
+import time
+from collections import deque
+from collections.abc import Iterator
+from concurrent.futures import ProcessPoolExecutor
+from dataclasses import dataclass
+from pathlib import Path
+
+import fsspec
+import hydra
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+import zstandard
+from hydra.core.config_store import ConfigStore
+from omegaconf import MISSING, DictConfig, OmegaConf
+
+from framework.data.shards import MANIFEST, DataError, SourceWriter, is_url, read_manifest
+from framework.data.tokenizer import ByteTokenizer, HFTokenizer, Tokenizer, load_tokenizer
+
+log = logging.getLogger("framework.prepare")
+CONF_DIR = str(Path(__file__).resolve().parent.parent / "conf")
+PREPARE_VERSION = 1
+HF_MARKERS = ("state.json", "dataset_info.json", "dataset_dict.json")
+SUFFIXES = (
+    ".jsonl",
+    ".json",
+    ".jsonl.gz",
+    ".json.gz",
+    ".jsonl.zst",
+    ".json.zst",
+    ".parquet",
+    ".txt",
+    ".arrow",
+)
+
+
+@dataclass
+class PrepareConfig:
+    input: str = MISSING
+    """A file, glob, directory or fsspec URL of raw documents."""
+    output: str = MISSING
+    """Local directory of the prepared source (manifest.json + shards)."""
+    tokenizer: str = "byte"
+    """byte | path/to/tokenizer.json | tiktoken:NAME (ignored with train_tokenizer)."""
+    train_tokenizer: int | None = None
+    """Train a byte-level BPE of this vocabulary size on the input; saved as <output>/tokenizer.json."""
+    text_key: str = "text"
+    """Field (jsonl) or column (parquet, datasets) holding the document text."""
+    workers: int | None = None
+    """Tokenizer processes; None: one per CPU core; 1: in this process."""
+    val_fraction: float = 0.01
+    """Share of documents in the validation split (by a seeded hash of the text)."""
+    seed: int = 0
+    """Seed of the validation split hash."""
+    shard_tokens: int = 1 << 26
+    """Tokens per shard (about 128 MiB at uint16)."""
+    docs_per_task: int = 512
+    """Documents per worker task (the unit of parallel work)."""
+    overwrite: bool = False
+    """Replace an existing output made from other input or parameters, or redo the same one."""
+
+
+ConfigStore.instance().store(name="prepare_schema", node=PrepareConfig)
+
+
+class PrepareError(DataError):
+    """Bad input or output for prepare; the message names the pattern, file or line."""
+
+
+# -- inputs --------------------------------------------------------------------------------
+
+
+@dataclass
+class InputFile:
+    url: str
+    """Full fsspec URL or local path."""
+    kind: str
+    """jsonl | parquet | txt | arrow_stream."""
+    size: int
+    mtime: str
+
+
+def _kind(path: str) -> str | None:
+    name = path.lower()
+    for suffix, kind in (
+        (".parquet", "parquet"),
+        (".txt", "txt"),
+        (".arrow", "arrow_stream"),
+        (".jsonl", "jsonl"),
+        (".json", "jsonl"),
+    ):
+        if name.endswith(suffix) or name.endswith(suffix + ".gz") or name.endswith(suffix + ".zst"):
+            return kind
+    return None
+
+
+def _hf_files(fs, root: str) -> list[str]:
+    """The Arrow files of a `datasets` save_to_disk directory (its train split for a DatasetDict)."""
+    if fs.exists(f"{root}/dataset_dict.json"):
+        splits = json.loads(fs.cat_file(f"{root}/dataset_dict.json"))["splits"]
+        if "train" not in splits:
+            raise PrepareError(
+                f"{root} is a DatasetDict with splits {splits}; pass input={root}/<split>"
+            )
+        root = f"{root}/train"
+    state = json.loads(fs.cat_file(f"{root}/state.json"))
+    return [f"{root}/{f['filename']}" for f in state["_data_files"]]
+
+
+def list_inputs(spec: str) -> list[InputFile]:
+    """Expand input= into files in a stable (sorted) order; errors name the pattern."""
+    fs, root = fsspec.core.url_to_fs(spec)
+    protocol = fs.protocol[0] if isinstance(fs.protocol, (tuple, list)) else fs.protocol
+    if any(c in root for c in "*?["):
+        paths = sorted(p for p in fs.glob(root) if fs.isfile(p))
+        if not paths:
+            raise PrepareError(f"input={spec!r}: the pattern matched no file")
+    elif fs.isdir(root):
+        if any(fs.exists(f"{root}/{m}") for m in HF_MARKERS):
+            paths = _hf_files(fs, root.rstrip("/"))
+        else:
+            paths = sorted(p for p in fs.find(root) if _kind(p) and not Path(p).name.startswith("."))
+        if not paths:
+            raise PrepareError(f"input={spec!r}: the directory holds no {', '.join(SUFFIXES)} file")
+    elif fs.isfile(root):
+        paths = [root]
+    else:
+        raise PrepareError(f"input={spec!r}: no such file or directory")
+    files = []
+    for p in paths:
+        kind = _kind(p)
+        if kind is None:
+            raise PrepareError(f"input file {p}: unknown format (expected one of {', '.join(SUFFIXES)})")
+        info = fs.info(p)
+        mtime = str(info.get("mtime") or info.get("LastModified") or info.get("created") or "")
+        url = p if protocol in ("file", "local") else fs.unstrip_protocol(p)
+        files.append(InputFile(url, kind, int(info.get("size") or 0), mtime))
+    return files
+
+
+def iter_texts(files: list[InputFile], text_key: str) -> Iterator[str]:
+    """Document texts of every file, in order. Errors name the file (and line for jsonl):
+    pyarrow, gzip and zstd errors on a truncated or corrupt file do not."""
+    for f in files:
+        try:
+            yield from _file_texts(f, text_key)
+        except PrepareError:
+            raise
+        except (pa.ArrowException, OSError, EOFError, ValueError, zstandard.ZstdError) as e:
+            raise PrepareError(f"input file {f.url} is unreadable (truncated or corrupt?): {e}") from e
+
+
+def _lines(url: str) -> Iterator[str]:
+    """Text lines of a (possibly compressed) file. zstd is decoded here rather than by fsspec,
+    whose reader ends a truncated frame silently (documents would be lost without an error)."""
+    if not url.lower().endswith(".zst"):
+        with fsspec.open(url, "rt", compression="infer", encoding="utf-8") as fh:
+            yield from fh
+        return
+    dec, pending = zstandard.ZstdDecompressor().decompressobj(), b""
+    with fsspec.open(url, "rb") as fh:
+        while chunk := fh.read(1 << 20):
+            out = dec.decompress(chunk)
+            while dec.eof and dec.unused_data:  # the next frame of a multi-frame file
+                rest, dec = dec.unused_data, zstandard.ZstdDecompressor().decompressobj()
+                out += dec.decompress(rest)
+            *lines, pending = (pending + out).split(b"\n")
+            yield from (line.decode("utf-8") for line in lines)
+    if not dec.eof:
+        raise PrepareError(
+            f"input file {url} is unreadable (truncated or corrupt?): zstd frame ends early"
+        )
+    if pending:
+        yield pending.decode("utf-8")
+
+
+def _file_texts(f: InputFile, text_key: str) -> Iterator[str]:
+    if f.kind == "txt":
+        with fsspec.open(f.url, "rb", compression="infer") as fh:
+            yield fh.read().decode("utf-8", errors="replace")
+    elif f.kind == "jsonl":
+        for line_no, line in enumerate(_lines(f.url), 1):
+            if not line.strip():
+                continue
+            try:
+                yield json.loads(line)[text_key]
+            except json.JSONDecodeError as e:
+                raise PrepareError(f"{f.url} line {line_no}: not JSON ({e})") from e
+            except (KeyError, TypeError) as e:
+                raise PrepareError(f"{f.url} line {line_no}: no {text_key!r} field (text_key)") from e
+    elif f.kind == "parquet":
+        with fsspec.open(f.url, "rb") as fh:
+            pf = pq.ParquetFile(fh)
+            if text_key not in pf.schema_arrow.names:
+                raise PrepareError(f"{f.url}: no column {text_key!r} (has {pf.schema_arrow.names})")
+            for batch in pf.iter_batches(columns=[text_key], batch_size=4096):
+                yield from (t for t in batch.column(0).to_pylist() if t is not None)
+    else:  # a `datasets` Arrow stream file
+        with fsspec.open(f.url, "rb") as fh:
+            try:
+                reader = pa.ipc.open_stream(io.BytesIO(fh.read()))
+            except pa.ArrowInvalid as e:
+                raise PrepareError(f"{f.url}: not an Arrow stream file ({e})") from e
+            if text_key not in reader.schema.names:
+                raise PrepareError(f"{f.url}: no column {text_key!r} (has {reader.schema.names})")
+            for batch in reader:
+                yield from (t for t in batch.column(text_key).to_pylist() if t is not None)
+
+
+# -- tokenizing ------------------------------------------------------------------------------
+
+_WORKER_TOK: Tokenizer | None = None
+
+
+def _init_worker(tokenizer_spec: str) -> None:
+    global _WORKER_TOK
+    os.environ["TOKENIZERS_PARALLELISM"] = "false"  # parallel across processes, not inside
+    _WORKER_TOK = load_tokenizer(tokenizer_spec)
+
+
+def is_val(text: str, seed: int, val_fraction: float) -> bool:
+    """Seeded content hash -> uniform in [0, 1): the split of a text is a pure function of it."""
+    h = hashlib.blake2b(
+        text.encode("utf-8", errors="replace"), digest_size=8, key=seed.to_bytes(8, "little")
+    )
+    return int.from_bytes(h.digest(), "little") / 2**64 < val_fraction
+
+
+def encode_texts(
+    texts: list[str], seed: int, val_fraction: float, tok: Tokenizer | None = None
+) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """(tokens, lengths, is_val) of a chunk: documents concatenated, each ending with EOT
+    (one flat array pickles far faster than a list of small ones)."""
+    tok = tok or _WORKER_TOK
+    if isinstance(tok, ByteTokenizer):
+        ids = [np.frombuffer(t.encode("utf-8", errors="replace"), dtype=np.uint8) for t in texts]
+    elif isinstance(tok, HFTokenizer):
+        ids = [np.asarray(x, dtype=np.int64) for x in tok.encode_batch(texts)]
+    else:
+        ids = [np.asarray(tok.encode(t), dtype=np.int64) for t in texts]
+    dtype = np.uint32 if tok.vocab_size > 2**16 else np.uint16
+    docs = [np.append(x.astype(dtype), dtype(tok.eot_id)) for x in ids]
+    lengths = np.array([len(d) for d in docs], dtype=np.int64)
+    flags = np.array([is_val(t, seed, val_fraction) for t in texts], dtype=bool)
+    return (np.concatenate(docs) if docs else np.zeros(0, dtype)), lengths, flags
+
+
+def _encode_chunk(args: tuple[list[str], int, float]):
+    return encode_texts(*args)
+
+
+def _chunks(texts: Iterator[str], n: int) -> Iterator[list[str]]:
+    chunk = []
+    for t in texts:
+        chunk.append(t)
+        if len(chunk) == n:
+            yield chunk
+            chunk = []
+    if chunk:
+        yield chunk
+
+
+def train_bpe(texts: Iterator[str], vocab_size: int, out_file: Path) -> None:
+    """A byte-level BPE (GPT-2 style) with <|endoftext|>, trained with HF `tokenizers`."""
+    from tokenizers import Tokenizer as HFTok
+    from tokenizers import decoders, models, pre_tokenizers, trainers
+
+    tok = HFTok(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(
+        vocab_size=vocab_size,
+        special_tokens=[HFTokenizer.EOT],
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+        show_progress=False,
+    )
+    tok.train_from_iterator(texts, trainer)
+    tok.save(str(out_file))
+
+
+# -- the pipeline ----------------------------------------------------------------------------
+
+
+def input_fingerprint(files: list[InputFile], cfg: PrepareConfig, tok_fingerprint: str) -> str:
+    desc = {
+        "files": [(f.url, f.size, f.mtime) for f in files],
+        "tokenizer": tok_fingerprint if cfg.train_tokenizer is None else f"train:{cfg.train_tokenizer}",
+        "text_key": cfg.text_key,
+        "val_fraction": cfg.val_fraction,
+        "seed": cfg.seed,
+        "version": PREPARE_VERSION,
+    }
+    return hashlib.sha256(json.dumps(desc, sort_keys=True).encode()).hexdigest()
+
+
+def prepare(cfg: PrepareConfig) -> Path:
+    """Run prepare; returns the output directory. Raises PrepareError/DataError on bad input."""
+    if not 0.0 <= cfg.val_fraction < 1.0:
+        raise PrepareError(f"val_fraction={cfg.val_fraction} must be in [0, 1)")
+    if is_url(cfg.output):
+        raise PrepareError(
+            f"output={cfg.output!r} must be a local directory (copy it to remote storage after)"
+        )
+    out = Path(cfg.output)
+    files = list_inputs(cfg.input)
+    tok = None if cfg.train_tokenizer else load_tokenizer(cfg.tokenizer)
+    fingerprint = input_fingerprint(files, cfg, tok.fingerprint if tok else "")
+    if (out / MANIFEST).is_file() and not cfg.overwrite:
+        old = read_manifest(out).meta.get("input_fingerprint")
+        if old == fingerprint:
+            log.info(
+                "%s is already prepared from this input: nothing to do (overwrite=true redoes it)", out
+            )
+            return out
+        raise PrepareError(
+            f"output={out} holds a source prepared from other input or parameters; "
+            "choose another output or pass overwrite=true"
+        )
+    if out.exists() and not (out / MANIFEST).is_file() and any(out.iterdir()) and not cfg.overwrite:
+        raise PrepareError(
+            f"output={out} exists and is not a prepared source; pass overwrite=true to replace it"
+        )
+
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = out.parent / f".{out.name}.tmp-{os.getpid()}"
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir()
+    try:
+        tokenizer_spec = cfg.tokenizer
+        if cfg.train_tokenizer:
+            log.info(
+                "training a byte-level BPE of vocabulary %d on %d files", cfg.train_tokenizer, len(files)
+            )
+            train_bpe(iter_texts(files, cfg.text_key), cfg.train_tokenizer, tmp / "tokenizer.json")
+            tokenizer_spec = str(tmp / "tokenizer.json")
+            tok = load_tokenizer(tokenizer_spec)
+            tok.name = str(out / "tokenizer.json")
+        stats = _tokenize_and_write(files, cfg, tok, tokenizer_spec, tmp, fingerprint)
+        if out.exists():
+            old = out.parent / f".{out.name}.old-{os.getpid()}"
+            os.rename(out, old)
+            os.rename(tmp, out)
+            shutil.rmtree(old, ignore_errors=True)
+        else:
+            os.rename(tmp, out)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    log.info(
+        "wrote %s: %d train / %d val documents, %d / %d tokens",
+        out,
+        stats["documents"]["train"],
+        stats["documents"]["val"],
+        stats["tokens"]["train"],
+        stats["tokens"]["val"],
+    )
+    return out
+
+
+def _tokenize_and_write(
+    files: list[InputFile],
+    cfg: PrepareConfig,
+    tok: Tokenizer,
+    tokenizer_spec: str,
+    tmp: Path,
+    fingerprint: str,
+) -> dict:
+    from tqdm import tqdm
+
+    writer = SourceWriter(tmp, tok, shard_tokens=cfg.shard_tokens)
+    docs = {"train": 0, "val": 0}
+    tokens = {"train": 0, "val": 0}
+    workers = cfg.workers or os.cpu_count() or 1
+    chunks = (
+        (c, cfg.seed, cfg.val_fraction)
+        for c in _chunks(iter_texts(files, cfg.text_key), cfg.docs_per_task)
+    )
+    t0 = time.perf_counter()
+    bar = tqdm(desc=f"prepare {Path(cfg.output).name}", unit=" docs", file=sys.stderr, disable=None)
+
+    def consume(result) -> None:
+        flat, lengths, flags = result
+        start = 0
+        for n, val in zip(lengths.tolist(), flags.tolist()):
+            split = "val" if val else "train"
+            writer.add(split, flat[start : start + n])
+            docs[split] += 1
+            tokens[split] += n
+            start += n
+        bar.update(len(lengths))
+        bar.set_postfix(tokens=tokens["train"] + tokens["val"], refresh=False)
+
+    if workers <= 1:
+        for args in chunks:
+            consume(encode_texts(*args, tok=tok))
+    else:
+        # spawn: a forked child would inherit the tokenizers thread pool (deadlock-prone)
+        ctx = multiprocessing.get_context("spawn")
+        with ProcessPoolExecutor(
+            workers, ctx, initializer=_init_worker, initargs=(tokenizer_spec,)
+        ) as pool:
+            inflight: deque = deque()
+            for args in chunks:  # bounded window: memory stays flat on any input size
+                inflight.append(pool.submit(_encode_chunk, args))
+                if len(inflight) >= 2 * workers:
+                    consume(inflight.popleft().result())
+            while inflight:
+                consume(inflight.popleft().result())
+    bar.close()
+    if docs["train"] + docs["val"] == 0:
+        raise PrepareError(f"input={cfg.input!r}: no documents (files: {[f.url for f in files]})")
+    meta = {
+        "input": cfg.input,
+        "files": [{"url": f.url, "bytes": f.size, "mtime": f.mtime} for f in files],
+        "text_key": cfg.text_key,
+        "val_fraction": cfg.val_fraction,
+        "seed": cfg.seed,
+        "documents": docs,
+        "tokens": tokens,
+        "input_fingerprint": fingerprint,
+        "prepare_version": PREPARE_VERSION,
+        "seconds": round(time.perf_counter() - t0, 3),
+    }
+    writer.close(meta=meta)  # manifest last
+    return meta
+
+
+@hydra.main(version_base=None, config_path=CONF_DIR, config_name="prepare")
+def _hydra_main(dcfg: DictConfig) -> None:
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    try:
+        cfg = OmegaConf.to_object(dcfg)
+    except Exception as e:  # omegaconf names the missing key
+        log.error("config error: %s", e)
+        sys.exit(2)
+    try:
+        prepare(cfg)  # type: ignore[arg-type]
+    except DataError as e:
+        log.error("%s", e)
+        sys.exit(1)
+
+
+def main() -> None:
+    """Console script `fw-prepare`."""
+    _hydra_main()
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,98 @@
+"""Bad data through the real entry point: `train` refuses before the first optimizer step,
+names the source and shard, and leaves no checkpoint behind (RELIABILITY C1-C4, A9)."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from framework.config import ConfigError
+from framework.data.shards import DataError, SourceWriter
+from framework.data.tokenizer import ByteTokenizer
+from framework.train import train
+from tests.helpers import TINY, make_cfg
+
+
+def source(path, n_docs=200, seed=0):
+    rng = np.random.default_rng(seed)
+    w = SourceWriter(path, ByteTokenizer(), shard_tokens=2000)
+    for i in range(n_docs):
+        w.add(
+            "val" if i % 10 == 0 else "train", np.append(rng.integers(0, 256, rng.integers(10, 80)), 256)
+        )
+    w.close()
+    return path
+
+
+def run(tmp_path, srcs: dict, *extra):
+    spec = ",".join(f"{{name:{n},path:'{p}',weight:{w}}}" for n, (p, w) in srcs.items())
+    cfg = make_cfg(
+        [
+            *TINY,
+            f"data.sources=[{spec}]",
+            f"run.dir={tmp_path}/run",
+            f"data.cache_dir={tmp_path}/cache",
+            *extra,
+        ]
+    )
+    train(cfg)
+
+
+def assert_no_checkpoint(tmp_path):
+    assert not list((tmp_path / "run").glob("checkpoints/step_*"))
+    metrics = tmp_path / "run" / "metrics.jsonl"
+    assert not metrics.exists() or "loss" not in metrics.read_text()
+
+
+def test_good_sources_train(tmp_path):
+    a, b = source(tmp_path / "a"), source(tmp_path / "b", seed=1)
+    run(tmp_path, {"a": (a, 0.7), "b": (b, 0.3)}, "trainer.max_steps=2")
+    assert (tmp_path / "run/checkpoints/step_00000002/COMMITTED").is_file()
+
+
+def test_checksum_mismatch_refused(tmp_path):
+    a = source(tmp_path / "a")
+    shard = sorted(a.glob("train-*.arrow"))[1]
+    data = bytearray(shard.read_bytes())
+    data[-200] ^= 0x01  # parseable, wrong bytes
+    shard.write_bytes(bytes(data))
+    with pytest.raises(DataError, match=rf"{shard.name}.*sha256"):
+        run(tmp_path, {"a": (a, 1.0)})
+    assert_no_checkpoint(tmp_path)
+
+
+def test_truncated_shard_refused(tmp_path):
+    a = source(tmp_path / "a")
+    shard = sorted(a.glob("train-*.arrow"))[0]
+    shard.write_bytes(shard.read_bytes()[:-100])
+    with pytest.raises(DataError, match=rf"{shard.name}"):
+        run(tmp_path, {"a": (a, 1.0)})
+    assert_no_checkpoint(tmp_path)
+
+
+def test_missing_source_dir_names_source(tmp_path):
+    with pytest.raises(DataError, match=r"source 'ghost'.*nowhere"):
+        run(tmp_path, {"ghost": (tmp_path / "nowhere", 1.0)})
+    assert_no_checkpoint(tmp_path)
+
+
+def test_vocabulary_larger_than_model_refused(tmp_path):
+    a = source(tmp_path / "a")
+    with pytest.raises(DataError, match=r"'a'.*vocab"):
+        run(tmp_path, {"a": (a, 1.0)}, "model.vocab_size=200")
+    assert_no_checkpoint(tmp_path)
+
+
+def test_max_epochs_cap_refused_before_training(tmp_path):
+    a = source(tmp_path / "a", n_docs=40)
+    spec = f"data.sources=[{{name:a,path:'{a}',weight:1.0,max_epochs:1}}]"
+    with pytest.raises(DataError, match=r"'a'.*max_epochs"):
+        train(make_cfg([*TINY, spec, f"run.dir={tmp_path}/run", "trainer.max_steps=200"]))
+    assert_no_checkpoint(tmp_path)
+
+
+def test_negative_weight_refused_at_config_time(tmp_path):
+    a = source(tmp_path / "a")
+    with pytest.raises(ConfigError, match=r"data.sources\[0\] \(a\).weight=-0.5"):
+        run(tmp_path, {"a": (a, -0.5)})
+    assert not (tmp_path / "run").exists()  # refused before the run dir is even made

@@ -1,0 +1,320 @@
+"""Mixture, packing and resume (RELIABILITY A3, C4, C9). Sources use a counting tokenizer: every
+non-EOT token id is unique across all sources, so a window's bytes identify the sample and the
+id range identifies its source."""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from framework.config import DataConfig, ScheduleEntry, SourceConfig
+from framework.data.loader import MixtureLoader, val_batches
+from framework.data.mixture import Mixture
+from framework.data.packing import PackedSource
+from framework.data.shards import DataError, SourceWriter, read_manifest
+from framework.data.tokenizer import Tokenizer
+
+SPAN = 20_000  # token ids per source: source i uses [i*SPAN, (i+1)*SPAN)
+T, G, MB = 16, 8, 2
+
+
+class CountingTokenizer(Tokenizer):
+    name, vocab_size, eot_id, fingerprint = "count", 65536, 65535, "count-v1"
+
+
+TOK = CountingTokenizer()
+
+
+def make_source(path: Path, index: int, n_tokens: int, seed: int = 0, shard_tokens: int = 2000) -> Path:
+    """Documents of 1..40 unique ids (+ EOT), several shards, a small val split."""
+    rng = np.random.default_rng([seed, index])
+    w = SourceWriter(path, TOK, shard_tokens=shard_tokens)
+    pos = index * SPAN
+    end = pos + n_tokens
+    while pos < end:
+        n = int(min(rng.integers(1, 41), end - pos))
+        w.add("val" if rng.random() < 0.05 else "train", np.append(np.arange(pos, pos + n), TOK.eot_id))
+        pos += n
+    w.close()
+    return path
+
+
+@pytest.fixture(scope="module")
+def three(tmp_path_factory) -> list[Path]:
+    root = tmp_path_factory.mktemp("src")
+    return [make_source(root / name, i, 12_000) for i, name in enumerate(("web", "books", "wiki"))]
+
+
+def cfg_for(paths, weights=(0.6, 0.3, 0.1), cache=None, **kw) -> DataConfig:
+    names = ("web", "books", "wiki")
+    srcs = [SourceConfig(name=n, path=str(p), weight=w) for n, p, w in zip(names, paths, weights)]
+    return DataConfig(sources=srcs, cache_dir=str(cache or Path(paths[0]).parent / "cache"), **kw)
+
+
+def loader(cfg, rank=0, dp=1, g=G, mb=MB, seed=1337, **kw) -> MixtureLoader:
+    return MixtureLoader(cfg, TOK, T, g, mb, rank, dp, seed, 65536, **kw)
+
+
+def steps(ld: MixtureLoader, n: int) -> list[torch.Tensor]:
+    """n optimizer steps of this rank's rows, (G/dp, T+1) each (inputs + last target)."""
+    out = []
+    for _ in range(n):
+        parts = [next(ld) for _ in range(ld.per_rank // ld.mb)]
+        out.append(torch.cat([torch.cat([b.inputs, b.targets[:, -1:]], 1) for b in parts]))
+    return out
+
+
+def sample_ids(rows: list[torch.Tensor]) -> list[bytes]:
+    return [r.numpy().tobytes() for step in rows for r in step]
+
+
+def source_of_row(row: torch.Tensor) -> int:
+    ids = row[row != TOK.eot_id]
+    return int(ids[0]) // SPAN
+
+
+def test_packing_loses_and_duplicates_no_token_across_docs_shards_epochs(three):
+    m = read_manifest(three[0])
+    p = PackedSource("web", three[0], m, "train", T, 0, shuffle=True)
+    n = int(p.windows_per_epoch() * 2.5)  # crosses two epoch boundaries
+    out = np.zeros((n, T + 1), dtype=np.int64)
+    p.gather(np.arange(n), out, np.arange(n))
+    assert (out[:-1, -1] == out[1:, 0]).all()  # consecutive windows share exactly one token
+    stream = np.concatenate([out[0, :1], out[:, 1:].reshape(-1)])  # every target once
+    E = p.epoch_tokens
+    all_tokens = sorted(np.concatenate(p.tokens).tolist())
+    for e in range(2):
+        epoch = stream[e * E : (e + 1) * E]
+        assert sorted(epoch.tolist()) == all_tokens  # each token of the source exactly once
+        assert (epoch == TOK.eot_id).sum() == len(p.doc_len)
+    assert not np.array_equal(stream[:E], stream[E : 2 * E])  # a fresh permutation per epoch
+    assert sorted(stream[:E].tolist()) == sorted(stream[E : 2 * E].tolist())
+    one = np.zeros(T + 1, dtype=np.int64)
+    p.window(n - 1, one)
+    assert (one == out[-1]).all()
+
+
+def test_doc_ids_follow_document_boundaries(three):
+    cfg = cfg_for(three, doc_mask=True)
+    b = next(loader(cfg))
+    assert b.doc_ids.shape == b.inputs.shape
+    eot = (b.inputs == TOK.eot_id).long()
+    expected = torch.cumsum(eot, 1) - eot  # a document ends with (and includes) its EOT
+    assert torch.equal(b.doc_ids.long(), expected)
+    assert b.doc_ids.max() > 0
+
+
+def test_dp2_slices_concatenate_to_dp1_and_resume_across_dp(three):
+    cfg = cfg_for(three)
+    ref = steps(loader(cfg), 6)
+    r0, r1 = loader(cfg, 0, 2), loader(cfg, 1, 2)
+    a, b = steps(r0, 3), steps(r1, 3)
+    assert all(torch.equal(torch.cat([x, y]), z) for x, y, z in zip(a, b, ref[:3]))
+    sd = r0.state_dict()
+    assert sd["position"] == 3 * G and sd == r1.state_dict()
+    resumed = loader(cfg, 0, 1)
+    resumed.load_state_dict(sd)
+    assert all(torch.equal(x, y) for x, y in zip(steps(resumed, 3), ref[3:]))
+
+
+@pytest.mark.parametrize("workers", [0, 2])
+def test_mid_shard_resume_no_gap_no_duplicate_same_order(three, workers):
+    cfg = cfg_for(three, num_workers=workers)
+    full = loader(cfg)
+    ref = sample_ids(steps(full, 14))
+    first = loader(cfg)
+    before = sample_ids(steps(first, 5))  # step 5: not a shard or epoch boundary
+    sd = first.state_dict()
+    first.close()
+    assert 0 < sd["counts"]["web"] * T % 2000  # mid-shard
+    second = loader(cfg)
+    second.load_state_dict(sd)
+    after = sample_ids(steps(second, 9))
+    assert before + after == ref
+    assert len(set(ref)) == len(ref)
+    assert second.state_dict()["counts"] == full.state_dict()["counts"]
+    full.close()
+    second.close()
+
+
+def test_same_seed_any_worker_count_identical_batches(three):
+    hashes = []
+    for workers in (0, 1, 3):
+        ld = loader(cfg_for(three, num_workers=workers, doc_mask=True))
+        h = []
+        for _ in range(8):
+            bs = [next(ld) for _ in range(G // MB)]
+            h.append(
+                hashlib.sha256(
+                    b"".join(b.inputs.numpy().tobytes() + b.doc_ids.numpy().tobytes() for b in bs)
+                ).hexdigest()
+            )
+        ld.close()
+        hashes.append(h)
+    assert hashes[0] == hashes[1] == hashes[2]
+    assert len(set(hashes[0])) == 8
+
+
+@pytest.mark.parametrize("workers", [0, 2])
+def test_state_counts_only_consumed_steps_with_prefetch(three, workers):
+    ld = loader(cfg_for(three, num_workers=workers))
+    steps(ld, 2)
+    assert ld.state_dict()["position"] == 2 * G  # though later steps are built already
+    assert len(ld._steps) + len(ld._pending) > 0
+    assert ld.state_dict()["counts"] == ld.counts_at(2 * G)
+    next(ld)
+    with pytest.raises(RuntimeError, match="mid optimizer step"):
+        ld.state_dict()
+    ld.close()
+
+
+def test_max_epochs_enforced_at_the_step_that_exceeds_it(three):
+    cfg = cfg_for(three)
+    cfg.sources[2].max_epochs = 0.05
+    ld = loader(cfg)
+    cap = 0.05 * ld.packed[2].windows_per_epoch()
+    last_ok = next(s for s in range(1, 1000) if ld.mixture.counts_at((s + 1) * G)[2] > cap)
+    steps(ld, last_ok)
+    with pytest.raises(
+        DataError, match=rf"source 'wiki' would be drawn past max_epochs=0.05 at step {last_ok + 1}"
+    ):
+        next(ld)
+
+
+def test_realized_token_shares_match_weights(three):
+    ld = loader(cfg_for(three), g=40, mb=40)
+    rows = steps(ld, 10)  # 400 samples
+    src = np.array([source_of_row(r) for s in rows for r in s])
+    shares = np.bincount(src, minlength=3) / len(src)
+    assert np.abs(shares - [0.6, 0.3, 0.1]).max() < 0.02
+    assert ld.tokens_per_source() == {
+        n: int(c) * T for n, c in zip(("web", "books", "wiki"), np.bincount(src))
+    }
+
+
+def test_mixture_shares_within_3_sigma_over_10k_samples():
+    w = np.array([0.6, 0.3, 0.1])
+    for seed in range(5):
+        counts = Mixture(["a", "b", "c"], list(w), [], 64, seed).counts_at(10_000)
+        sigma = np.sqrt(10_000 * w * (1 - w))
+        assert (np.abs(counts - 10_000 * w) < 3 * sigma).all()
+        assert np.abs(counts - 10_000 * w).max() <= 3  # low-discrepancy: a few samples, not sqrt(n)
+
+
+def test_schedule_changes_weights_without_dropping_or_duplicating(three):
+    sched = [ScheduleEntry(step=4, weights={"web": 0.0, "books": 0.5, "wiki": 0.5})]
+    cfg = cfg_for(three, schedule=sched)
+    ld = loader(cfg)
+    rows = steps(ld, 8)
+    src = [[source_of_row(r) for r in s] for s in rows]
+    assert all(0 not in s for s in src[3:])  # web off from step 4
+    assert sum(s.count(0) for s in src[:3]) > 0
+    # per-source windows continue: each source's samples are its windows 0, 1, 2, ... in order
+    by_source: dict[int, list[bytes]] = {0: [], 1: [], 2: []}
+    for step in rows:
+        for r in step:
+            by_source[source_of_row(r)].append(r.numpy().tobytes())
+    for j, path in enumerate(three):
+        p = PackedSource(
+            ("web", "books", "wiki")[j], path, read_manifest(path), "train", T, 1337, shuffle=True
+        )
+        n = len(by_source[j])
+        out = np.zeros((n, T + 1), dtype=np.int64)
+        p.gather(np.arange(n), out, np.arange(n))
+        assert [r.tobytes() for r in out] == by_source[j]
+    assert ld.counts_at(8 * G) == ld.state_dict()["counts"]
+    # resume inside the second segment continues identically
+    again = loader(cfg)
+    steps(again, 5)
+    sd = again.state_dict()
+    resumed = loader(cfg)
+    resumed.load_state_dict(sd)
+    assert [torch.equal(x, y) for x, y in zip(steps(resumed, 3), rows[5:])] == [True] * 3
+
+
+def test_max_epochs_plan_refused_and_table(three, tmp_path):
+    cfg = cfg_for(three)
+    cfg.sources[2].max_epochs = 1.0
+    ld = loader(cfg)
+    wiki_tokens = ld.packed[2].epoch_tokens
+    table = ld.mixture_table(100)
+    assert "wiki" in table and f"{wiki_tokens:,}" in table and "10.0%" in table
+    rows = {r.source: r for r in ld.plan(100)}
+    assert rows["wiki"].tokens_drawn == ld.mixture.counts_at(100 * G)[2] * T
+    ok_steps = int(wiki_tokens / (0.1 * G * T)) // 2
+    loader(cfg, max_steps=ok_steps)
+    with pytest.raises(
+        DataError, match=r"source 'wiki' would be drawn \d+\.\d+ epochs .* > max_epochs=1"
+    ):
+        loader(cfg, max_steps=4 * ok_steps)
+
+
+def test_zero_weight_disabled_and_tiny_weight_warns(three, caplog):
+    caplog.set_level(logging.INFO)
+    ld = loader(cfg_for(three, weights=(1.0, 0.0, 0.01)))
+    assert "'books' has weight 0: disabled" in caplog.text
+    assert "'wiki': weight 0.0099 is 0.08 samples per global batch" in caplog.text
+    assert [s.name for s in ld.sources] == ["web", "wiki"]
+    assert ld.tokens_per_source()["books"] == 0
+
+
+def test_val_batches_fixed_and_split_across_ranks(three):
+    cfg = cfg_for(three)
+    full = val_batches(cfg, T, MB, 2, 0, 1)
+    assert set(full) == {"web", "books", "wiki"} and all(len(v) == 2 for v in full.values())
+    r0, r1 = (val_batches(cfg, T, MB, 1, r, 2) for r in (0, 1))
+    web = torch.cat([b.inputs for b in full["web"]])
+    assert torch.equal(torch.cat([b.inputs for b in r0["web"]]), web[0::2])
+    assert torch.equal(torch.cat([b.inputs for b in r1["web"]]), web[1::2])
+    assert torch.equal(web, torch.cat([b.inputs for b in val_batches(cfg, T, MB, 2, 0, 1)["web"]]))
+
+
+def test_resume_refuses_changed_mixture_or_seq_len(three):
+    ld = loader(cfg_for(three))
+    steps(ld, 3)
+    sd = ld.state_dict()
+    changed = loader(cfg_for(three, weights=(0.2, 0.3, 0.5)))
+    with pytest.raises(
+        DataError, match=r"checkpointed data counters .* do not match the mixture's order at position 24"
+    ):
+        changed.load_state_dict(sd)
+    other_len = MixtureLoader(cfg_for(three), TOK, 2 * T, G, MB, 0, 1, 1337, 65536)
+    with pytest.raises(DataError, match=r"seq_len=16, this run has 32"):
+        other_len.load_state_dict(sd)
+
+
+def test_default_sample_config_builds_as_train_py_does(tmp_path):
+    """conf/config.yaml with data=sample, composed by Hydra: the sources are generated on first
+    use, verified, and the mixture table names them (the embedded default of `make train`)."""
+    from hydra import compose, initialize_config_dir
+
+    from framework.config import CONF_DIR, load, validate
+    from framework.data.tokenizer import load_tokenizer
+
+    overrides = [
+        f"data.root={tmp_path}/data",
+        f"data.cache_dir={tmp_path}/cache",
+        "trainer.max_steps=20",
+    ]
+    with initialize_config_dir(CONF_DIR, version_base=None):
+        cfg = load(compose("config", overrides=overrides))
+    validate(cfg)
+    t = cfg.trainer
+    ld = MixtureLoader(
+        cfg.data, load_tokenizer(cfg.data.tokenizer), t.seq_len, t.global_batch_size, t.micro_batch_size,
+        0, 1, t.seed, cfg.model.vocab_size, max_steps=t.max_steps,
+    )  # fmt: skip
+    table = ld.mixture_table(t.max_steps)
+    assert all(name in table for name in ("markov", "zipf", "arith"))
+    b = next(ld)
+    assert b.inputs.shape == (t.micro_batch_size, t.seq_len) and int(b.inputs.max()) < 257
+    assert set(val_batches(cfg.data, t.seq_len, t.micro_batch_size, 1, 0, 1)) == {
+        "markov",
+        "zipf",
+        "arith",
+    }

@@ -1,0 +1,267 @@
+"""Shard verification and bad input (RELIABILITY C1-C6): every error is raised while the loader
+is constructed, as train.py builds it, and names the source/shard (and row)."""
+
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+
+import numpy as np
+import pyarrow as pa
+import pytest
+
+from framework.config import Config, ConfigError, DataConfig, SourceConfig, validate
+from framework.data import shards
+from framework.data.loader import MixtureLoader
+from framework.data.shards import (
+    MANIFEST,
+    DataError,
+    SourceWriter,
+    open_shard,
+    read_manifest,
+    sha256_file,
+)
+from framework.data.tokenizer import ByteTokenizer, Tokenizer
+
+
+def make_source(
+    path: Path, n_docs: int = 60, seed: int = 0, tok: Tokenizer | None = None, shard_tokens: int = 1000
+) -> Path:
+    """A small byte-tokenizer source: random documents of 5..60 tokens, each ending with EOT."""
+    tok = tok or ByteTokenizer()
+    rng = np.random.default_rng(seed)
+    w = SourceWriter(path, tok, shard_tokens=shard_tokens)
+    for i in range(n_docs):
+        doc = np.append(rng.integers(0, 256, rng.integers(5, 60)), tok.eot_id)
+        w.add("val" if i % 10 == 0 else "train", doc)
+    w.close()
+    return path
+
+
+def data_cfg(tmp_path: Path, **paths_weights) -> DataConfig:
+    srcs = [SourceConfig(name=n, path=str(p), weight=w) for n, (p, w) in paths_weights.items()]
+    return DataConfig(sources=srcs, cache_dir=str(tmp_path / "cache"))
+
+
+def build(cfg: DataConfig, vocab_size: int = 257, **kw) -> MixtureLoader:
+    """As train.py builds it."""
+    return MixtureLoader(cfg, ByteTokenizer(), 16, 4, 2, 0, 1, 1337, vocab_size, **kw)
+
+
+def rewrite_manifest_entry(src: Path, file: str, **changes) -> None:
+    """Make the manifest agree with a shard replaced on disk (so later checks are reached)."""
+    m = json.loads((src / MANIFEST).read_text())
+    for s in m["shards"]:
+        if s["file"] == file:
+            p = src / file
+            s.update(bytes=p.stat().st_size, sha256=sha256_file(p))
+            s.update(changes)
+    (src / MANIFEST).write_text(json.dumps(m))
+
+
+def first_train_shard(src: Path) -> Path:
+    return src / read_manifest(src).split("train")[0].file
+
+
+def test_roundtrip_is_zero_copy_and_exact(tmp_path):
+    docs = [np.array([1, 2, 256]), np.array([7, 256]), np.array([9, 9, 9, 256])]
+    rows, tokens = shards.write_shard(tmp_path / "s.arrow", docs, "uint16")
+    toks, offsets = open_shard(tmp_path / "s.arrow", "uint16")
+    assert (rows, tokens) == (3, 9)
+    assert offsets.tolist() == [0, 3, 5, 9]
+    assert toks.tolist() == [1, 2, 256, 7, 256, 9, 9, 9, 256]
+    assert toks.dtype == np.uint16 and not toks.flags.owndata  # a view of the memory map
+
+
+def test_good_source_builds_and_warm_start_skips_hashing(tmp_path, monkeypatch):
+    src = make_source(tmp_path / "a")
+    cfg = data_cfg(tmp_path, a=(src, 1.0))
+    build(cfg)
+    calls = []
+    monkeypatch.setattr(shards, "sha256_file", lambda p: calls.append(p) or sha256_file(p))
+    shards.VERIFY_CACHE.mem.clear()  # a new process: only the cache file remains
+    build(cfg)
+    assert calls == []  # verified.json under data.cache_dir answered
+    assert (tmp_path / "cache" / "verified.json").is_file()
+
+
+def test_truncated_shard_named_at_startup(tmp_path):
+    src = make_source(tmp_path / "a")
+    shard = first_train_shard(src)
+    shard.write_bytes(shard.read_bytes()[:-100])
+    with pytest.raises(DataError, match=rf"shard {shard}: size \d+ bytes but the manifest says \d+"):
+        build(data_cfg(tmp_path, a=(src, 1.0)))
+
+
+def test_truncated_ipc_footer_named_even_if_manifest_agrees(tmp_path):
+    src = make_source(tmp_path / "a")
+    shard = first_train_shard(src)
+    shard.write_bytes(shard.read_bytes()[:-40])
+    rewrite_manifest_entry(src, shard.name)
+    with pytest.raises(DataError, match=rf"shard {shard} is unreadable or truncated"):
+        build(data_cfg(tmp_path, a=(src, 1.0)))
+
+
+def test_checksum_mismatch_parseable_bytes_even_when_cached(tmp_path):
+    src = make_source(tmp_path / "a")
+    cfg = data_cfg(tmp_path, a=(src, 1.0))
+    build(cfg)  # verified and cached once
+    shard = first_train_shard(src)
+    expected = read_manifest(src).split("train")[0].sha256
+    data = bytearray(shard.read_bytes())
+    toks, _ = open_shard(shard, "uint16")
+    pos = bytes(data).find(toks[:4].tobytes())  # a token value inside the data buffer
+    data[pos] ^= 0x01  # still a valid id (< 256), still parseable
+    shard.write_bytes(bytes(data))
+    assert open_shard(shard, "uint16")[0].shape == toks.shape
+    with pytest.raises(DataError) as e:
+        build(cfg)
+    msg = str(e.value)
+    assert str(shard) in msg and expected in msg and sha256_file(shard) in msg and "'a'" in msg
+
+
+def test_missing_shard_file_named(tmp_path):
+    src = make_source(tmp_path / "a")
+    shard = first_train_shard(src)
+    shard.unlink()
+    with pytest.raises(DataError, match=rf"shard {shard} listed in .*manifest.json is missing"):
+        build(data_cfg(tmp_path, a=(src, 1.0)))
+
+
+def test_missing_manifest_names_source_and_path(tmp_path):
+    with pytest.raises(
+        DataError, match=r"source 'web' \(data.sources path .*nowhere\).*no manifest.json"
+    ):
+        build(data_cfg(tmp_path, web=(tmp_path / "nowhere", 1.0)))
+
+
+def test_empty_source_error_or_warning_with_renormalised_weights(tmp_path, caplog):
+    a = make_source(tmp_path / "a")
+    empty = tmp_path / "empty"
+    SourceWriter(empty, ByteTokenizer()).close()
+    cfg = data_cfg(tmp_path, a=(a, 0.5), empty=(empty, 0.5))
+    with pytest.raises(DataError, match=r"source 'empty' .* has no train tokens"):
+        build(cfg)
+    cfg.allow_empty_source = True
+    loader = build(cfg)
+    assert "data source 'empty'" in caplog.text and "dropped" in caplog.text
+    assert [s.name for s in loader.sources] == ["a"]
+    assert loader.mixture.segments[0].weights.tolist() == [1.0]
+    assert [(r.source, r.weight) for r in loader.plan(10)] == [("a", 1.0)]
+
+
+@pytest.mark.parametrize(
+    "schema, values, what",
+    [
+        (pa.schema([("tokens", pa.list_(pa.uint16()))]), np.uint16, "missing column 'input_ids'"),
+        (
+            pa.schema([("input_ids", pa.list_(pa.int64()))]),
+            np.int64,
+            "column 'input_ids' is list<item: int64>",
+        ),
+        (
+            pa.schema([("input_ids", pa.list_(pa.uint16())), ("text", pa.string())]),
+            np.uint16,
+            "extra column 'text'",
+        ),
+    ],
+)
+def test_schema_drift_names_shard_and_diff(tmp_path, schema, values, what):
+    src = make_source(tmp_path / "a")
+    shard = first_train_shard(src)
+    toks, offsets = open_shard(shard, "uint16")
+    lists = pa.ListArray.from_arrays(pa.array(offsets.astype(np.int32)), pa.array(toks.astype(values)))
+    cols = [lists] + [pa.array(["x"] * (len(offsets) - 1))] * (len(schema) - 1)
+    with pa.OSFile(str(shard), "wb") as f, pa.ipc.new_file(f, schema) as w:
+        w.write_batch(pa.record_batch(cols, schema=schema))
+    rewrite_manifest_entry(src, shard.name)
+    with pytest.raises(DataError, match=rf"shard {shard}: schema differs from the manifest: .*{what}"):
+        build(data_cfg(tmp_path, a=(src, 1.0)))
+
+
+def write_bad_ids_source(path: Path, dtype: str, bad_row: int, bad_id: int) -> Path:
+    src = make_source(path)
+    shard = first_train_shard(src)
+    toks, offsets = open_shard(shard, "uint16")
+    vals = toks.astype(dtype)
+    vals[offsets[bad_row] + 1] = bad_id
+    shards.write_shard(shard, [vals[a:b] for a, b in zip(offsets[:-1], offsets[1:])], dtype)
+    m = json.loads((src / MANIFEST).read_text())
+    m["dtype"] = dtype
+    (src / MANIFEST).write_text(json.dumps(m))
+    rewrite_manifest_entry(src, shard.name)
+    return shard
+
+
+def test_token_id_beyond_vocab_names_shard_and_row(tmp_path):
+    shard = write_bad_ids_source(tmp_path / "a", "uint16", bad_row=3, bad_id=300)
+    with pytest.raises(
+        DataError, match=rf"shard {shard} row 3: token id 300 outside the vocabulary \[0, 257\)"
+    ):
+        build(data_cfg(tmp_path, a=(tmp_path / "a", 1.0)), vocab_size=512)
+
+
+def test_negative_token_id_names_shard_and_row(tmp_path):
+    shard = write_bad_ids_source(tmp_path / "a", "int32", bad_row=5, bad_id=-7)
+    with pytest.raises(DataError, match=rf"shard {shard} row 5: token id -7 outside the vocabulary"):
+        build(data_cfg(tmp_path, a=(tmp_path / "a", 1.0)))
+
+
+def test_dtype_too_narrow_for_vocab(tmp_path):
+    src = make_source(tmp_path / "a")
+    m = json.loads((src / MANIFEST).read_text())
+    m["vocab_size"] = 70000  # uint16 holds ids < 65536
+    (src / MANIFEST).write_text(json.dumps(m))
+    with pytest.raises(
+        DataError, match=r"source 'a'.*dtype uint16 holds ids < 65536 but vocab_size is 70000"
+    ):
+        build(data_cfg(tmp_path, a=(src, 1.0)), vocab_size=70000)
+
+
+def test_tokenizer_fingerprint_and_model_vocab_checked(tmp_path):
+    src = make_source(tmp_path / "a")
+    m = json.loads((src / MANIFEST).read_text())
+    m["tokenizer_fingerprint"] = "hf-0123"
+    (src / MANIFEST).write_text(json.dumps(m))
+    with pytest.raises(
+        DataError, match=r"source 'a' .*\(fingerprint hf-0123\) but data.tokenizer is byte"
+    ):
+        build(data_cfg(tmp_path, a=(src, 1.0)))
+    src2 = make_source(tmp_path / "b")
+    with pytest.raises(DataError, match=r"source 'b' .* vocabulary 257 but model.vocab_size=200"):
+        build(data_cfg(tmp_path, b=(src2, 1.0)), vocab_size=200)
+
+
+@pytest.mark.parametrize("weights", [(-1.0, 1.0), (math.nan, 1.0), (math.inf, 1.0), (0.0, 0.0)])
+def test_bad_weights_are_config_errors(tmp_path, weights):
+    cfg = Config(data=data_cfg(tmp_path, a=("x", weights[0]), b=("y", weights[1])))
+    with pytest.raises(ConfigError, match=r"data.sources"):
+        validate(cfg)
+
+
+def test_fsspec_url_cached_locally_and_verified(tmp_path):
+    import fsspec
+
+    src = make_source(tmp_path / "a")
+    fs = fsspec.filesystem("memory")
+    for f in src.iterdir():
+        fs.pipe_file(f"/remote/a/{f.name}", f.read_bytes())
+    remote = build(data_cfg(tmp_path, a=("memory://remote/a", 1.0)))
+    local = build(data_cfg(tmp_path, a=(src, 1.0)))
+    for _ in range(3):
+        assert next(remote).inputs.tolist() == next(local).inputs.tolist()
+    cached = list((tmp_path / "cache" / "sources").glob("*/train-00000.arrow"))
+    assert len(cached) == 1
+    # a corrupted remote copy is caught against the manifest's sha256 on download
+    name = read_manifest(src).split("train")[1].file
+    blob = bytearray(fs.cat_file(f"/remote/a/{name}"))
+    blob[-200] ^= 0xFF
+    fs.pipe_file(f"/remote/a/{name}", bytes(blob))
+    for p in (tmp_path / "cache" / "sources").glob(f"*/{name}"):
+        p.unlink()
+    with pytest.raises(
+        DataError, match=rf"memory://remote/a/{name}: downloaded sha256 [0-9a-f]+ but the manifest says"
+    ):
+        build(data_cfg(tmp_path, a=("memory://remote/a", 1.0)))
+    assert not list((tmp_path / "cache" / "sources").glob(f"*/{name}"))  # the bad copy is not cached
