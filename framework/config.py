@@ -276,6 +276,18 @@ def validate(cfg: Config, world_size: int = 1) -> None:
             errors.append(f"model ffn width {m.ffn_dim} is not divisible by strategy.tp={s.tp}")
     if s.name == "single" and world_size > 1:
         errors.append(f"strategy=single runs on one process, but the world size is {world_size}")
+    if s.name == "tp" and world_size % max(s.tp, 1) == 0 and s.tp != world_size:
+        errors.append(
+            f"strategy=tp splits the model over all ranks: strategy.tp={s.tp} must equal the world "
+            f"size {world_size} (use strategy=tp_fsdp for tensor x data parallel)"
+        )
+    if s.name in ("tp", "tp_fsdp") and s.sequence_parallel and s.tp >= 1 and t.seq_len % s.tp:
+        errors.append(
+            f"sequence parallel splits each sequence over the TP ranks: trainer.seq_len={t.seq_len} "
+            f"is not divisible by strategy.tp={s.tp} (or set strategy.sequence_parallel=false)"
+        )
+    if s.name.startswith("zero") and p.name == "fp8":
+        errors.append("precision=fp8 is not supported with DeepSpeed ZeRO: use strategy=fsdp")
     if s.name == "tp_fsdp" and s.tp > 1 and world_size // s.tp < 2:
         errors.append(
             f"strategy=tp_fsdp needs a data-parallel degree >= 2: world {world_size} / tp {s.tp}"
@@ -344,16 +356,14 @@ def validate(cfg: Config, world_size: int = 1) -> None:
 
 
 def _validate_hsdp(s: StrategyConfig, world_size: int) -> list[str]:
-    """HSDP replicates FSDP shard groups: only FSDP strategies have them, and the data-parallel
+    """HSDP replicates FSDP shard groups: only strategy=fsdp has them, and the data-parallel
     ranks must split evenly into strategy.hsdp_replicas groups."""
     if s.hsdp_replicas < 1:
         return [f"strategy.hsdp_replicas={s.hsdp_replicas} must be >= 1"]
     if s.hsdp_replicas == 1:
         return []
-    if s.name not in ("fsdp", "tp_fsdp"):
-        return [
-            f"strategy.hsdp_replicas={s.hsdp_replicas} needs strategy=fsdp or tp_fsdp (got {s.name})"
-        ]
+    if s.name != "fsdp":
+        return [f"strategy.hsdp_replicas={s.hsdp_replicas} needs strategy=fsdp (got {s.name})"]
     dp = world_size // s.tp if s.tp >= 1 else world_size
     if dp % s.hsdp_replicas:
         return [

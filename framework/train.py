@@ -10,6 +10,7 @@ srun: ranks come from the environment (framework.parallel.dist).
 from __future__ import annotations
 
 import logging
+import math
 import time
 from pathlib import Path
 
@@ -114,13 +115,17 @@ def _train(cfg: C.Config, dist: Dist) -> dict:
         loss = torch.zeros((), device=dist.device)
         for _ in range(accum):
             loss += engine.forward_backward(next(loader), accum)
+        # The mean loss over all ranks, before the update: a NaN/Inf on any rank stops every rank
+        # here, before any engine (DeepSpeed's included) applies the step.
+        loss = dist.all_reduce_mean(loss / accum).item()
         try:
+            if not math.isfinite(loss):
+                raise NonFiniteError(f"loss is {loss}")
             res = engine.step(lr)
         except NonFiniteError as e:
             raise NonFiniteError(
                 f"step {step} (rank {dist.rank}): {e}; no update applied, nothing saved"
             ) from e
-        loss = dist.all_reduce_mean(loss / accum).item()
         tps = tokens_per_step / (time.perf_counter() - clock)
         record = {
             "step": step,
@@ -133,6 +138,8 @@ def _train(cfg: C.Config, dist: Dist) -> dict:
         }
         if res.skipped:
             record["skipped"] = True
+        if (peak_bytes := engine.peak_memory_bytes()) is not None:
+            record["peak_memory_gib"] = peak_bytes / 2**30
         if step % t.log_every == 0 or step == t.max_steps:
             record.update({f"data/tokens/{k}": v for k, v in loader.tokens_per_source().items()})
         metrics.log_train(record)

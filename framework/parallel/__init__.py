@@ -41,19 +41,6 @@ def _meshes(
 ) -> tuple[DeviceMesh | None, DeviceMesh | None]:
     """(tp_mesh, dp_mesh) for this strategy; dp_mesh is 2-D (replicate, shard) under HSDP."""
     s, world, dev = cfg.strategy, dist.world_size, dist.device.type
-    if s.hsdp_replicas > 1 and not (dp == "fsdp" and not tp):
-        raise ConfigError(f"strategy.hsdp_replicas={s.hsdp_replicas} applies to strategy=fsdp only")
-    if tp and dp is None and s.tp != world:
-        raise ConfigError(
-            f"strategy=tp splits the model over all ranks: strategy.tp={s.tp} must equal the world "
-            f"size {world} (use strategy=tp_fsdp for tp x data parallel)"
-        )
-    if tp and s.sequence_parallel and cfg.trainer.seq_len % s.tp:
-        raise ConfigError(
-            f"sequence parallel splits each sequence over the TP ranks: trainer.seq_len="
-            f"{cfg.trainer.seq_len} is not divisible by strategy.tp={s.tp} "
-            "(or set strategy.sequence_parallel=false)"
-        )
     if tp and dp is not None:
         mesh = init_device_mesh(dev, (world // s.tp, s.tp), mesh_dim_names=("dp", "tp"))
         return mesh["tp"], mesh["dp"]

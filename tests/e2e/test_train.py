@@ -13,6 +13,7 @@ from framework import checkpoint as ckpt_mod
 from framework.checkpoint import CheckpointError, load_model
 from framework.config import ConfigError
 from framework.data.loader import MixtureLoader
+from framework.parallel import NonFiniteError
 from framework.train import train
 from tests.helpers import TINY, make_cfg, read_metrics, train_losses
 
@@ -136,3 +137,26 @@ def test_stop_at_step_keeps_schedule_of_max_steps(reference, tmp_path):
     assert {r["step"]: r["lr"] for r in read_metrics(d)} == {
         r["step"]: r["lr"] for r in read_metrics(reference) if r["step"] <= 3
     }
+
+
+def test_nan_loss_stops_before_the_update_and_saves_nothing(tmp_path, sample_data, monkeypatch):
+    """RELIABILITY B1: a NaN loss at step 3 stops the run before optimizer.step; the last
+    checkpoint is step 2 and holds step 2's weights."""
+    from framework.model.gpt import GPT
+
+    real_forward, calls = GPT.forward, {"n": 0}
+
+    def poisoned(self, idx, targets=None, doc_ids=None):
+        out = real_forward(self, idx, targets, doc_ids)
+        if targets is not None and self.training:
+            calls["n"] += 1
+            if calls["n"] == 5:  # 2 micro-batches per step: the first one of step 3
+                out = out * float("nan")
+        return out
+
+    monkeypatch.setattr(GPT, "forward", poisoned)
+    with pytest.raises(NonFiniteError, match=r"step 3 \(rank 0\): loss is nan"):
+        run(tmp_path, "nan", "checkpoint.every=1")
+    ck = tmp_path / "nan" / "checkpoints"
+    assert sorted(p.name for p in ck.glob("step_*")) == ["step_00000001", "step_00000002"]
+    assert max(train_losses(tmp_path / "nan")) == 2

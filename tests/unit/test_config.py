@@ -133,6 +133,15 @@ def test_unknown_key_fails_at_compose():
         (["checkpoint.keep=1"], 1, r"checkpoint.keep=1"),
         (["trainer.stop_at_step=500", "trainer.max_steps=100"], 1, r"trainer.stop_at_step=500"),
         (["strategy=single"], 2, r"strategy=single runs on one process"),
+        (["strategy=tp", "strategy.tp=2"], 4, r"strategy.tp=2 must equal the world size 4"),
+        (
+            ["strategy=tp", "strategy.tp=2", "trainer.seq_len=33"],
+            2,
+            r"trainer.seq_len=33 is not divisible",
+        ),
+        (["strategy=zero2", "precision=fp8"], 2, r"fp8 is not supported with DeepSpeed ZeRO"),
+        (["strategy=ddp", "strategy.hsdp_replicas=2"], 4, r"hsdp_replicas=2 needs strategy=fsdp"),
+        (["strategy=fsdp", "strategy.hsdp_replicas=3"], 4, r"hsdp_replicas=3 does not divide"),
     ],
 )
 def test_cross_field_errors_name_keys(overrides, world, expected):
