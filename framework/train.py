@@ -136,8 +136,13 @@ def _train(cfg: C.Config, dist: Dist) -> dict:
             "tokens_per_s": tps,
             "mfu": mfu(tps, fpt, peak, dist.world_size),
         }
+        if (scale := engine.loss_scale()) is not None:
+            record["loss_scale"] = scale
         if res.skipped:
             record["skipped"] = True
+            log.warning(
+                "step %d: fp16 gradient overflow: update skipped, loss scale now %g", step, scale
+            )
         if (peak_bytes := engine.peak_memory_bytes()) is not None:
             record["peak_memory_gib"] = peak_bytes / 2**30
         if step % t.log_every == 0 or step == t.max_steps:

@@ -160,3 +160,28 @@ def test_nan_loss_stops_before_the_update_and_saves_nothing(tmp_path, sample_dat
     ck = tmp_path / "nan" / "checkpoints"
     assert sorted(p.name for p in ck.glob("step_*")) == ["step_00000001", "step_00000002"]
     assert max(train_losses(tmp_path / "nan")) == 2
+
+
+def test_fp16_overflow_skips_step_halves_scale_and_logs(tmp_path, sample_data, monkeypatch):
+    """An inf in the gradients (finite loss) at step 2: the update is skipped, the loss scale
+    halves, and both show in metrics.jsonl; training continues."""
+    from framework.model.gpt import GPT
+
+    real_forward, calls = GPT.forward, {"n": 0}
+
+    def overflowing(self, idx, targets=None, doc_ids=None):
+        out = real_forward(self, idx, targets, doc_ids)
+        if targets is not None and self.training:
+            calls["n"] += 1
+            if calls["n"] == 3:  # the first micro-batch of step 2
+                out.register_hook(lambda g: g * float("inf"))
+        return out
+
+    monkeypatch.setattr(GPT, "forward", overflowing)
+    d = run(
+        tmp_path, "fp16", "precision=fp16", "precision.initial_loss_scale=1024", "trainer.max_steps=4"
+    )
+    rows = read_metrics(d)
+    assert [r.get("skipped", False) for r in rows] == [False, True, False, False]
+    assert [r["loss_scale"] for r in rows] == [1024.0, 512.0, 512.0, 512.0]
+    assert "fp16 gradient overflow: update skipped" in (d / "train.log").read_text()
