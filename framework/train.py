@@ -59,7 +59,7 @@ def _train(cfg: C.Config, dist: Dist) -> dict:
 
     torch.manual_seed(seed)  # identical initial weights on every rank
     engine = build_engine(build_model(cfg.model), cfg, dist)
-    dp_rank, dp_size = getattr(engine, "dp_rank", dist.rank), getattr(engine, "dp_size", dist.world_size)
+    dp_rank, dp_size = engine.dp_rank, engine.dp_size  # TP peers share a dp rank (same data)
     accum = C.grad_accum_steps(cfg, dp_size)
     loader = MixtureLoader(
         cfg.data,
