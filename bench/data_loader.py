@@ -45,6 +45,20 @@ SOURCES = {  # name: (share of the tokens on disk, mixture weight, mean document
 VOCAB = 50257  # GPT-2's; ids are uniform random (content does not matter to the loader)
 
 
+def drain(it, to_int64, seq_len: int, tokens: int) -> dict:
+    """Time a peer's iterator over `tokens` tokens after its first batch: each batch is turned
+    into the (B, T+1) int64 array a training step needs. Per-core rate from CPU time."""
+    done, t0, c0 = 0, time.perf_counter(), time.process_time()
+    for b in it:
+        done += to_int64(b).shape[0] * seq_len
+        if done >= tokens:
+            break
+    return {
+        "tokens_per_s": done / (time.process_time() - c0),
+        "tokens_per_s_wall": done / (time.perf_counter() - t0),
+    }
+
+
 def peer_datasets(data_dir: Path, tokens: int, batch: int) -> dict:
     """Runs inside the peer venv: HF datasets interleave over pre-packed windows."""
     import datasets
@@ -59,15 +73,8 @@ def peer_datasets(data_dir: Path, tokens: int, batch: int) -> dict:
     first = np.asarray(next(it)["input_ids"], dtype=np.int64)
     first_s = time.perf_counter() - t0
     seq_len = first.shape[1] - 1
-    done, t0, c0 = 0, time.perf_counter(), time.process_time()
-    for b in it:
-        x = np.asarray(b["input_ids"], dtype=np.int64)  # (B, T+1), as a training step needs it
-        done += x.shape[0] * seq_len
-        if done >= tokens:
-            break
     return {
-        "tokens_per_s": done / (time.process_time() - c0),
-        "tokens_per_s_wall": done / (time.perf_counter() - t0),
+        **drain(it, lambda b: np.asarray(b["input_ids"], dtype=np.int64), seq_len, tokens),
         "first_batch_s": first_s,
         "version": datasets.__version__,
     }
@@ -115,15 +122,8 @@ def peer_litdata(data_dir: Path, tokens: int, batch: int, seq_len: int) -> dict:
     it = iter(StreamingDataLoader(mix, batch_size=batch, num_workers=0))
     next(it)
     first_s = time.perf_counter() - t0
-    done, t0, c0 = 0, time.perf_counter(), time.process_time()
-    for b in it:
-        x = b.long()  # (B, T+1) int64, as a training step needs it
-        done += x.shape[0] * seq_len
-        if done >= tokens:
-            break
     return {
-        "tokens_per_s": done / (time.process_time() - c0),
-        "tokens_per_s_wall": done / (time.perf_counter() - t0),
+        **drain(it, lambda b: b.long(), seq_len, tokens),
         "first_batch_s": first_s,
         "version": litdata.__version__,
         "note": "stored as int32 (litdata's TokensLoader has no uint16 path here)",
@@ -158,15 +158,8 @@ def peer_streaming(data_dir: Path, tokens: int, batch: int, seq_len: int) -> dic
     it = iter(torch.utils.data.DataLoader(ds, batch_size=batch, num_workers=0))
     next(it)
     first_s = time.perf_counter() - t0
-    done, t0, c0 = 0, time.perf_counter(), time.process_time()
-    for b in it:
-        x = b["tokens"].long()  # (B, T+1) int64, as a training step needs it
-        done += x.shape[0] * seq_len
-        if done >= tokens:
-            break
     result = {
-        "tokens_per_s": done / (time.process_time() - c0),
-        "tokens_per_s_wall": done / (time.perf_counter() - t0),
+        **drain(it, lambda b: b["tokens"].long(), seq_len, tokens),
         "first_batch_s": first_s,
         "version": streaming.__version__,
         "note": "torchvision replaced by an import-only stub (streaming imports it at import time; the text path never calls it)",

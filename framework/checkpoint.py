@@ -18,7 +18,6 @@ Hashing is spread over the ranks (rank r hashes files r, r+W, ...) so it scales 
 
 from __future__ import annotations
 
-import hashlib
 import json
 import logging
 import os
@@ -29,6 +28,7 @@ from pathlib import Path
 
 import torch
 
+from framework.data.shards import sha256_file
 from framework.parallel.dist import Dist
 
 log = logging.getLogger("framework")
@@ -57,14 +57,6 @@ class CheckpointError(RuntimeError):
 
 def step_dir_name(step: int) -> str:
     return f"step_{step:08d}"
-
-
-def sha256_file(path: Path, chunk: int = 1 << 22) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        while b := f.read(chunk):
-            h.update(b)
-    return h.hexdigest()
 
 
 def _fsync_write(path: Path, text: str) -> None:
