@@ -239,9 +239,10 @@ def dp_degree(cfg: Config, world_size: int) -> int:
     return world_size // max(cfg.strategy.tp, 1)
 
 
-def validate(cfg: Config, world_size: int = 1) -> None:
+def validate(cfg: Config, world_size: int = 1, device: str | None = None) -> None:
     """Every cross-field check that can run without a GPU or a process group. Collects all
-    problems and raises one ConfigError that names each key."""
+    problems and raises one ConfigError that names each key. `device` is the target device type
+    (cpu | cuda); None resolves trainer.device here (framework.plan passes cuda: it sizes GPUs)."""
     errors: list[str] = []
     try:
         cfg.model.validate()
@@ -288,6 +289,7 @@ def validate(cfg: Config, world_size: int = 1) -> None:
         )
     if s.name.startswith("zero") and p.name == "fp8":
         errors.append("precision=fp8 is not supported with DeepSpeed ZeRO: use strategy=fsdp")
+    errors += _validate_device_precision(cfg, device)
     if s.name == "tp_fsdp" and s.tp > 1 and world_size // s.tp < 2:
         errors.append(
             f"strategy=tp_fsdp needs a data-parallel degree >= 2: world {world_size} / tp {s.tp}"
@@ -353,6 +355,37 @@ def validate(cfg: Config, world_size: int = 1) -> None:
     errors += _validate_sources(cfg.data)
     if errors:
         raise ConfigError("invalid config:\n  - " + "\n  - ".join(errors))
+
+
+def target_device(trainer: TrainerConfig) -> str:
+    """The device type trainer.device means on this machine (auto: cuda when one is visible).
+    torch.cuda.is_available() does not create a CUDA context."""
+    if trainer.device == "auto":
+        import torch
+
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    return trainer.device
+
+
+def _validate_device_precision(cfg: Config, device: str | None) -> list[str]:
+    """DeepSpeed's CPU accelerator refuses fp16 where oneDNN has no fp16 (e.g. AMD EPYC), and
+    would do so only after the process group is up: refuse it here, naming the way out."""
+    s, p = cfg.strategy, cfg.precision
+    if p.name != "fp16" or s.name not in ("zero1", "zero2", "zero3"):
+        return []
+    device = device or target_device(cfg.trainer)
+    if device != "cpu":
+        return []
+    from framework import precision  # imports this module; the probe is patched there by tests
+
+    if precision.deepspeed_cpu_fp16_supported():
+        return []
+    return [
+        f"precision=fp16 with strategy={s.name} (DeepSpeed) on device cpu "
+        f"(trainer.device={cfg.trainer.device}): DeepSpeed's CPU accelerator has no fp16 on this "
+        "CPU (oneDNN reports no fp16 support). Use precision=bf16, or keep fp16 with "
+        "strategy=ddp or strategy=fsdp, or run on a CUDA GPU"
+    ]
 
 
 def _validate_hsdp(s: StrategyConfig, world_size: int) -> list[str]:

@@ -129,7 +129,7 @@ class Plan:
 
 def make_plan(cfg: Config, world_size: int) -> Plan:
     """Validate `cfg` for `world_size` GPUs (ConfigError naming the keys) and size one GPU."""
-    validate(cfg, world_size)
+    validate(cfg, world_size, device="cuda")  # the plan sizes GPUs, whatever this machine has
     m, s, t = cfg.model, cfg.strategy, cfg.trainer
     gpu = memory.GPUS[cfg.plan.gpu]
     # The plan targets GPUs, where precision=auto means bf16.

@@ -19,6 +19,16 @@ from torch import nn
 from framework.config import ConfigError, PrecisionConfig
 
 
+def deepspeed_cpu_fp16_supported() -> bool:
+    """Whether DeepSpeed's CPU accelerator accepts fp16 here. It asks oneDNN (the same probe as
+    deepspeed.accelerator.cpu_accelerator.is_fp16_supported), which says no on e.g. AMD EPYC;
+    importing deepspeed itself just to ask would cost seconds in every config check."""
+    try:
+        return bool(torch.ops.mkldnn._is_mkldnn_fp16_supported())
+    except (AttributeError, RuntimeError):  # a torch build without oneDNN
+        return False
+
+
 @dataclass
 class Precision:
     name: str
