@@ -10,6 +10,7 @@ from __future__ import annotations
 import json
 import logging
 import math
+import secrets
 import sys
 from pathlib import Path
 
@@ -61,6 +62,12 @@ class JsonlSink:
         self.f.close()
 
 
+def new_wandb_id() -> str:
+    """A fresh wandb run id (8 lowercase hex characters, within wandb's allowed [a-z0-9_-]).
+    Ours, not wandb.util.generate_id: that helper is gone in wandb 0.31 (issue 7)."""
+    return secrets.token_hex(4)
+
+
 class WandbSink:
     def __init__(self, cfg: Config, run_dir: Path):
         import wandb
@@ -68,7 +75,7 @@ class WandbSink:
         lc: LoggerConfig = cfg.logger
         # A stable id stored in the run dir makes a resumed run continue the same wandb run.
         id_file = run_dir / "wandb_id"
-        run_id = id_file.read_text().strip() if id_file.exists() else wandb.util.generate_id()
+        run_id = id_file.read_text().strip() if id_file.exists() else new_wandb_id()
         id_file.write_text(run_id)
         self.run = wandb.init(
             project=lc.project,
