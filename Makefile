@@ -3,22 +3,37 @@
 PY      ?= python3
 VENV    ?= .venv
 TORCH   ?= torch==2.13.0
+LOCK    ?= requirements/lock.txt
 BIN      = $(VENV)/bin
 ARGS    ?=
 PYTEST_ARGS ?=
 
-.PHONY: install train test lint format bench clean
+.PHONY: install lock train test lint format bench clean
 
 $(BIN)/python:
 	$(PY) -m venv $(VENV)
 	$(BIN)/pip install -q --upgrade pip
 
-$(VENV)/.installed: $(BIN)/python setup.cfg pyproject.toml
+# Everything but torch comes at the versions of $(LOCK), the set the suite last passed with.
+$(VENV)/.installed: $(BIN)/python setup.cfg pyproject.toml $(LOCK)
 	$(BIN)/pip install -q "$(TORCH)"
-	$(BIN)/pip install -q -e ".[dev]"
+	$(BIN)/pip install -q -c $(LOCK) -e ".[dev]"
 	touch $@
 
 install: $(VENV)/.installed
+
+# Re-resolve the dependencies (newest releases within setup.cfg's ranges) in a throw-away venv
+# and write them to $(LOCK). Run `make test` before committing the new lock.
+lock:
+	@tmp=$$(mktemp -d) && trap 'rm -rf "$$tmp"' EXIT && \
+	$(PY) -m venv "$$tmp/venv" && \
+	"$$tmp/venv/bin/pip" install -q --upgrade pip && \
+	"$$tmp/venv/bin/pip" install -q "$(TORCH)" && \
+	"$$tmp/venv/bin/pip" install -q -e ".[dev]" && \
+	{ sed -n '/^#/p' $(LOCK) 2>/dev/null; \
+	  "$$tmp/venv/bin/pip" freeze --exclude-editable | grep -iv '^torch=='; } > "$$tmp/lock.txt" && \
+	mv "$$tmp/lock.txt" $(LOCK) && \
+	echo "wrote $(LOCK): now run make test, and commit it only if the suite passes"
 
 train: install
 	$(BIN)/python -m framework.train $(ARGS)
