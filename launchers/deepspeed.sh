@@ -6,4 +6,7 @@
 set -euo pipefail
 NGPUS=${1:?usage: deepspeed.sh NUM_GPUS [hydra overrides...]}
 shift
+# shellcheck source=launchers/env.sh
+source "$(dirname "${BASH_SOURCE[0]}")/env.sh"  # the project's environment (FW_ENV, .venv)
+fw_require deepspeed
 exec deepspeed --num_gpus "$NGPUS" --no_local_rank --module framework.train "$@"

@@ -7,6 +7,9 @@
 set -euo pipefail
 NPROC=${1:?usage: torchrun.sh NPROC_PER_NODE [hydra overrides...]}
 shift
+# shellcheck source=launchers/env.sh
+source "$(dirname "${BASH_SOURCE[0]}")/env.sh"  # the project's environment (FW_ENV, .venv)
+fw_require torchrun
 exec torchrun \
   --nnodes "${NNODES:-1}" --node_rank "${NODE_RANK:-0}" \
   --nproc_per_node "$NPROC" \

@@ -8,5 +8,8 @@ CONFIG=${1:?usage: launch.sh multi_gpu|multi_cpu NUM_PROCESSES [hydra overrides.
 NPROC=${2:?usage: launch.sh multi_gpu|multi_cpu NUM_PROCESSES [hydra overrides...]}
 shift 2
 HERE=$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)
+# shellcheck source=launchers/env.sh
+source "$(dirname "${BASH_SOURCE[0]}")/../env.sh"  # the project's environment (FW_ENV, .venv)
+fw_require accelerate
 exec accelerate launch --config_file "$HERE/$CONFIG.yaml" --num_processes "$NPROC" \
   --main_process_port "${MASTER_PORT:-29511}" -m framework.train "$@"
