@@ -1,0 +1,316 @@
+"""Every command README.md shows runs (issue 7 Build 5).
+
+The fenced command blocks are extracted (untagged or sh/bash/console blocks; `\\` continuations
+joined, `#` comments dropped) and each command is classified by the table RULES:
+- `run`: executed in one scratch directory, in README order (so `checkpoint=runs/124m` finds
+  the run an earlier command wrote), with tiny sizes appended (the TINY model, 2 steps) and the
+  per-command substitutions of SUBS; inputs the README assumes (a corpus, a tokenizer file)
+  are made by `make_inputs`, and a ```yaml block whose first line is `# <path>` is written to
+  that path first (the README's own config files);
+- `plan`: multi-GPU / multi-node launches, validated with `python -m framework.plan` for the
+  world size parsed from the launcher arguments, with the line's own overrides;
+- `skip`: only `make test` (this suite).
+A command no rule matches fails the fast test below, so a new README command cannot go
+untested: add a rule (and inputs) here.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import shlex
+import subprocess
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+
+import pytest
+
+from tests.helpers import TINY, read_metrics
+
+ROOT = Path(__file__).resolve().parents[2]
+README = ROOT / "README.md"
+COMMAND_LANGS = ("", "sh", "bash", "shell", "console")
+ENTRY = ["python", "-m"]  # replaced by sys.executable: the checkout's framework, not an installed one
+CONSOLE_SCRIPTS = {"fw-train": "train", "fw-prepare": "prepare", "fw-plan": "plan", "fw-generate": "generate",
+                   "fw-export": "export"}  # fmt: skip
+TRAIN_TINY = [*TINY, "trainer.max_steps=2", "trainer.device=cpu"]
+
+# Per entry point: README values replaced by tiny ones (whole tokens), and overrides appended.
+SUBS: dict[str, dict[str, str]] = {
+    "prepare": {"workers=8": "workers=1", "train_tokenizer=32000": "train_tokenizer=320"},
+    "generate": {"max_new_tokens=64": "max_new_tokens=8"},
+}
+APPEND: dict[str, list[str]] = {
+    "train": TRAIN_TINY,
+    "prepare": ["val_fraction=0.05"],  # the scratch corpus is small: keep a few validation docs
+}
+# Inputs a README command expects beside the README's own outputs: data/<name> directories
+# the text says are yours to prepare, here the prepared data/web under other names.
+LINKS = {"data/wiki": "data/web", "data/cc": "data/web", "data/webtext2": "data/web",
+         "data/books1": "data/web", "data/books2": "data/web", "data/wikipedia": "data/web"}  # fmt: skip
+
+
+@dataclass
+class Command:
+    line: int
+    text: str
+
+    @property
+    def argv(self) -> list[str]:
+        return shlex.split(self.text, comments=True)
+
+
+def readme_blocks(text: str) -> list[tuple[str, int, list[str]]]:
+    """(language, first line number, lines) of every fenced block."""
+    blocks, lang, start, body = [], None, 0, []
+    for n, raw in enumerate(text.splitlines(), 1):
+        if raw.startswith("```"):
+            if lang is None:
+                lang, start, body = raw[3:].strip(), n + 1, []
+            else:
+                blocks.append((lang, start, body))
+                lang = None
+        elif lang is not None:
+            body.append(raw)
+    return blocks
+
+
+def readme_commands(text: str) -> list[Command]:
+    cmds = []
+    for lang, start, body in readme_blocks(text):
+        if lang not in COMMAND_LANGS:
+            continue
+        joined, first = "", None
+        for n, raw in enumerate(body, start):
+            line = raw.rstrip()
+            first = n if first is None else first
+            if line.endswith("\\"):
+                joined += line[:-1] + " "
+                continue
+            joined += line
+            if joined.strip() and not joined.strip().startswith("#"):
+                cmds.append(Command(first, joined.strip()))
+            joined, first = "", None
+    return cmds
+
+
+def readme_files(text: str) -> dict[str, str]:
+    """{path: content} of the ```yaml blocks that start with a `# <path>` comment."""
+    files = {}
+    for lang, _, body in readme_blocks(text):
+        if lang == "yaml" and body and (m := re.fullmatch(r"#\s*(\S+\.ya?ml)\s*", body[0])):
+            files[m[1]] = "\n".join(body) + "\n"
+    return files
+
+
+def merge(overrides: list[str], extra: list[str]) -> list[str]:
+    """`overrides` then `extra`; a key set in both keeps only extra's value (Hydra refuses a
+    key given twice). Flags (--config-dir DIR) stay first."""
+
+    def key(o: str) -> str:
+        return o.split("=", 1)[0].lstrip("+~") if "=" in o else o
+
+    last = {key(e): i for i, e in enumerate(extra)}
+    extra = [e for i, e in enumerate(extra) if last[key(e)] == i]
+    return [o for o in overrides if key(o) not in last] + extra
+
+
+@dataclass
+class Plan:
+    """What the test does with one README command."""
+
+    kind: str  # run | plan | skip
+    argv: list[str]  # the command to execute (run, plan)
+    entry: str = ""  # framework entry point (train, prepare, ...)
+    world: int = 1
+    why: str = ""
+
+
+def _entry_argv(entry: str, args: list[str]) -> Plan:
+    args = [SUBS.get(entry, {}).get(a, a) for a in args]
+    args = merge(args, APPEND.get(entry, []))
+    return Plan("run", [sys.executable, "-m", f"framework.{entry}", *args], entry)
+
+
+def _plan_argv(args: list[str], world: int) -> Plan:
+    argv = [sys.executable, "-m", "framework.plan", *merge(args, [f"plan.world_size={world}"])]
+    return Plan("plan", argv, "plan", world)
+
+
+def _slurm_gpus_per_node() -> int:
+    m = re.search(r"^#SBATCH --gpus-per-node=(\d+)", (ROOT / "launchers/slurm.sbatch").read_text(), re.M)
+    return int(m[1]) if m else 1
+
+
+def _python_m(a: list[str]) -> Plan | None:
+    if len(a) > 2 and a[:2] == ENTRY and a[2].startswith("framework.") and a[2] != "framework.plan":
+        return _entry_argv(a[2].removeprefix("framework."), a[3:])
+    if a[:3] == [*ENTRY, "framework.plan"]:  # cheap at any size: run as written
+        return Plan("run", [sys.executable, "-m", "framework.plan", *a[3:]], "plan")
+    return None
+
+
+def _console(a: list[str]) -> Plan | None:
+    return (
+        _python_m([*ENTRY, f"framework.{CONSOLE_SCRIPTS[a[0]]}", *a[1:]])
+        if a[0] in CONSOLE_SCRIPTS
+        else None
+    )
+
+
+def _make(a: list[str]) -> Plan | None:
+    if a == ["make", "test"]:
+        return Plan("skip", [], why="make test is this test suite")
+    if a[:2] == ["make", "train"]:  # the Makefile runs `python -m framework.train $(ARGS)`
+        args = [x for kv in a[2:] if kv.startswith("ARGS=") for x in shlex.split(kv[5:])]
+        return _entry_argv("train", args)
+    return None
+
+
+def _launcher(a: list[str]) -> Plan | None:
+    if a[0] in ("launchers/torchrun.sh", "launchers/deepspeed.sh"):
+        return _plan_argv(a[2:], int(a[1]))
+    if a[0] == "launchers/accelerate/launch.sh":
+        return _plan_argv(a[3:], int(a[2]))
+    if a[0] == "sbatch":
+        i = a.index("launchers/slurm.sbatch")
+        opts = dict(zip(a[1:i:2], a[2:i:2]))
+        return _plan_argv(a[i + 1 :], int(opts.get("--nodes", 1)) * _slurm_gpus_per_node())
+    return None
+
+
+RULES = (_python_m, _console, _make, _launcher)
+
+
+def classify(cmd: Command) -> Plan | None:
+    argv = cmd.argv
+    for rule in RULES:
+        if argv and (plan := rule(argv)) is not None:
+            return plan
+    return None
+
+
+def make_inputs(cwd: Path) -> None:
+    """What the README's commands read but do not make: a jsonl.zst corpus, a books/ folder of
+    text files and a `gpt2/tokenizer.json` (a small byte-level BPE trained here)."""
+    import zstandard
+
+    from framework.prepare import train_bpe
+
+    words = "the of and to in is was for on that with as by at from his her it an are were".split()
+    docs = [
+        " ".join(words[(i * 7 + j) % len(words)] for j in range(40 + i % 30)) + f" {i}."
+        for i in range(400)
+    ]
+    (cwd / "corpus").mkdir()
+    data = "".join(json.dumps({"text": d}) + "\n" for d in docs).encode()
+    (cwd / "corpus/part-0.jsonl.zst").write_bytes(zstandard.ZstdCompressor().compress(data))
+    (cwd / "books").mkdir()
+    for k in range(2):
+        (cwd / f"books/book{k}.txt").write_text("\n\n".join(docs[k::2]))
+    (cwd / "gpt2").mkdir()
+    train_bpe(iter(docs), 300, cwd / "gpt2/tokenizer.json")
+    for path, content in readme_files(README.read_text()).items():
+        (cwd / path).parent.mkdir(parents=True, exist_ok=True)
+        (cwd / path).write_text(content)
+
+
+def link_inputs(cwd: Path) -> None:
+    for name, target in LINKS.items():
+        if not (cwd / name).exists() and (cwd / target).exists():
+            (cwd / name).symlink_to((cwd / target).resolve(), target_is_directory=True)
+
+
+def override(argv: list[str], key: str) -> str | None:
+    values = [a.split("=", 1)[1] for a in argv if a.split("=", 1)[0] == key]
+    return values[-1] if values else None
+
+
+def check_outputs(plan: Plan, cwd: Path, out: str) -> str | None:
+    """A behaviour per entry point, beyond the exit code: None if it holds, else what failed."""
+    a = plan.argv
+    if plan.entry == "train":
+        run_dir = cwd / (override(a, "run.dir") or "runs/debug")
+        steps = [r["step"] for r in read_metrics(run_dir) if "loss" in r]
+        return None if steps == [1, 2] else f"{run_dir}/metrics.jsonl has steps {steps}, expected [1, 2]"
+    if plan.entry == "prepare":
+        manifest = cwd / override(a, "output") / "manifest.json"
+        return None if manifest.exists() else f"{manifest} was not written"
+    if plan.entry == "export":
+        out_dir = cwd / override(a, "out")
+        missing = {"config.json", "model.safetensors"} - {p.name for p in out_dir.glob("*")}
+        return f"{out_dir} lacks {sorted(missing)}" if missing else None
+    if plan.entry == "generate":
+        return None if json.loads(out.strip().splitlines()[-1]) else "generate printed no JSON result"
+    if plan.entry == "plan":
+        last = json.loads(out.strip().splitlines()[-1])
+        want = override(a, "plan.world_size")
+        if want is not None and last["world_size"] != int(want):
+            return f"planned world size {last['world_size']}, expected {want}"
+        return None
+    return None
+
+
+def test_every_readme_command_is_classified():
+    cmds = readme_commands(README.read_text())
+    assert len(cmds) >= 10, [c.text for c in cmds]  # the extractor found the README's blocks
+    unknown = [f"README.md:{c.line}: {c.text}" for c in cmds if classify(c) is None]
+    assert unknown == [], "add a rule to tests/e2e/test_readme.py for:\n" + "\n".join(unknown)
+
+
+def test_extractor_joins_continuations_and_tags():
+    text = (
+        "x\n```\npython -m framework.train a=1 \\\n    b=2   # why\n# note\n```\n```text\nruns/x\n```\n"
+    )
+    (cmd,) = readme_commands(text)
+    assert cmd.line == 3 and cmd.argv == ["python", "-m", "framework.train", "a=1", "b=2"]
+    plan = classify(Command(1, "launchers/accelerate/launch.sh multi_gpu 8 model=x run.dir=..."))
+    assert (
+        plan.kind == "plan"
+        and plan.world == 8
+        and plan.argv[-2:] == ["run.dir=...", "plan.world_size=8"]
+    )
+    plan = classify(Command(1, "sbatch --nodes 4 launchers/slurm.sbatch model=x"))
+    assert plan.world == 4 * _slurm_gpus_per_node()
+    plan = classify(Command(1, 'make train ARGS="trainer.max_steps=500 model=debug-llama"'))
+    assert (
+        plan.entry == "train" and "model=debug-llama" in plan.argv and "trainer.max_steps=2" in plan.argv
+    )
+    assert "trainer.max_steps=500" not in plan.argv
+    assert "$(BIN)/python -m framework.train $(ARGS)" in (ROOT / "Makefile").read_text()
+
+
+@pytest.mark.slow
+def test_every_readme_command_runs(tmp_path, sample_data):
+    cwd = tmp_path / "work"
+    cwd.mkdir()
+    make_inputs(cwd)
+    env = dict(os.environ, PYTHONPATH=str(ROOT), OMP_NUM_THREADS="1")
+    plans = [(c, classify(c)) for c in readme_commands(README.read_text())]
+    failures = []
+
+    def report(c: Command, p: Plan, proc: subprocess.CompletedProcess | None, out: str, why: str):
+        failures.append(
+            f"README.md:{c.line}: {c.text}\n  ran: {shlex.join(p.argv)}\n  {why}\n{out[-2500:]}"
+        )
+
+    # plan checks are independent of each other and of the runs: start them together
+    procs = [(c, p, subprocess.Popen(p.argv, cwd=cwd, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                                     text=True)) for c, p in plans if p.kind == "plan"]  # fmt: skip
+    for c, p, proc in procs:
+        out, _ = proc.communicate(timeout=300)
+        why = f"exit {proc.returncode}" if proc.returncode else check_outputs(p, cwd, out)
+        if why:
+            report(c, p, None, out, why)
+    for c, p in plans:  # in README order: later commands read what earlier ones wrote
+        if p.kind != "run":
+            continue
+        link_inputs(cwd)
+        proc = subprocess.run(p.argv, cwd=cwd, env=env, capture_output=True, text=True, timeout=300)
+        out = proc.stdout + proc.stderr
+        why = f"exit {proc.returncode}" if proc.returncode else check_outputs(p, cwd, proc.stdout)
+        if why:
+            report(c, p, proc, out, why)
+    assert not failures, "\n\n".join(failures)
