@@ -2,8 +2,12 @@
 
     python -m framework.export checkpoint=runs/debug out=hf/debug format=hf
 
-writes `config.json` + `model.safetensors` that `transformers` loads as GPT2LMHeadModel
-(gpt2-style flavors) or LlamaForCausalLM (llama-style flavors). The reverse,
+writes `config.json` (with our end-of-text id as bos/eos), `generation_config.json`,
+`model.safetensors` and the tokenizer (`tokenizer.json` + `tokenizer_config.json`) that
+`transformers` loads as GPT2LMHeadModel (gpt2-style flavors) or LlamaForCausalLM (llama-style)
+plus AutoTokenizer: a tokenizers JSON file is copied; the built-in byte tokenizer is written as
+an equivalent byte-level BPE without merges; tiktoken encodings are refused unless
+`with_tokenizer=false`. Directory 0777 and files 0666, less the umask. The reverse,
 `load_hf_weights`, initialises our model from such a directory (`model.init_from=<dir>`).
 
 The name/layout mapping is written here by hand because it is ours: HF GPT-2 keeps fused
@@ -42,6 +46,8 @@ class ExportConfig:
     dtype: str = "float32"
     """float32 | bfloat16 | float16."""
     overwrite: bool = False
+    with_tokenizer: bool = True
+    """Write tokenizer files (tiktoken encodings cannot be: export them with false)."""
 
 
 ConfigStore.instance().store(name="export_schema", node=ExportConfig)
@@ -175,9 +181,11 @@ def save_hf(
     out: str | Path,
     dtype: torch.dtype = torch.float32,
     overwrite: bool = False,
-    tokenizer_file: str | None = None,
+    tokenizer: str | None = None,
 ) -> Path:
-    """Write config.json + model.safetensors into `out`, atomically (temp dir, then rename)."""
+    """Write config.json, generation_config.json, model.safetensors and (given our tokenizer
+    spec: 'byte' or a tokenizers JSON file) the tokenizer files into `out`, atomically (a temp
+    dir, then a rename), with the modes of any normally created file (umask applies)."""
     from safetensors.torch import save_file
 
     out = Path(out)
@@ -187,17 +195,107 @@ def save_hf(
     tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}-", dir=out.parent))
     try:
         cfg = hf_config(model.cfg) | {"torch_dtype": str(dtype).removeprefix("torch.")}
-        (tmp / "config.json").write_text(json.dumps(cfg, indent=2))
+        if tokenizer is not None:
+            eot = write_tokenizer(tokenizer, tmp, model.cfg)
+            # GPT-2's convention: one end-of-text token opens and ends documents; our shards
+            # put it between documents and never prepend one, so a prompt starts bare.
+            ids = {"bos_token_id": eot, "eos_token_id": eot}
+            cfg |= ids
+            # pad = eos keeps transformers' generate() from warning and guessing one.
+            gen = ids | {"pad_token_id": eot}
+            (tmp / "generation_config.json").write_text(json.dumps(gen, indent=2) + "\n")
+        (tmp / "config.json").write_text(json.dumps(cfg, indent=2) + "\n")
         tensors = {k: v.to(dtype) for k, v in to_hf(model).items()}
         save_file(tensors, str(tmp / "model.safetensors"), metadata={"format": "pt"})
-        if tokenizer_file and Path(tokenizer_file).is_file():
-            shutil.copy(tokenizer_file, tmp / "tokenizer.json")
+        _normal_modes(tmp)
         if out.exists():
             shutil.rmtree(out)
         os.rename(tmp, out)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
     return out
+
+
+def _normal_modes(d: Path) -> None:
+    """mkdtemp makes 0700 (and safetensors' files may be 0600); an export is meant to be shared
+    like any directory the user creates: 0777/0666 less the process umask."""
+    umask = os.umask(0)  # the only portable way to read it; restored at once
+    os.umask(umask)
+    d.chmod(0o777 & ~umask)
+    for f in d.iterdir():
+        f.chmod(0o666 & ~umask)
+
+
+# -- tokenizer files ---------------------------------------------------------------------
+def _byte_to_unicode() -> dict[int, str]:
+    """The byte-level alphabet of `tokenizers`' ByteLevel pre-tokenizer (GPT-2's): printable
+    Latin-1 bytes stand for themselves, the other 68 bytes map to code points 256.. in order."""
+    printable = [*range(0x21, 0x7F), *range(0xA1, 0xAD), *range(0xAE, 0x100)]
+    shifted = (b for b in range(256) if b not in printable)
+    chars = {b: chr(b) for b in printable}
+    chars |= {b: chr(256 + n) for n, b in enumerate(shifted)}
+    return chars
+
+
+def byte_tokenizer_json(eot_token: str = "<|endoftext|>"):
+    """Our ByteTokenizer as a `tokenizers` Tokenizer: a BPE whose vocabulary is the 256 bytes at
+    their own ids, with no merges (so every byte stays one token), and end-of-text as a special
+    token at id 256. Same ids as ours for every text, except that the literal string
+    '<|endoftext|>' becomes id 256 there (special tokens are matched in text by `tokenizers`)."""
+    from tokenizers import AddedToken, decoders, models, pre_tokenizers
+    from tokenizers import Tokenizer as HFTok
+
+    from framework.data.tokenizer import ByteTokenizer
+
+    vocab = {ch: b for b, ch in _byte_to_unicode().items()}
+    tok = HFTok(models.BPE(vocab=vocab, merges=[]))
+    # No regex split: with no merges the split cannot change the ids, and skipping it is faster.
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)
+    tok.decoder = decoders.ByteLevel()
+    tok.add_special_tokens([AddedToken(eot_token, special=True)])
+    if tok.token_to_id(eot_token) != ByteTokenizer.eot_id:
+        raise RuntimeError(f"byte tokenizer export: {eot_token} got id {tok.token_to_id(eot_token)}")
+    return tok
+
+
+def write_tokenizer(spec: str, out: Path, m: ModelConfig) -> int:
+    """tokenizer.json + tokenizer_config.json that `AutoTokenizer.from_pretrained(out)` loads,
+    for our tokenizer `spec` (data.tokenizer of the checkpoint); returns the end-of-text id."""
+    from framework.data.tokenizer import HFTokenizer, load_tokenizer
+
+    if spec.startswith("tiktoken:"):
+        raise ConfigError(
+            f"data.tokenizer={spec}: a tiktoken encoding cannot be exported as Hugging Face "
+            "tokenizer files here; pass with_tokenizer=false to export the weights and config only "
+            "(then load the matching tokenizer yourself)"
+        )
+    try:
+        tok = load_tokenizer(spec)
+    except (OSError, ValueError) as e:
+        raise ConfigError(
+            f"data.tokenizer={spec} of the checkpoint cannot be loaded ({e}); restore the file "
+            "or pass with_tokenizer=false"
+        ) from e
+    if tok.vocab_size > m.vocab_size:
+        raise ConfigError(
+            f"data.tokenizer={spec} has {tok.vocab_size} tokens but model.vocab_size={m.vocab_size}"
+        )
+    eot_token = HFTokenizer.EOT
+    if isinstance(tok, HFTokenizer):
+        shutil.copyfile(spec, out / "tokenizer.json")
+    else:
+        byte_tokenizer_json(eot_token).save(str(out / "tokenizer.json"))
+    tok_cfg = {
+        # The generic fast class: it reads tokenizer.json as is (no slow-tokenizer files).
+        "tokenizer_class": "PreTrainedTokenizerFast",
+        "bos_token": eot_token,
+        "eos_token": eot_token,
+        "pad_token": eot_token,
+        "model_max_length": m.block_size,
+        "clean_up_tokenization_spaces": False,  # decode() must return the bytes we trained on
+    }
+    (out / "tokenizer_config.json").write_text(json.dumps(tok_cfg, indent=2) + "\n")
+    return tok.eot_id
 
 
 # -- HF -> ours --------------------------------------------------------------------------
@@ -316,14 +414,8 @@ def run(cfg: ExportConfig) -> Path:
     if cfg.dtype not in DTYPES:
         raise ConfigError(f"dtype={cfg.dtype!r} must be one of {', '.join(DTYPES)}")
     model, state = load_model(cfg.checkpoint)
-    tok = state["config"]["data"]["tokenizer"]
-    out = save_hf(
-        model,
-        cfg.out,
-        DTYPES[cfg.dtype],
-        cfg.overwrite,
-        tokenizer_file=tok if tok.endswith(".json") else None,
-    )
+    tok = state["config"]["data"]["tokenizer"] if cfg.with_tokenizer else None
+    out = save_hf(model, cfg.out, DTYPES[cfg.dtype], cfg.overwrite, tokenizer=tok)
     log.info("wrote %s (step %d)", out, state["step"])
     return out
 
