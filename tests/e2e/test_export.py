@@ -241,3 +241,48 @@ def test_export_refuses_tiktoken_tokenizer_files(tmp_path):
     with pytest.raises(ConfigError, match=r"tiktoken:gpt2.*with_tokenizer=false"):
         save_hf(randomized(GPT2_STYLE), tmp_path / "hf", tokenizer="tiktoken:gpt2")
     assert not (tmp_path / "hf").exists()
+
+
+def test_generate_cli_keeps_quoted_whitespace_and_reads_prompt_file_exactly(trained, tmp_path):
+    """Issue 7 failure 7: `prompt="the "` lost its trailing space. Hydra strips unquoted values;
+    the documented quoting keeps it, and prompt_file= keeps every byte."""
+    quoted = _cli(
+        "framework.generate", f"checkpoint={trained}", 'prompt=" the "', "max_new_tokens=0", cwd=tmp_path
+    )
+    assert quoted.returncode == 0, quoted.stderr
+    assert json.loads(quoted.stdout.strip().splitlines()[-1])["ids"] == list(b" the ")
+    prompt = "  é the\n"
+    (tmp_path / "prompt.txt").write_bytes(prompt.encode())
+    text = _cli(
+        "framework.generate",
+        f"checkpoint={trained}",
+        "prompt_file=prompt.txt",
+        "temperature=0",
+        "max_new_tokens=8",
+        "output=text",
+        cwd=tmp_path,
+    )
+    assert text.returncode == 0, text.stderr
+    expected = generate_run(
+        GenerateConfig(checkpoint=str(trained), prompt=prompt, max_new_tokens=8, greedy=True)
+    )
+    assert expected["ids"][: len(prompt.encode())] == list(prompt.encode())
+    assert text.stdout == expected["completion"] == ByteTokenizer().decode(expected["ids"][-8:])
+
+
+def test_generate_temperature_zero_is_greedy_and_prompt_file_is_exact(trained, tmp_path):
+    base = dict(checkpoint=str(trained), max_new_tokens=6, seed=5)
+    greedy = generate_run(GenerateConfig(prompt="ab", greedy=True, **base))
+    assert generate_run(GenerateConfig(prompt="ab", temperature=0.0, **base)) == greedy
+    (tmp_path / "p.txt").write_bytes(b"\tab \r\n")
+    from_file = generate_run(GenerateConfig(prompt_file=str(tmp_path / "p.txt"), **base))
+    assert from_file["ids"][:6] == list(b"\tab \r\n")
+    with pytest.raises(ConfigError, match=r"temperature=-1.0 must be >= 0"):
+        generate_run(GenerateConfig(prompt="ab", temperature=-1.0, **base))
+    with pytest.raises(ConfigError, match=r"exactly one of .*got \['prompt', 'prompt_file'\]"):
+        generate_run(GenerateConfig(prompt="ab", prompt_file=str(tmp_path / "p.txt"), **base))
+    (tmp_path / "bad.txt").write_bytes(b"ab\xff")
+    with pytest.raises(ConfigError, match=r"prompt_file=.*bad.txt: not UTF-8 text \(byte 2\)"):
+        generate_run(GenerateConfig(prompt_file=str(tmp_path / "bad.txt"), **base))
+    with pytest.raises(ConfigError, match=r"output='csv' must be one of json, text"):
+        generate_run(GenerateConfig(prompt="ab", output="csv", **base))
