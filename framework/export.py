@@ -253,8 +253,14 @@ def byte_tokenizer_json(eot_token: str = "<|endoftext|>"):
     tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)
     tok.decoder = decoders.ByteLevel()
     tok.add_special_tokens([AddedToken(eot_token, special=True)])
-    if tok.token_to_id(eot_token) != ByteTokenizer.eot_id:
-        raise RuntimeError(f"byte tokenizer export: {eot_token} got id {tok.token_to_id(eot_token)}")
+    # Self-check before anything is written: every 1-, 2-, 3- and 4-byte UTF-8 form and
+    # whitespace runs must give our ids (a tokenizers upgrade that changed ByteLevel would show).
+    probe = "".join(map(chr, range(0x250))) + "  \t\n日本語 😀 é"
+    ours = ByteTokenizer()
+    if tok.encode(probe).ids != ours.encode(probe) or tok.token_to_id(eot_token) != ours.eot_id:
+        raise RuntimeError(
+            "byte tokenizer export: the tokenizers version in use gives other ids than ours"
+        )
     return tok
 
 
