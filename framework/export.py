@@ -2,8 +2,12 @@
 
     python -m framework.export checkpoint=runs/debug out=hf/debug format=hf
 
-writes `config.json` + `model.safetensors` that `transformers` loads as GPT2LMHeadModel
-(gpt2-style flavors) or LlamaForCausalLM (llama-style flavors). The reverse,
+writes `config.json` (with our end-of-text id as bos/eos), `generation_config.json`,
+`model.safetensors` and the tokenizer (`tokenizer.json` + `tokenizer_config.json`) that
+`transformers` loads as GPT2LMHeadModel (gpt2-style flavors) or LlamaForCausalLM (llama-style)
+plus AutoTokenizer: a tokenizers JSON file is copied; the built-in byte tokenizer is written as
+an equivalent byte-level BPE without merges; tiktoken encodings are refused unless
+`with_tokenizer=false`. Directory 0777 and files 0666, less the umask. The reverse,
 `load_hf_weights`, initialises our model from such a directory (`model.init_from=<dir>`).
 
 The name/layout mapping is written here by hand because it is ours: HF GPT-2 keeps fused
@@ -42,6 +46,8 @@ class ExportConfig:
     dtype: str = "float32"
     """float32 | bfloat16 | float16."""
     overwrite: bool = False
+    with_tokenizer: bool = True
+    """Write tokenizer files (tiktoken encodings cannot be: export them with false)."""
 
 
 ConfigStore.instance().store(name="export_schema", node=ExportConfig)
@@ -175,9 +181,11 @@ def save_hf(
     out: str | Path,
     dtype: torch.dtype = torch.float32,
     overwrite: bool = False,
-    tokenizer_file: str | None = None,
+    tokenizer: str | None = None,
 ) -> Path:
-    """Write config.json + model.safetensors into `out`, atomically (temp dir, then rename)."""
+    """Write config.json, generation_config.json, model.safetensors and (given our tokenizer
+    spec: 'byte' or a tokenizers JSON file) the tokenizer files into `out`, atomically (a temp
+    dir, then a rename), with the modes of any normally created file (umask applies)."""
     from safetensors.torch import save_file
 
     out = Path(out)
@@ -187,17 +195,113 @@ def save_hf(
     tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}-", dir=out.parent))
     try:
         cfg = hf_config(model.cfg) | {"torch_dtype": str(dtype).removeprefix("torch.")}
-        (tmp / "config.json").write_text(json.dumps(cfg, indent=2))
+        if tokenizer is not None:
+            eot = write_tokenizer(tokenizer, tmp, model.cfg)
+            # GPT-2's convention: one end-of-text token opens and ends documents; our shards
+            # put it between documents and never prepend one, so a prompt starts bare.
+            ids = {"bos_token_id": eot, "eos_token_id": eot}
+            cfg |= ids
+            # pad = eos keeps transformers' generate() from warning and guessing one.
+            gen = ids | {"pad_token_id": eot}
+            (tmp / "generation_config.json").write_text(json.dumps(gen, indent=2) + "\n")
+        (tmp / "config.json").write_text(json.dumps(cfg, indent=2) + "\n")
         tensors = {k: v.to(dtype) for k, v in to_hf(model).items()}
         save_file(tensors, str(tmp / "model.safetensors"), metadata={"format": "pt"})
-        if tokenizer_file and Path(tokenizer_file).is_file():
-            shutil.copy(tokenizer_file, tmp / "tokenizer.json")
+        _normal_modes(tmp)
         if out.exists():
             shutil.rmtree(out)
         os.rename(tmp, out)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
     return out
+
+
+def _normal_modes(d: Path) -> None:
+    """mkdtemp makes 0700 (and safetensors' files may be 0600); an export is meant to be shared
+    like any directory the user creates: 0777/0666 less the process umask."""
+    umask = os.umask(0)  # the only portable way to read it; restored at once
+    os.umask(umask)
+    d.chmod(0o777 & ~umask)
+    for f in d.iterdir():
+        f.chmod(0o666 & ~umask)
+
+
+# -- tokenizer files ---------------------------------------------------------------------
+def _byte_to_unicode() -> dict[int, str]:
+    """The byte-level alphabet of `tokenizers`' ByteLevel pre-tokenizer (GPT-2's): printable
+    Latin-1 bytes stand for themselves, the other 68 bytes map to code points 256.. in order."""
+    printable = [*range(0x21, 0x7F), *range(0xA1, 0xAD), *range(0xAE, 0x100)]
+    shifted = (b for b in range(256) if b not in printable)
+    chars = {b: chr(b) for b in printable}
+    chars |= {b: chr(256 + n) for n, b in enumerate(shifted)}
+    return chars
+
+
+def byte_tokenizer_json(eot_token: str = "<|endoftext|>"):
+    """Our ByteTokenizer as a `tokenizers` Tokenizer: a BPE whose vocabulary is the 256 bytes at
+    their own ids, with no merges (so every byte stays one token), and end-of-text as a special
+    token at id 256. Same ids as ours for every text, except that the literal string
+    '<|endoftext|>' becomes id 256 there (special tokens are matched in text by `tokenizers`)."""
+    from tokenizers import AddedToken, decoders, models, pre_tokenizers
+    from tokenizers import Tokenizer as HFTok
+
+    from framework.data.tokenizer import ByteTokenizer
+
+    vocab = {ch: b for b, ch in _byte_to_unicode().items()}
+    tok = HFTok(models.BPE(vocab=vocab, merges=[]))
+    # No regex split: with no merges the split cannot change the ids, and skipping it is faster.
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)
+    tok.decoder = decoders.ByteLevel()
+    tok.add_special_tokens([AddedToken(eot_token, special=True)])
+    # Self-check before anything is written: every 1-, 2-, 3- and 4-byte UTF-8 form and
+    # whitespace runs must give our ids (a tokenizers upgrade that changed ByteLevel would show).
+    probe = "".join(map(chr, range(0x250))) + "  \t\n日本語 😀 é"
+    ours = ByteTokenizer()
+    if tok.encode(probe).ids != ours.encode(probe) or tok.token_to_id(eot_token) != ours.eot_id:
+        raise RuntimeError(
+            "byte tokenizer export: the tokenizers version in use gives other ids than ours"
+        )
+    return tok
+
+
+def write_tokenizer(spec: str, out: Path, m: ModelConfig) -> int:
+    """tokenizer.json + tokenizer_config.json that `AutoTokenizer.from_pretrained(out)` loads,
+    for our tokenizer `spec` (data.tokenizer of the checkpoint); returns the end-of-text id."""
+    from framework.data.tokenizer import HFTokenizer, load_tokenizer
+
+    if spec.startswith("tiktoken:"):
+        raise ConfigError(
+            f"data.tokenizer={spec}: a tiktoken encoding cannot be exported as Hugging Face "
+            "tokenizer files here; pass with_tokenizer=false to export the weights and config only "
+            "(then load the matching tokenizer yourself)"
+        )
+    try:
+        tok = load_tokenizer(spec)
+    except (OSError, ValueError) as e:
+        raise ConfigError(
+            f"data.tokenizer={spec} of the checkpoint cannot be loaded ({e}); restore the file "
+            "or pass with_tokenizer=false"
+        ) from e
+    if tok.vocab_size > m.vocab_size:
+        raise ConfigError(
+            f"data.tokenizer={spec} has {tok.vocab_size} tokens but model.vocab_size={m.vocab_size}"
+        )
+    eot_token = HFTokenizer.EOT
+    if isinstance(tok, HFTokenizer):
+        shutil.copyfile(spec, out / "tokenizer.json")
+    else:
+        byte_tokenizer_json(eot_token).save(str(out / "tokenizer.json"))
+    tok_cfg = {
+        # The generic fast class: it reads tokenizer.json as is (no slow-tokenizer files).
+        "tokenizer_class": "PreTrainedTokenizerFast",
+        "bos_token": eot_token,
+        "eos_token": eot_token,
+        "pad_token": eot_token,
+        "model_max_length": m.block_size,
+        "clean_up_tokenization_spaces": False,  # decode() must return the bytes we trained on
+    }
+    (out / "tokenizer_config.json").write_text(json.dumps(tok_cfg, indent=2) + "\n")
+    return tok.eot_id
 
 
 # -- HF -> ours --------------------------------------------------------------------------
@@ -224,47 +328,171 @@ def read_hf_state(path: str | Path) -> tuple[dict, dict[str, torch.Tensor]]:
     return hf_cfg, tensors
 
 
+# Every config.json field we know, per model_type. `model.init_from` refuses any other field
+# (an unknown one may change the computation) and any known field whose value we do not
+# implement; fields that only configure training, bookkeeping or generation defaults are ignored.
+_IGNORED_ANY = {
+    "architectures", "transformers_version", "torch_dtype", "dtype", "use_cache",
+    "initializer_range", "bos_token_id", "eos_token_id", "pad_token_id", "sep_token_id",
+    "decoder_start_token_id", "tokenizer_class", "task_specific_params", "id2label", "label2id",
+    "problem_type", "return_dict", "output_attentions", "output_hidden_states", "torchscript",
+    "is_encoder_decoder", "is_decoder", "prefix", "finetuning_task", "chunk_size_feed_forward",
+    "tie_encoder_decoder", "max_length", "min_length", "do_sample", "num_beams", "temperature",
+    "top_k", "top_p", "repetition_penalty", "no_repeat_ngram_size", "early_stopping",
+    "length_penalty", "num_return_sequences", "bad_words_ids",
+}  # fmt: skip
+_IGNORED = {
+    # dropout rates and the summary head are training / classification choices (ours:
+    # model.dropout); reorder_and_upcast_attn only changes fp16 rounding, not the function.
+    "gpt2": {"attn_pdrop", "embd_pdrop", "resid_pdrop", "summary_type", "summary_use_proj",
+             "summary_activation", "summary_proj_to_labels", "summary_first_dropout",
+             "reorder_and_upcast_attn", "output_past"},
+    # RoPE computes any position (our limit is model.block_size); pretraining_tp only splits
+    # the same matmuls.
+    "llama": {"attention_dropout", "max_position_embeddings", "pretraining_tp"},
+}  # fmt: skip
+# field -> values we implement (what the field must be, whatever our model config says)
+_FIXED = {
+    "gpt2": {
+        "activation_function": ("gelu_new", "gelu_pytorch_tanh"),  # both GELU's tanh form
+        "scale_attn_weights": (True,),
+        "scale_attn_by_inverse_layer_idx": (False,),
+        "add_cross_attention": (False,),
+    },
+    "llama": {"hidden_act": ("silu",), "rope_scaling": (None,)},
+}
+
+
+def _model_fields(m: ModelConfig) -> dict[str, tuple[object, str]]:
+    """HF field -> (our value, our key): shapes and the numerics our ModelConfig sets."""
+    if m.style == "gpt2":
+        return {
+            "vocab_size": (m.vocab_size, "model.vocab_size"),
+            "n_positions": (m.block_size, "model.block_size"),
+            "n_ctx": (m.block_size, "model.block_size"),
+            "n_embd": (m.n_embd, "model.n_embd"),
+            "n_layer": (m.n_layer, "model.n_layer"),
+            "n_head": (m.n_head, "model.n_head"),
+            "n_inner": (m.ffn_dim, "model.ffn_hidden"),
+            "layer_norm_epsilon": (m.norm_eps, "model.norm_eps"),
+        }
+    return {
+        "vocab_size": (m.vocab_size, "model.vocab_size"),
+        "hidden_size": (m.n_embd, "model.n_embd"),
+        "intermediate_size": (m.ffn_dim, "model.ffn_hidden"),
+        "num_hidden_layers": (m.n_layer, "model.n_layer"),
+        "num_attention_heads": (m.n_head, "model.n_head"),
+        "num_key_value_heads": (m.kv_heads, "model.n_kv_head"),
+        "head_dim": (m.head_dim, "model.n_embd/model.n_head"),
+        "rms_norm_eps": (m.norm_eps, "model.norm_eps"),
+        "rope_theta": (m.rope_theta, "model.rope_theta"),
+        "attention_bias": (m.bias, "model.bias"),
+        "mlp_bias": (m.bias, "model.bias"),
+    }
+
+
+def check_hf_config(hf_cfg: dict, m: ModelConfig, path: str | Path) -> None:
+    """Refuse a config.json that describes a computation our model (model.*) does not do,
+    naming each field, its value, and what we support or which key to set."""
+    where = f"model.init_from={path}"
+    want_type = hf_config(m)["model_type"]
+    if hf_cfg.get("model_type") != want_type:
+        raise ConfigError(
+            f"{where}: config.json model_type={hf_cfg.get('model_type')!r}, but model={m.name} "
+            f"(style {m.style}) loads only {want_type!r} directories"
+        )
+    hf_cfg = dict(hf_cfg)
+    rope = hf_cfg.pop("rope_parameters", None)
+    if rope is not None:  # transformers 5 nests theta and the scaling type here
+        rope = dict(rope)
+        hf_cfg.setdefault("rope_theta", rope.pop("rope_theta", m.rope_theta))
+        if rope.get("rope_type", "default") != "default" or set(rope) - {"rope_type"}:
+            hf_cfg["rope_scaling"] = rope
+    if hf_cfg.get("rope_scaling") == {"rope_type": "default"}:
+        hf_cfg["rope_scaling"] = None
+    if m.style == "gpt2" and hf_cfg.get("n_inner") is None:
+        hf_cfg["n_inner"] = 4 * hf_cfg.get("n_embd", m.n_embd)  # HF's default
+    if m.style == "llama":
+        if hf_cfg.get("num_key_value_heads") is None:
+            hf_cfg["num_key_value_heads"] = hf_cfg.get("num_attention_heads", m.n_head)
+        if hf_cfg.get("head_dim") is None:
+            hf_cfg.pop("head_dim", None)
+    ours, fixed = _model_fields(m), _FIXED[want_type]
+    ignored = _IGNORED_ANY | _IGNORED[want_type] | {"model_type"}
+    errors = []
+    # A tied file loads into an untied model (the head starts as a copy); the reverse would
+    # drop the file's separate output layer.
+    if hf_cfg.pop("tie_word_embeddings", True) is False and m.tie_embeddings:
+        errors.append(
+            "tie_word_embeddings=False (a separate output layer) but model.tie_embeddings=true: "
+            "set model.tie_embeddings=false"
+        )
+    for k, v in sorted(hf_cfg.items()):
+        if k in ignored or k.startswith("_"):
+            continue
+        if k in fixed:
+            if v not in fixed[k]:
+                allowed = " or ".join(repr(x) for x in fixed[k])
+                errors.append(f"{k}={v!r} is not implemented (we support {allowed})")
+        elif k in ours:
+            value, key = ours[k]
+            if v != value:
+                errors.append(f"{k}: HF {v!r} vs ours {value!r} (set {key} to match)")
+        else:
+            errors.append(f"{k}={v!r} is a field we do not implement (it may change the computation)")
+    if errors:
+        raise ConfigError(
+            f"{where} does not match model={m.name}; config.json:\n  " + "\n  ".join(errors)
+        )
+
+
+def _check_tensors(path, m: ModelConfig, tensors: dict, hf_cfg: dict, expected: dict) -> None:
+    """Every tensor we need is present with our shape; nothing is left over (an extra tensor is
+    a part of the computation we would drop)."""
+    where = f"model.init_from={path}"
+    # buffers (causal masks, RoPE frequencies) that old files saved beside the weights
+    buffers = (".attn.bias", ".attn.masked_bias", ".rotary_emb.inv_freq")
+    need = dict(expected)
+    if m.style == "gpt2" and not m.bias:
+        need = {k: v for k, v in need.items() if not k.endswith(".bias")}
+    if not m.tie_embeddings and hf_cfg.get("tie_word_embeddings", True):
+        need.pop("lm_head.weight", None)  # tied in the file: the head is a copy of the embedding
+    missing = [k for k in need if k not in tensors]
+    shapes = [
+        f"{k}: HF {tuple(tensors[k].shape)} vs ours {tuple(v.shape)}"
+        for k, v in need.items()
+        if k in tensors and tensors[k].shape != v.shape
+    ]
+    extra = [k for k in tensors if k not in expected and not k.endswith(buffers)]
+    if m.tie_embeddings and "lm_head.weight" in extra:
+        emb = tensors.get("transformer.wte.weight", tensors.get("model.embed_tokens.weight"))
+        if emb is not None and torch.equal(tensors["lm_head.weight"], emb):
+            extra.remove("lm_head.weight")  # a tied head saved as a copy
+    errors = [f"missing tensor {k}" for k in missing] + [f"shape of {s}" for s in shapes]
+    errors += [f"extra tensor {k} (not part of model={m.name})" for k in extra]
+    if m.style == "gpt2" and not m.bias:
+        nonzero = [k for k, v in tensors.items() if k.endswith(".bias") and k in expected and v.any()]
+        if nonzero:
+            errors.append(
+                f"non-zero biases ({nonzero[0]} ...) but model.bias=false: set model.bias=true"
+            )
+    if errors:
+        shown = errors[:8] + ([f"... {len(errors) - 8} more"] if len(errors) > 8 else [])
+        raise ConfigError(f"{where}: the weights do not fit model={m.name}:\n  " + "\n  ".join(shown))
+
+
 def load_hf_weights(model: GPT, path: str | Path) -> None:
-    """Copy a local HF GPT-2 / Llama directory's weights into `model`; its shape must match
-    model.* (each differing key is named)."""
+    """Copy a local HF GPT-2 / Llama directory's weights into `model`. Its config.json must
+    describe our computation (check_hf_config) and its tensors our shapes, all named."""
     hf_cfg, tensors = read_hf_state(path)
     m = model.cfg
-    want = hf_config(m)
-    keys = (
-        "model_type",
-        "vocab_size",
-        "n_embd",
-        "n_layer",
-        "n_head",
-        "n_positions",
-        "hidden_size",
-        "intermediate_size",
-        "num_hidden_layers",
-        "num_attention_heads",
-        "num_key_value_heads",
-    )
-    diff = [
-        f"{k}: HF {hf_cfg.get(k)!r} vs ours {want[k]!r}"
-        for k in keys
-        if k in want and hf_cfg.get(k, want[k]) != want[k]
-    ]
-    if m.style == "gpt2" and hf_cfg.get("n_inner") not in (None, m.ffn_dim):
-        diff.append(f"n_inner: HF {hf_cfg['n_inner']} vs ours {m.ffn_dim}")
-    if diff:
-        raise ConfigError(
-            f"model.init_from={path} does not match model={m.name}:\n  " + "\n  ".join(diff)
-        )
+    check_hf_config(hf_cfg, m, path)
     if m.style == "gpt2":  # original GPT-2 files have no "transformer." prefix
         tensors = {
             k if k.startswith(("transformer.", "lm_head")) else "transformer." + k: v
             for k, v in tensors.items()
         }
-    ours = to_hf(model)  # names and shapes we expect, in HF layout
-    missing = [k for k in ours if k not in tensors and not k.endswith(".bias")]
-    if missing:
-        raise ConfigError(
-            f"model.init_from={path}: missing tensors {missing[:5]}{' ...' if len(missing) > 5 else ''}"
-        )
+    _check_tensors(path, m, tensors, hf_cfg, to_hf(model))
     sd = model.state_dict()
     with torch.no_grad():
         if m.style == "gpt2":
@@ -316,14 +544,8 @@ def run(cfg: ExportConfig) -> Path:
     if cfg.dtype not in DTYPES:
         raise ConfigError(f"dtype={cfg.dtype!r} must be one of {', '.join(DTYPES)}")
     model, state = load_model(cfg.checkpoint)
-    tok = state["config"]["data"]["tokenizer"]
-    out = save_hf(
-        model,
-        cfg.out,
-        DTYPES[cfg.dtype],
-        cfg.overwrite,
-        tokenizer_file=tok if tok.endswith(".json") else None,
-    )
+    tok = state["config"]["data"]["tokenizer"] if cfg.with_tokenizer else None
+    out = save_hf(model, cfg.out, DTYPES[cfg.dtype], cfg.overwrite, tokenizer=tok)
     log.info("wrote %s (step %d)", out, state["step"])
     return out
 

@@ -1,16 +1,26 @@
 """Sampling from a trained model.
 
-    python -m framework.generate checkpoint=runs/debug prompt="the " max_new_tokens=64
+    python -m framework.generate checkpoint=runs/debug 'prompt="the "' max_new_tokens=64
+    python -m framework.generate checkpoint=... prompt_file=prompt.txt output=text
     python -m framework.generate checkpoint=... prompt_ids=[1,2,3] greedy=true
 
-Prints one JSON line: {"ids": prompt + new ids, "text": decoded ids}.
+Prints one JSON line {"ids": prompt + new ids, "text": decoded ids} (output=json, the default),
+or only the completion's text, exactly, with no newline added (output=text).
+
+Quoting: Hydra strips the whitespace around an unquoted value, so `prompt="the "` (the shell
+removes the double quotes) arrives as "the". Quote the value for Hydra inside shell quotes,
+`'prompt="the "'`, to keep leading/trailing spaces; or put the prompt in a file and pass
+`prompt_file=PATH` (read byte for byte as UTF-8; nothing is stripped).
+`temperature=0` is greedy decoding, like `greedy=true`.
 """
 
 from __future__ import annotations
 
 import json
+import sys
 from collections.abc import Callable
 from dataclasses import dataclass
+from pathlib import Path
 
 import hydra
 import torch
@@ -28,15 +38,21 @@ class GenerateConfig:
     """Text prompt (tokenized with the checkpoint's data.tokenizer)."""
     prompt_ids: list[int] | None = None
     """Token ids instead of a text prompt."""
+    prompt_file: str | None = None
+    """A UTF-8 file whose exact contents are the prompt (no whitespace stripped)."""
     max_new_tokens: int = 64
     greedy: bool = False
     """Argmax decoding (temperature and top_k are ignored)."""
     temperature: float = 1.0
+    """Softmax temperature; 0 means greedy."""
     top_k: int | None = None
     seed: int = 0
     device: str = "cpu"
+    output: str = "json"
+    """json: one line {"ids", "text"} | text: the completion's text only, exactly."""
 
 
+OUTPUTS = ("json", "text")
 ConfigStore.instance().store(name="generate_schema", node=GenerateConfig)
 
 
@@ -77,14 +93,22 @@ def run(cfg: GenerateConfig) -> dict:
     from framework.checkpoint import load_model
     from framework.data.tokenizer import load_tokenizer
 
-    if (cfg.prompt is None) == (cfg.prompt_ids is None):
-        raise ConfigError("give exactly one of prompt=... or prompt_ids=[...]")
-    if cfg.max_new_tokens < 0 or cfg.temperature <= 0:
-        raise ConfigError("max_new_tokens must be >= 0 and temperature > 0")
+    given = [k for k in ("prompt", "prompt_ids", "prompt_file") if getattr(cfg, k) is not None]
+    if len(given) != 1:
+        raise ConfigError(
+            f"give exactly one of prompt=..., prompt_ids=[...] or prompt_file=PATH (got {given or 'none'})"
+        )
+    if cfg.max_new_tokens < 0:
+        raise ConfigError(f"max_new_tokens={cfg.max_new_tokens} must be >= 0")
+    if not cfg.temperature >= 0:  # also refuses NaN
+        raise ConfigError(f"temperature={cfg.temperature} must be >= 0 (0 is greedy)")
+    if cfg.output not in OUTPUTS:
+        raise ConfigError(f"output={cfg.output!r} must be one of {', '.join(OUTPUTS)}")
+    prompt = read_prompt_file(cfg.prompt_file) if cfg.prompt_file is not None else cfg.prompt
     model, state = load_model(cfg.checkpoint)
     model.to(cfg.device).eval()
     tok = load_tokenizer(state["config"]["data"]["tokenizer"])
-    ids = list(cfg.prompt_ids) if cfg.prompt_ids is not None else tok.encode(cfg.prompt)
+    ids = list(cfg.prompt_ids) if cfg.prompt_ids is not None else tok.encode(prompt)
     if not ids:
         raise ConfigError("the prompt is empty: give at least one token")
     bad = [i for i in ids if not 0 <= i < model.cfg.vocab_size]
@@ -96,19 +120,37 @@ def run(cfg: GenerateConfig) -> dict:
         ids,
         cfg.max_new_tokens,
         model.cfg.block_size,
-        greedy=cfg.greedy,
+        greedy=cfg.greedy or cfg.temperature == 0,
         temperature=cfg.temperature,
         top_k=cfg.top_k,
         generator=g,
         device=cfg.device,
     )
-    return {"ids": out, "text": tok.decode(out)}
+    return {"ids": out, "text": tok.decode(out), "completion": tok.decode(out[len(ids) :])}
+
+
+def read_prompt_file(path: str) -> str:
+    try:
+        data = Path(path).read_bytes()
+    except OSError as e:
+        raise ConfigError(f"prompt_file={path}: cannot be read ({e.strerror})") from e
+    try:
+        return data.decode("utf-8")
+    except UnicodeDecodeError as e:
+        raise ConfigError(
+            f"prompt_file={path}: not UTF-8 text (byte {e.start}); save it as UTF-8"
+        ) from e
 
 
 @hydra.main(config_path=CONF_DIR, config_name="generate", version_base=None)
 def _main(dcfg: DictConfig) -> None:
     cfg: GenerateConfig = OmegaConf.to_object(dcfg)  # type: ignore[assignment]
-    print(json.dumps(run(cfg)))
+    result = run(cfg)
+    if cfg.output == "text":
+        sys.stdout.write(result["completion"])  # exactly the text: no newline of our own
+        sys.stdout.flush()
+    else:
+        print(json.dumps({"ids": result["ids"], "text": result["text"]}))
 
 
 def main() -> None:

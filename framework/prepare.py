@@ -205,7 +205,7 @@ def _lines(url: str) -> Iterator[str]:
 def _file_texts(f: InputFile, text_key: str) -> Iterator[str]:
     if f.kind == "txt":
         with fsspec.open(f.url, "rb", compression="infer") as fh:
-            yield fh.read().decode("utf-8", errors="replace")
+            yield decode_text_file(fh.read(), f.url)
     elif f.kind == "jsonl":
         for line_no, line in enumerate(_lines(f.url), 1):
             if not line.strip():
@@ -233,6 +233,33 @@ def _file_texts(f: InputFile, text_key: str) -> Iterator[str]:
                 raise PrepareError(f"{f.url}: no column {text_key!r} (has {reader.schema.names})")
             for batch in reader:
                 yield from (t for t in batch.column(text_key).to_pylist() if t is not None)
+
+
+# A .txt input is refused as binary when its first BINARY_PROBE_BYTES hold a NUL byte (text never
+# does; executables, images and archives almost always do), or when more than
+# MAX_INVALID_UTF8_FRACTION of its bytes are not valid UTF-8 (a Latin-1 or UTF-16 file, or binary
+# without NULs). Below that, the few invalid bytes become U+FFFD and the file is used.
+BINARY_PROBE_BYTES = 64 * 1024
+MAX_INVALID_UTF8_FRACTION = 0.01
+
+
+def decode_text_file(data: bytes, url: str) -> str:
+    if b"\0" in data[:BINARY_PROBE_BYTES]:
+        at = data.index(b"\0")
+        raise PrepareError(
+            f"input file {url} looks binary (a NUL byte at offset {at}): only UTF-8 text files "
+            "are tokenized; remove it from input="
+        )
+    # surrogateescape turns each undecodable byte into one lone surrogate: an exact count
+    escaped = data.decode("utf-8", errors="surrogateescape")
+    invalid = sum(1 for ch in escaped if "\udc80" <= ch <= "\udcff")
+    if invalid > MAX_INVALID_UTF8_FRACTION * len(data):
+        raise PrepareError(
+            f"input file {url}: {invalid} of {len(data)} bytes ({invalid / len(data):.1%}) are not "
+            f"valid UTF-8 (the limit is {MAX_INVALID_UTF8_FRACTION:.0%}): convert it to UTF-8 "
+            "(e.g. iconv -f latin1 -t utf-8) or remove it from input="
+        )
+    return data.decode("utf-8", errors="replace")
 
 
 # -- tokenizing ------------------------------------------------------------------------------
@@ -436,6 +463,7 @@ def _tokenize_and_write(
     bar.close()
     if docs["train"] + docs["val"] == 0:
         raise PrepareError(f"input={cfg.input!r}: no documents (files: {[f.url for f in files]})")
+    warn_small_splits(docs, cfg.val_fraction)
     meta = {
         "input": cfg.input,
         "files": [{"url": f.url, "bytes": f.size, "mtime": f.mtime} for f in files],
@@ -450,6 +478,25 @@ def _tokenize_and_write(
     }
     writer.close(meta=meta)  # manifest last
     return meta
+
+
+MIN_SPLIT_DOCUMENTS = 5
+
+
+def warn_small_splits(docs: dict[str, int], val_fraction: float) -> None:
+    """A split of a handful of documents measures one or two texts, not the source."""
+    for split, n in docs.items():
+        if n < MIN_SPLIT_DOCUMENTS and (split == "train" or val_fraction > 0):
+            log.warning(
+                "the %s split has only %d documents (train %d, val %d, val_fraction=%s): its loss "
+                "will be noisy; use more documents%s",
+                split,
+                n,
+                docs["train"],
+                docs["val"],
+                val_fraction,
+                " or a larger val_fraction" if split == "val" else "",
+            )
 
 
 @hydra.main(version_base=None, config_path=CONF_DIR, config_name="prepare")

@@ -24,6 +24,7 @@ from framework.data.loader import MixtureLoader, val_batches
 from framework.data.sample import generate as generate_sample_source
 from framework.data.shards import MANIFEST
 from framework.data.tokenizer import Tokenizer, load_tokenizer
+from framework.data.vocab import resolve_vocab_size
 from framework.generate import sample
 from framework.metrics import Metrics, perplexity, setup_logging
 from framework.model import GPT
@@ -37,6 +38,7 @@ log = logging.getLogger("framework")
 
 def train(cfg: C.Config) -> dict:
     """Run (or resume) training as configured; returns the last step's numbers."""
+    resolve_vocab_size(cfg)  # model.vocab_size=auto -> the data's vocabulary, before validation
     C.validate(cfg, env_world_size())  # before any process group or device is touched
     dist = init_distributed(cfg.trainer.device)
     clean = False

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -31,8 +32,12 @@ class ModelConfig:
     n_kv_head: int | None = None
     """Key/value heads for grouped-query attention; None means n_head (plain multi-head)."""
     n_embd: int = 64
-    vocab_size: int = 257
-    """Embedding rows; may exceed the tokenizer's vocabulary (padding), never fall short of it."""
+    # Any, not int | str: OmegaConf rejects that union in some supported versions. An int or
+    # "auto" (the data's vocabulary rounded up to 64, resolved at start-up by
+    # framework.data.vocab before any model is built); validate() refuses anything else.
+    vocab_size: Any = 257
+    """Embedding rows; may exceed the tokenizer's vocabulary (padding), never fall short of it;
+    'auto': from the data's manifests, rounded up to a multiple of 64."""
     block_size: int = 256
     """Longest sequence the model accepts (size of the position table / RoPE cache)."""
     ffn_hidden: int | None = None
@@ -70,7 +75,15 @@ class ModelConfig:
         errors = []
         if self.style not in ("gpt2", "llama"):
             errors.append(f"model.style={self.style!r} must be 'gpt2' or 'llama'")
-        for key in ("n_layer", "n_head", "n_embd", "vocab_size", "block_size"):
+        sizes = ["n_layer", "n_head", "n_embd", "block_size"]
+        if not isinstance(self.vocab_size, int) or isinstance(self.vocab_size, bool):
+            errors.append(
+                f"model.vocab_size={self.vocab_size!r} must be an int (or 'auto', resolved from the "
+                "data at start-up by train and plan)"
+            )
+        else:
+            sizes.append("vocab_size")
+        for key in sizes:
             if getattr(self, key) <= 0:
                 errors.append(f"model.{key}={getattr(self, key)} must be > 0")
         if self.n_head > 0 and self.n_embd % self.n_head:

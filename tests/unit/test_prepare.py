@@ -204,3 +204,39 @@ def test_conf_prepare_yaml_composes_to_the_schema():
         "byte",
         0.01,
     )
+
+
+def test_binary_or_undecodable_txt_refused_naming_the_file(tmp_path):
+    """Issue 7 failure 8: a 151 KB executable named .txt became 231,478 tokens."""
+    (tmp_path / "prog.txt").write_bytes(b"\x7fELF\x02\x01\x01" + bytes(9) + b"hello" * 100)
+    with pytest.raises(
+        PrepareError, match=r"input file .*prog.txt looks binary \(a NUL byte at offset 7\)"
+    ):
+        run(tmp_path, tmp_path / "prog.txt")
+    latin1 = ("café crème brûlée à la carte " * 50).encode("latin-1")  # 5 of 29 bytes invalid UTF-8
+    (tmp_path / "latin1.txt").write_bytes(latin1)
+    with pytest.raises(
+        PrepareError, match=r"latin1.txt: 250 of 1450 bytes \(17.2%\) are not valid UTF-8"
+    ):
+        run(tmp_path, tmp_path / "latin1.txt")
+    # under the 1% threshold: the stray byte becomes U+FFFD and the file is used
+    (tmp_path / "ok.txt").write_bytes(b"plain text " * 20 + b"\xff")
+    out = run(tmp_path, tmp_path / "ok.txt", val_fraction=0.0)
+    assert decoded_docs(out) == ["plain text " * 20 + "\ufffd"]
+
+
+def test_small_split_warns_with_counts(tmp_path, caplog):
+    raw = write_jsonl(tmp_path / "few.jsonl", TEXTS[:40])
+    with caplog.at_level(logging.WARNING, logger="framework.prepare"):
+        run(tmp_path, raw, val_fraction=0.01)
+    m = read_manifest(tmp_path / "out")
+    train, val = m.meta["documents"]["train"], m.meta["documents"]["val"]
+    assert val < 5  # 1% of 40 documents
+    assert (
+        f"the val split has only {val} documents (train {train}, val {val}, val_fraction=0.01)"
+        in caplog.text
+    )
+    caplog.clear()
+    with caplog.at_level(logging.WARNING, logger="framework.prepare"):
+        run(tmp_path, raw, name="big_val", val_fraction=0.5)
+    assert "split has only" not in caplog.text
