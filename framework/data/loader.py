@@ -12,8 +12,10 @@ continues the same global sequence.
 
 The loader state is the global sample position plus the per-source window counters (derivable
 from the position; stored so a resume cross-checks that the mixture did not change).
-Every check of the data (manifests, checksums, schema, id range, emptiness, max_epochs) runs in
-the constructor, so a bad source fails before the model, optimizer or a checkpoint exist.
+Every check of the data (manifests, sizes, schema, id range, emptiness, max_epochs) runs in
+the constructor, so a bad source fails before the model, optimizer or a checkpoint exist; the
+one exception is each shard's hash, checked in every process as the first batch that reads the
+shard is built (packing.PackedSource), so it costs no start-up pass over the corpus.
 """
 
 from __future__ import annotations
@@ -182,7 +184,9 @@ class MixtureLoader:
                 )
                 continue
             self.sources.append(s)
-            self.packed.append(PackedSource(s.name, local, m, "train", seq_len, seed, shuffle=True))
+            self.packed.append(
+                PackedSource(s.name, local, m, "train", seq_len, seed, shuffle=True, cache_dir=cache_dir)
+            )
         if not self.sources:
             raise DataError("no data source with weight > 0 has training tokens")
         names = [s.name for s in self.sources]
@@ -425,7 +429,7 @@ def val_batches(
         if m.tokens("val") == 0:
             log.warning("data source %r has no val split: no validation loss for it", s.name)
             continue
-        p = PackedSource(s.name, local, m, "val", seq_len, 0, shuffle=False)
+        p = PackedSource(s.name, local, m, "val", seq_len, 0, shuffle=False, cache_dir=cache_dir)
         total = min(n_batches * micro_batch_size * dp_size, (p.epoch_tokens - 1) // seq_len)
         total -= total % dp_size
         mine = np.arange(dp_rank, total, dp_size)
