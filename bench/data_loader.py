@@ -20,7 +20,8 @@ Peers run in their own virtual environments (never in the project's .venv):
 
 The last line printed is one JSON object:
 {"tokens_per_s_per_core", "first_batch_s", "vs": {"litdata", "mosaicml-streaming", "datasets"},
- "raw_read_fraction", ...}. "vs" values are our tokens/s divided by the peer's.
+ "raw_read_fraction", "verify_overhead", ...}. "verify_overhead" is the CPU time of a fresh loader
+streaming the measured tokens with shard hashing on over off, minus 1. "vs" values are our tokens/s divided by the peer's.
 """
 
 from __future__ import annotations
@@ -243,6 +244,50 @@ def bench_ours(root: Path, tokens: int, seq_len: int, batch: int, cache_dir: Pat
     return {"tokens_per_s": done / cpu, "tokens_per_s_wall": done / wall, "first_batch_s": first_s}
 
 
+def bench_verify(
+    root: Path, tokens: int, seq_len: int, batch: int, cache_dir: Path, rounds: int = 3
+) -> dict:
+    """The cost of hashing the shards (every shard's xxh3_128, once per process, as the loader
+    first reads it): CPU time from building a loader to `tokens` tokens streamed, with the hash
+    on and, by patching it out, off; rounds alternate and the medians are compared. This counts
+    the one-time hashing that bench_ours leaves in its first batch."""
+    import framework.data.packing as packing
+
+    real = packing.check_shard_bytes
+
+    def once(check) -> float:
+        packing.check_shard_bytes = check
+        try:
+            c0 = time.process_time()
+            loader = make_loader(root, seq_len, batch, cache_dir)
+            for _ in range(max(1, tokens // (batch * seq_len))):
+                next(loader)
+            return time.process_time() - c0
+        finally:
+            packing.check_shard_bytes = real
+
+    on, off = [], []
+    for _ in range(rounds):
+        off.append(once(lambda *a: None))
+        on.append(once(real))
+    on_s, off_s = float(np.median(on)), float(np.median(off))
+    import pyarrow as pa
+    import xxhash
+
+    shards = sorted(root.glob("*/train-*.arrow"))
+    c0 = time.process_time()
+    for p in shards:
+        xxhash.xxh3_128_hexdigest(memoryview(pa.memory_map(str(p)).read_buffer()))
+    hash_s = time.process_time() - c0
+    return {
+        "verify_on_s": on_s,
+        "verify_off_s": off_s,
+        "verify_overhead": on_s / off_s - 1,
+        "hash_bytes": sum(p.stat().st_size for p in shards),
+        "hash_s": hash_s,  # all train shards once: the whole one-time cost, per process
+    }
+
+
 def bench_raw(root: Path, tokens: int, seq_len: int, batch: int) -> float:
     """The ceiling: one pass over the shards of all sources, each memory-mapped (zero-copy), cut
     into consecutive (B, T+1) windows copied into the same int64 batch buffer; no mixing or
@@ -368,6 +413,7 @@ def main() -> None:
     measured = min(tokens, int(5e7))  # tokens streamed per measurement
     ours = bench_ours(root, measured, args.seq_len, args.batch, root / "cache")
     raw = bench_raw(root, measured, args.seq_len, args.batch)
+    verify = bench_verify(root, measured, args.seq_len, args.batch, root / "cache")
     vs: dict[str, float | None] = {}
     peers: dict[str, dict | str] = {}
     for name in ("litdata", "mosaicml-streaming", "datasets"):
@@ -384,6 +430,7 @@ def main() -> None:
         "vs": vs,
         "raw_read_fraction": ours["tokens_per_s"] / raw,
         "raw_read_tokens_per_s": raw,
+        **verify,
         "peers": peers,
         "tokens_on_disk": tokens,
         "tokens_measured": measured,

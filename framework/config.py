@@ -58,6 +58,8 @@ class DataConfig:
     doc_mask: bool = False
     """Keep attention inside documents of a packed window."""
     allow_empty_source: bool = False
+    allow_change_on_resume: bool = False
+    """Resume on changed data (manifests, tokenizer, seq_len, mixture): logged, positions kept by source name."""
     cache_dir: str = "${oc.env:FW_CACHE_DIR,${oc.env:HOME,.}/.cache/framework}"
     """Local cache for fsspec-URL shards."""
     root: str = "${oc.env:FW_DATA_ROOT,data}"

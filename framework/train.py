@@ -20,6 +20,7 @@ from omegaconf import DictConfig
 
 from framework import config as C
 from framework.checkpoint import Checkpointer, model_shape
+from framework.data.identity import check_data_resume, data_identity
 from framework.data.loader import MixtureLoader, val_batches
 from framework.data.sample import generate as generate_sample_source
 from framework.data.shards import MANIFEST
@@ -85,6 +86,12 @@ def _train(cfg: C.Config, dist: Dist) -> dict:
     resume_from = ckpt.find_resume(cfg.checkpoint.resume, cfg.checkpoint.path)
     if resume_from is not None:
         state = ckpt.load(resume_from, engine, model_shape(cfg.model), tokenizer.fingerprint)
+        check_data_resume(
+            state.get("data"),
+            data_identity(loader, tokenizer.fingerprint),
+            cfg.data.allow_change_on_resume,
+            resume_from,
+        )
         loader.load_state_dict(state["loader"])
         engine.load_extra_state(state["engine"])
         start = state["step"]
@@ -205,6 +212,7 @@ def trainer_state(cfg: C.Config, step: int, loader, engine, tok: Tokenizer, dist
         "engine": engine.extra_state(),
         "model": model_shape(cfg.model),
         "tokenizer": tok.fingerprint,
+        "data": data_identity(loader, tok.fingerprint),
         "config": C.to_dict(cfg),
     }
 

@@ -12,8 +12,10 @@ continues the same global sequence.
 
 The loader state is the global sample position plus the per-source window counters (derivable
 from the position; stored so a resume cross-checks that the mixture did not change).
-Every check of the data (manifests, checksums, schema, id range, emptiness, max_epochs) runs in
-the constructor, so a bad source fails before the model, optimizer or a checkpoint exist.
+Every check of the data (manifests, sizes, schema, id range, emptiness, max_epochs) runs in
+the constructor, so a bad source fails before the model, optimizer or a checkpoint exist; the
+one exception is each shard's hash, checked in every process as the first batch that reads the
+shard is built (packing.PackedSource), so it costs no start-up pass over the corpus.
 """
 
 from __future__ import annotations
@@ -182,7 +184,9 @@ class MixtureLoader:
                 )
                 continue
             self.sources.append(s)
-            self.packed.append(PackedSource(s.name, local, m, "train", seq_len, seed, shuffle=True))
+            self.packed.append(
+                PackedSource(s.name, local, m, "train", seq_len, seed, shuffle=True, cache_dir=cache_dir)
+            )
         if not self.sources:
             raise DataError("no data source with weight > 0 has training tokens")
         names = [s.name for s in self.sources]
@@ -212,6 +216,9 @@ class MixtureLoader:
             ]
         )
         self.state = LoaderState(0, {n: 0 for n in names})
+        # per-source windows beyond the mixture's count at a position: zero unless a resume on
+        # changed data (data.allow_change_on_resume) kept the sources' old positions
+        self._offset = np.zeros(len(names), dtype=np.int64)
         self._ready: deque[Batch] = deque()
         self._pool = (
             ThreadPoolExecutor(cfg.num_workers, thread_name_prefix="data")
@@ -277,8 +284,10 @@ class MixtureLoader:
     # -- batches ----------------------------------------------------------------------------
 
     def counts_at(self, position: int) -> dict[str, int]:
-        """Windows per source consumed by the first `position` global samples."""
-        return {s.name: int(c) for s, c in zip(self.sources, self.mixture.counts_at(position))}
+        """Windows per source consumed by the first `position` global samples (plus the offsets
+        left by a resume on changed data, see load_state_dict)."""
+        counts = self.mixture.counts_at(position) + self._offset
+        return {s.name: int(c) for s, c in zip(self.sources, counts)}
 
     def _build_chunk(self, position: int, counts: np.ndarray, n_steps: int) -> list[Step]:
         """This rank's micro-batches of n_steps consecutive optimizer steps from global sample
@@ -368,22 +377,33 @@ class MixtureLoader:
             raise RuntimeError(
                 "loader state taken mid optimizer step (micro-batches of the step remain)"
             )
-        return {
+        sd = {
             "position": self.state.position,
             "counts": dict(self.state.counts),
             "seq_len": self.seq_len,
         }
+        if self._offset.any():
+            sd["offset"] = {s.name: int(o) for s, o in zip(self.sources, self._offset)}
+        return sd
 
     def load_state_dict(self, sd: dict) -> None:
         """Resume at a global sample position (from any data-parallel size). The stored counters
-        must equal the mixture's, else the data config or the manifests changed."""
-        if sd.get("seq_len", self.seq_len) != self.seq_len:
+        must equal the mixture's, else the data config or the manifests changed: refused, unless
+        data.allow_change_on_resume, which keeps each source's window counter by name (scaled to
+        the same token position if seq_len changed; a new source starts at 0)."""
+        position = int(sd["position"])
+        saved_seq_len = int(sd.get("seq_len", self.seq_len))
+        offset = sd.get("offset", {})
+        self._offset = np.array([offset.get(s.name, 0) for s in self.sources], dtype=np.int64)
+        expected = self.counts_at(position)
+        changed = saved_seq_len != self.seq_len or bool(sd.get("counts") and sd["counts"] != expected)
+        if changed and self.cfg.allow_change_on_resume:
+            expected = self._remap(sd.get("counts") or expected, saved_seq_len, position)
+        elif saved_seq_len != self.seq_len:
             raise DataError(
                 f"checkpointed data position is for seq_len={sd['seq_len']}, this run has {self.seq_len}"
             )
-        position = int(sd["position"])
-        expected = self.counts_at(position)
-        if sd.get("counts") and sd["counts"] != expected:
+        elif changed:
             raise DataError(
                 f"checkpointed data counters {sd['counts']} do not match the mixture's order at "
                 f"position {position} ({expected}): the data config or manifests changed"
@@ -392,6 +412,22 @@ class MixtureLoader:
         self.state = LoaderState(position, expected)
         self._next = (position, np.array([expected[s.name] for s in self.sources], dtype=np.int64))
         self._ready.clear()
+
+    def _remap(self, saved: dict[str, int], saved_seq_len: int, position: int) -> dict[str, int]:
+        """Per-source window counters after a resume on changed data, matched by source name."""
+        names = [s.name for s in self.sources]
+        for name in sorted(set(saved) - set(names)):
+            log.warning(
+                "data source %r is gone: its position (%d windows) is dropped", name, saved[name]
+            )
+        for name in sorted(set(names) - set(saved)):
+            log.warning("data source %r is new: it starts at its first window", name)
+        # the same token position in each source's stream (exact when seq_len did not change)
+        counts = np.array(
+            [saved.get(n, 0) * saved_seq_len // self.seq_len for n in names], dtype=np.int64
+        )
+        self._offset = counts - self.mixture.counts_at(position)
+        return dict(zip(names, counts.tolist()))
 
     def _drop_prefetch(self) -> None:
         for fut in self._pending:
@@ -425,7 +461,7 @@ def val_batches(
         if m.tokens("val") == 0:
             log.warning("data source %r has no val split: no validation loss for it", s.name)
             continue
-        p = PackedSource(s.name, local, m, "val", seq_len, 0, shuffle=False)
+        p = PackedSource(s.name, local, m, "val", seq_len, 0, shuffle=False, cache_dir=cache_dir)
         total = min(n_batches * micro_batch_size * dp_size, (p.epoch_tokens - 1) // seq_len)
         total -= total % dp_size
         mine = np.arange(dp_rank, total, dp_size)

@@ -9,6 +9,10 @@ after the first is a target exactly once: nothing lost or duplicated at document
 The hot path (`gather`) is vectorised per batch: the document pieces every window covers are
 found with one searchsorted over the epoch's cumulative document lengths, and each piece is
 one contiguous numpy copy out of the memory-mapped shard (no Python loop over tokens).
+
+Before the first copy out of a shard, this process hashes the shard's mapping and compares it
+with the manifest (`shards.check_shard_bytes`): a gather runs in the loader's prefetch path, so
+corrupt bytes stop training before they reach the model without a start-up pass over the corpus.
 """
 
 from __future__ import annotations
@@ -19,7 +23,7 @@ from pathlib import Path
 
 import numpy as np
 
-from framework.data.shards import DataError, Manifest, open_shard
+from framework.data.shards import DataError, Manifest, check_shard_bytes, map_shard
 
 
 def stable_hash(name: str) -> int:
@@ -39,14 +43,20 @@ class PackedSource:
         seq_len: int,
         seed: int,
         shuffle: bool,
+        cache_dir: str | None = None,
     ):
+        """cache_dir: where the xxh3 of an old manifest's sha256-checked shards is remembered."""
         self.name, self.seq_len, self.seed, self.shuffle = name, seq_len, seed, shuffle
         self.manifest = manifest
         shards = manifest.split(split)
         self.tokens: list[np.ndarray] = []
+        self._shards = [(Path(path) / info.file, info) for info in shards]
+        self._mapped = []  # each shard's whole mapping, hashed on first use
+        self._cache_dir = cache_dir
         doc_shard, doc_start, doc_len = [], [], []
         for i, info in enumerate(shards):
-            toks, offsets = open_shard(Path(path) / info.file, manifest.dtype)
+            toks, offsets, whole = map_shard(Path(path) / info.file, manifest.dtype)
+            self._mapped.append(whole)
             if len(toks) != info.tokens or len(offsets) - 1 != info.rows:
                 raise DataError(
                     f"shard {Path(path) / info.file}: {len(offsets) - 1} rows / {len(toks)} tokens "
@@ -65,6 +75,26 @@ class PackedSource:
         self._bytes = [memoryview(np.ascontiguousarray(t)).cast("B") for t in self.tokens]  # raw views
         self._epochs: dict[int, tuple[np.ndarray, np.ndarray, np.ndarray]] = {}
         self._lock = threading.Lock()  # background workers share the epoch cache
+        self._verified = np.zeros(len(shards), dtype=bool)
+        self._all_verified = not shards
+        self._verify_lock = threading.Lock()
+
+    def _check_bytes(self, used: np.ndarray) -> None:
+        """Hash the shards in `used` (indices) not yet checked by this process. Workers that need
+        a shard being hashed wait for it: no byte of it is copied before it is checked."""
+        todo = np.unique(used[~self._verified[used]])
+        if not len(todo):
+            return
+        with self._verify_lock:
+            for i in todo.tolist():
+                if not self._verified[i]:
+                    path, info = self._shards[i]
+                    try:
+                        check_shard_bytes(path, self._mapped[i], info, self._cache_dir)
+                    except DataError as e:
+                        raise DataError(f"source {self.name!r}: {e}") from e
+                    self._verified[i] = True
+            self._all_verified = bool(self._verified.all())
 
     def windows_per_epoch(self) -> float:
         return self.epoch_tokens / self.seq_len
@@ -129,6 +159,8 @@ class PackedSource:
                 lo = np.maximum(cum[d], a[win])
                 hi = np.minimum(cum[d + 1], b[win])
                 off_p = off[win]
+            if not self._all_verified:
+                self._check_bytes(shard[d])
             src = (start[d] + (lo - cum[d])) * isz
             dst = (off_p + lo) * isz
             for sh, i, j, n in zip(

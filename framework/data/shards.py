@@ -6,12 +6,20 @@ declared unsigned type, every document ending with the tokenizer's end-of-text i
 `manifest.json`, written last: a directory without a manifest is not a source.
 
 Reading is zero-copy: a shard is memory-mapped and its token values and row offsets are numpy
-views of the mapping. Verification (`verify_source`) runs once at start-up, before training:
-every shard present with the manifest's size, sha256 equal (hashing is cached by path, size and
-mtime so a warm start re-hashes nothing that did not change), schema exactly as declared, row and
-token counts as declared, and every id inside the vocabulary. pyarrow alone does not name the
-file in its errors and silently casts or nulls mismatched schemas; every check here names the
-shard (and row) and what differs.
+views of the mapping. Verification is in two parts:
+- at start-up (`verify_source`), the cheap checks: every shard present with the manifest's size,
+  schema exactly as declared (the IPC footer parses), row and token counts as declared, and every
+  id inside the vocabulary (that scan is cached by path, size and mtime);
+- the bytes (`ShardHasher`): each process hashes a shard's memory map, the very bytes batches
+  are copied from, when the loader first reads from it (in the prefetch path, so no start-up
+  pause proportional to the corpus) and compares it with the manifest's `xxh3_128` (a fast hash
+  written by prepare beside `sha256`). Nothing about the file is trusted from a cache: a rotted
+  byte under an unchanged size and mtime still fails, naming the shard and both hashes.
+  Manifests written before `xxh3_128` existed are checked against their sha256 instead; the
+  xxh3 of bytes that matched it is then remembered under data.cache_dir (keyed by the shard's
+  path, size, mtime and manifest sha256), so the slow sha256 is paid once per shard.
+pyarrow alone does not name the file in its errors and silently casts or nulls mismatched
+schemas; every check here names the shard (and row) and what differs.
 """
 
 from __future__ import annotations
@@ -28,6 +36,7 @@ from pathlib import Path
 
 import numpy as np
 import pyarrow as pa
+import xxhash
 
 from framework.data.tokenizer import Tokenizer
 
@@ -65,6 +74,8 @@ class ShardInfo:
     tokens: int
     bytes: int
     sha256: str
+    xxh3_128: str | None = None
+    """Fast hash the loader checks on every open (None in manifests older than it: sha256 is used)."""
 
 
 @dataclass
@@ -92,6 +103,16 @@ def sha256_file(path: str | Path, chunk: int = 1 << 22) -> str:
         while b := f.read(chunk):
             h.update(b)
     return h.hexdigest()
+
+
+def hash_file(path: str | Path, chunk: int = 1 << 22) -> tuple[str, str]:
+    """(sha256, xxh3_128) hex digests of a file in one read."""
+    h, x = hashlib.sha256(), xxhash.xxh3_128()
+    with open(path, "rb") as f:
+        while b := f.read(chunk):
+            h.update(b)
+            x.update(b)
+    return h.hexdigest(), x.hexdigest()
 
 
 def write_shard(path: Path, docs: list[np.ndarray], dtype: str) -> tuple[int, int]:
@@ -146,7 +167,8 @@ class SourceWriter:
         name = f"{split}-{n:05d}.arrow"
         path = self.out / name
         rows, tokens = write_shard(path, docs, self.dtype)
-        self.shards.append(ShardInfo(name, split, rows, tokens, path.stat().st_size, sha256_file(path)))
+        sha, xxh = hash_file(path)
+        self.shards.append(ShardInfo(name, split, rows, tokens, path.stat().st_size, sha, xxh))
 
     def close(self, meta: dict | None = None) -> Manifest:
         for split in list(self.pending):
@@ -199,9 +221,16 @@ def read_manifest(source_dir: str | Path) -> Manifest:
 def open_shard(path: str | Path, dtype: str) -> tuple[np.ndarray, np.ndarray]:
     """Memory-map a shard: (tokens, offsets) numpy views, zero-copy. Document i is
     tokens[offsets[i]:offsets[i+1]]. Errors name the file (pyarrow's own do not)."""
+    tokens, offsets, _ = map_shard(path, dtype)
+    return tokens, offsets
+
+
+def map_shard(path: str | Path, dtype: str) -> tuple[np.ndarray, np.ndarray, pa.Buffer]:
+    """`open_shard` plus the whole file's mapped buffer: the tokens and offsets are views into
+    that buffer, so hashing it (`check_shard_bytes`) checks exactly the bytes batches are cut from."""
     try:
-        reader = pa.ipc.open_file(pa.memory_map(str(path), "r"))
-        table = reader.read_all()
+        whole = pa.memory_map(str(path), "r").read_buffer()  # zero-copy: the mapping itself
+        table = pa.ipc.open_file(whole).read_all()
     except (pa.ArrowInvalid, OSError) as e:
         raise DataError(f"shard {path} is unreadable or truncated: {e}") from e
     expected = shard_schema(dtype)
@@ -211,7 +240,7 @@ def open_shard(path: str | Path, dtype: str) -> tuple[np.ndarray, np.ndarray]:
         )
     col = table.column(COLUMN)
     if col.num_chunks == 0:
-        return np.zeros(0, dtype), np.zeros(1, np.int64)
+        return np.zeros(0, dtype), np.zeros(1, np.int64), whole
     if col.num_chunks != 1:  # our writer emits one batch; a foreign writer may not (this copies)
         col = pa.chunked_array([pa.concat_arrays(col.chunks)])
     arr = col.chunk(0)
@@ -219,7 +248,7 @@ def open_shard(path: str | Path, dtype: str) -> tuple[np.ndarray, np.ndarray]:
         raise DataError(f"shard {path}: {arr.null_count} null rows in {COLUMN}")
     offsets = arr.offsets.to_numpy()
     tokens = arr.values.to_numpy(zero_copy_only=True)
-    return tokens, offsets
+    return tokens, offsets, whole
 
 
 def schema_diff(actual: pa.Schema, expected: pa.Schema) -> str:
@@ -236,9 +265,10 @@ def schema_diff(actual: pa.Schema, expected: pa.Schema) -> str:
 
 
 class _VerifyCache:
-    """sha256 and id-range results keyed by (absolute path, size, mtime_ns): a shard whose bytes
-    change gets a new mtime and is hashed again. Kept in process and in a JSON file under the
-    cache dir, so a warm start skips re-hashing unchanged shards."""
+    """Start-up results keyed by (absolute path, size, mtime_ns): the id-range scan, and for
+    manifests without `xxh3_128` the xxh3 of bytes that once matched the manifest's sha256. Kept
+    in process and in a JSON file under the cache dir. Never used to skip hashing the bytes: only
+    to skip the id scan, and to spare an old manifest's sha256 by a reference hash it vouched for."""
 
     def __init__(self) -> None:
         self.lock = threading.Lock()
@@ -286,8 +316,9 @@ VERIFY_CACHE = _VerifyCache()
 def verify_shard(
     path: Path, info: ShardInfo, m: Manifest, vocab_size: int, cache_dir: str | None
 ) -> None:
-    """Check one shard against its manifest entry: presence, size, sha256, schema, rows,
-    tokens, id range. Raises DataError naming the shard and what differs."""
+    """The start-up checks of one shard against its manifest entry: presence, size, schema,
+    rows, tokens, id range (the bytes are hashed later, by `check_shard_bytes`, as the loader
+    first reads them). Raises DataError naming the shard and what differs."""
     if not path.is_file():
         raise DataError(f"shard {path} listed in {path.parent / MANIFEST} is missing")
     size = path.stat().st_size
@@ -295,23 +326,48 @@ def verify_shard(
         raise DataError(
             f"shard {path}: size {size} bytes but the manifest says {info.bytes} (truncated or replaced)"
         )
-    key = _VerifyCache.key(path)
-    cached = VERIFY_CACHE.get(key, cache_dir)
-    if cached and cached.get("sha256") == info.sha256 and cached.get("vocab_size", -1) <= vocab_size:
-        return
-    digest = sha256_file(path)
-    if digest != info.sha256:
-        raise DataError(
-            f"shard {path}: sha256 {digest} but the manifest says {info.sha256} (bytes altered)"
-        )
-    tokens, offsets = open_shard(path, m.dtype)
+    tokens, offsets = open_shard(path, m.dtype)  # footer and schema: cheap, never cached
     if len(offsets) - 1 != info.rows or len(tokens) != info.tokens:
         raise DataError(
             f"shard {path}: {len(offsets) - 1} rows / {len(tokens)} tokens but the manifest says "
             f"{info.rows} rows / {info.tokens} tokens"
         )
+    key = _VerifyCache.key(path)
+    cached = VERIFY_CACHE.get(key, cache_dir)
+    if cached and cached.get("sha256") == info.sha256 and cached.get("vocab_size", -1) <= vocab_size:
+        return  # the id scan reads every token: done once per (path, size, mtime)
     check_token_range(path, tokens, offsets, vocab_size)
-    VERIFY_CACHE.put(key, {"sha256": digest, "vocab_size": vocab_size}, cache_dir)
+    VERIFY_CACHE.put(key, {**(cached or {}), "sha256": info.sha256, "vocab_size": vocab_size}, cache_dir)
+
+
+def check_shard_bytes(path: Path, whole: pa.Buffer, info: ShardInfo, cache_dir: str | None) -> None:
+    """Hash a shard's mapped bytes and compare with its manifest entry (xxh3_128, or for an old
+    manifest sha256 once, see the module docstring). Raises DataError naming the shard and the
+    expected and actual hashes."""
+    actual = xxhash.xxh3_128_hexdigest(memoryview(whole))
+    if info.xxh3_128 is not None:
+        if actual != info.xxh3_128:
+            raise DataError(
+                f"shard {path}: xxh3_128 {actual} but the manifest says {info.xxh3_128} (bytes altered "
+                "since prepare: restore the shard or re-run prepare)"
+            )
+        return
+    key = _VerifyCache.key(path)
+    cached = VERIFY_CACHE.get(key, cache_dir) or {}
+    if cached.get("xxh3_of_sha256") == info.sha256 and cached.get("xxh3_128"):
+        if actual != cached["xxh3_128"]:
+            raise DataError(
+                f"shard {path}: xxh3_128 {actual} but {cached['xxh3_128']} when its sha256 {info.sha256} "
+                "matched the manifest (bytes altered since: restore the shard or re-run prepare)"
+            )
+        return
+    digest = hashlib.sha256(memoryview(whole)).hexdigest()
+    if digest != info.sha256:
+        raise DataError(
+            f"shard {path}: sha256 {digest} but the manifest says {info.sha256} (bytes altered)"
+        )
+    log.info("shard %s: manifest has no xxh3_128 (older prepare); sha256 checked once", path)
+    VERIFY_CACHE.put(key, {**cached, "xxh3_of_sha256": info.sha256, "xxh3_128": actual}, cache_dir)
 
 
 def check_token_range(path: Path, tokens: np.ndarray, offsets: np.ndarray, vocab_size: int) -> None:
@@ -349,7 +405,7 @@ def check_tokenizer(name: str, path: str, m: Manifest, tok: Tokenizer, vocab_siz
 def verify_source(
     name: str, path: str | Path, m: Manifest, vocab_size: int, cache_dir: str | None
 ) -> None:
-    """Verify every shard of a source (all splits) against its manifest."""
+    """The start-up checks of every shard of a source (all splits) against its manifest."""
     for info in m.shards:
         try:
             verify_shard(Path(path) / info.file, info, m, vocab_size, cache_dir)

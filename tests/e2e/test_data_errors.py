@@ -4,17 +4,29 @@ names the source and shard, and leaves no checkpoint behind (RELIABILITY C1-C4, 
 from __future__ import annotations
 
 import json
+import os
+import subprocess
+import sys
+from pathlib import Path
 
 import numpy as np
 import pyarrow as pa
 import pytest
+import xxhash
 
 from framework.config import ConfigError
-from framework.data.shards import MANIFEST, DataError, SourceWriter, open_shard
+from framework.data.shards import MANIFEST, DataError, SourceWriter, open_shard, read_manifest
 from framework.data.tokenizer import ByteTokenizer
 from framework.train import train
 from tests.helpers import TINY, make_cfg
-from tests.unit.test_data_shards import first_train_shard, rewrite_manifest_entry, write_bad_ids_source
+from tests.unit.test_data_shards import (
+    first_train_shard,
+    rewrite_manifest_entry,
+    rot_one_byte,
+    write_bad_ids_source,
+)
+
+REPO = Path(__file__).resolve().parents[2]
 
 
 def source(path, n_docs=200, seed=0):
@@ -57,10 +69,8 @@ def test_good_sources_train(tmp_path):
 def test_checksum_mismatch_refused(tmp_path):
     a = source(tmp_path / "a")
     shard = sorted(a.glob("train-*.arrow"))[1]
-    data = bytearray(shard.read_bytes())
-    data[-200] ^= 0x01  # parseable, wrong bytes
-    shard.write_bytes(bytes(data))
-    with pytest.raises(DataError, match=rf"{shard.name}.*sha256"):
+    rot_one_byte(shard)  # parseable, ids in range, wrong bytes
+    with pytest.raises(DataError, match=rf"{shard.name}: xxh3_128 [0-9a-f]{{32}} but the manifest says"):
         run(tmp_path, {"a": (a, 1.0)})
     assert_no_checkpoint(tmp_path)
 
@@ -153,3 +163,33 @@ def test_nan_inf_all_zero_weights_refused(tmp_path, weights):
     with pytest.raises(ConfigError, match=r"data.sources"):
         run(tmp_path, {"a": (a, weights[0]), "b": (b, weights[1])})
     assert not (tmp_path / "run").exists()
+
+
+@pytest.mark.slow  # two trainings, one a subprocess (~15-30 s here)
+def test_rotted_byte_with_mtime_restored_stops_train_cli(tmp_path):
+    """Issue 8 failure 2 through `python -m framework.train`: run, flip one byte in the middle of
+    a shard and restore its mtime (`touch -r`), resume: exit non-zero naming the shard and both
+    hashes, and no checkpoint after the first run's."""
+    a = source(tmp_path / "a")
+    spec = f"data.sources=[{{name:a,path:'{a}',weight:1.0}}]"
+    args = [*TINY, spec, f"run.dir={tmp_path}/run", f"data.cache_dir={tmp_path}/cache"]
+    train(make_cfg([*args, "trainer.max_steps=2"]))
+    shard = sorted(a.glob("train-*.arrow"))[1]
+    expected = read_manifest(a).shards[[s.file for s in read_manifest(a).shards].index(shard.name)]
+    rot_one_byte(shard)
+    proc = subprocess.run(
+        [sys.executable, "-m", "framework.train", *args, "trainer.max_steps=4"],
+        cwd=REPO,
+        env={**os.environ, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1"},
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    out = proc.stdout + proc.stderr
+    assert proc.returncode != 0, out[-3000:]
+    actual = xxhash.xxh3_128_hexdigest(shard.read_bytes())
+    assert f"shard {shard}: xxh3_128 {actual} but the manifest says {expected.xxh3_128}" in out, out[
+        -3000:
+    ]
+    ckpts = sorted(p.name for p in (tmp_path / "run" / "checkpoints").glob("step_*"))
+    assert ckpts == ["step_00000002"]

@@ -21,7 +21,7 @@ ROOT_CONFIGS = sorted(p.stem for p in Path(CONF_DIR).glob("*.yaml"))
 # The full set of training config keys. Adding a knob is a deliberate change: update this list.
 FROZEN_KEYS = """
 checkpoint.every checkpoint.keep checkpoint.path checkpoint.resume
-data.allow_empty_source data.cache_dir data.doc_mask data.name data.num_workers data.root data.schedule
+data.allow_change_on_resume data.allow_empty_source data.cache_dir data.doc_mask data.name data.num_workers data.root data.schedule
 data.sources data.tokenizer
 logger.entity logger.mode logger.name logger.project logger.tags
 model.bias model.block_size model.dropout model.ffn_hidden model.init_from model.init_std model.multiple_of

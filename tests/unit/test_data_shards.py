@@ -5,14 +5,16 @@ from __future__ import annotations
 
 import json
 import math
+import os
 from pathlib import Path
 
 import numpy as np
 import pyarrow as pa
 import pytest
+import xxhash
 
 from framework.config import Config, ConfigError, DataConfig, SourceConfig, validate
-from framework.data import shards
+from framework.data import packing, shards
 from framework.data.loader import MixtureLoader
 from framework.data.shards import (
     MANIFEST,
@@ -74,12 +76,15 @@ def test_roundtrip_is_zero_copy_and_exact(tmp_path):
     assert toks.dtype == np.uint16 and not toks.flags.owndata  # a view of the memory map
 
 
-def test_good_source_builds_and_warm_start_skips_hashing(tmp_path, monkeypatch):
+def test_good_source_builds_and_warm_start_skips_the_id_scan(tmp_path, monkeypatch):
     src = make_source(tmp_path / "a")
     cfg = data_cfg(tmp_path, a=(src, 1.0))
-    build(cfg)
     calls = []
-    monkeypatch.setattr(shards, "sha256_file", lambda p: calls.append(p) or sha256_file(p))
+    real = shards.check_token_range
+    monkeypatch.setattr(shards, "check_token_range", lambda p, *a: calls.append(p) or real(p, *a))
+    build(cfg)
+    assert len(calls) == len(read_manifest(src).shards)
+    calls.clear()
     shards.VERIFY_CACHE.mem.clear()  # a new process: only the cache file remains
     build(cfg)
     assert calls == []  # verified.json under data.cache_dir answered
@@ -103,22 +108,113 @@ def test_truncated_ipc_footer_named_even_if_manifest_agrees(tmp_path):
         build(data_cfg(tmp_path, a=(src, 1.0)))
 
 
-def test_checksum_mismatch_parseable_bytes_even_when_cached(tmp_path):
-    src = make_source(tmp_path / "a")
-    cfg = data_cfg(tmp_path, a=(src, 1.0))
-    build(cfg)  # verified and cached once
-    shard = first_train_shard(src)
-    expected = read_manifest(src).split("train")[0].sha256
+def rot_one_byte(shard: Path) -> None:
+    """Flip one bit of a token in the middle of a shard's data and restore its mtime (`touch -r`):
+    size and mtime unchanged, still parseable, every id still in the vocabulary."""
+    st = shard.stat()
     data = bytearray(shard.read_bytes())
     toks, _ = open_shard(shard, "uint16")
-    pos = bytes(data).find(toks[:4].tobytes())  # a token value inside the data buffer
-    data[pos] ^= 0x01  # still a valid id (< 256), still parseable
+    mid = len(toks) // 2 + int(np.argmax(toks[len(toks) // 2 :] < 255))  # not EOT: stays < 256
+    pos = bytes(data).find(toks[mid : mid + 4].tobytes())  # a token value inside the data buffer
+    data[pos] ^= 0x01  # its low byte (little-endian)
     shard.write_bytes(bytes(data))
+    os.utime(shard, ns=(st.st_atime_ns, st.st_mtime_ns))
+    assert shard.stat().st_size == st.st_size and shard.stat().st_mtime_ns == st.st_mtime_ns
     assert open_shard(shard, "uint16")[0].shape == toks.shape
+
+
+def test_manifest_records_xxh3_beside_sha256(tmp_path):
+    src = make_source(tmp_path / "a")
+    for info in read_manifest(src).shards:
+        assert info.sha256 == sha256_file(src / info.file)
+        assert info.xxh3_128 == xxhash.xxh3_128_hexdigest((src / info.file).read_bytes())
+
+
+def test_rotted_byte_with_mtime_restored_stops_the_loader(tmp_path):
+    """Issue 8 failure 2 at the loader level: the start-up checks and their cache pass (size and
+    mtime unchanged), the first batch that reads the shard raises, naming it and both hashes."""
+    src = make_source(tmp_path / "a")
+    cfg = data_cfg(tmp_path, a=(src, 1.0))
+    next(build(cfg))  # verified and cached once, as a first run would
+    shard = first_train_shard(src)
+    expected = read_manifest(src).split("train")[0].xxh3_128
+    rot_one_byte(shard)
+    shards.VERIFY_CACHE.mem.clear()  # a new process: only the cache file remains
+    loader = build(cfg)  # the cheap checks still pass: the bytes are hashed when first read
     with pytest.raises(DataError) as e:
-        build(cfg)
+        for _ in range(20):
+            next(loader)
     msg = str(e.value)
-    assert str(shard) in msg and expected in msg and sha256_file(shard) in msg and "'a'" in msg
+    actual = xxhash.xxh3_128_hexdigest(shard.read_bytes())
+    assert actual != expected
+    assert str(shard) in msg and expected in msg and actual in msg and "'a'" in msg
+
+
+def test_rotted_byte_stops_background_workers_too(tmp_path):
+    src = make_source(tmp_path / "a")
+    rot_one_byte(first_train_shard(src))
+    cfg = data_cfg(tmp_path, a=(src, 1.0))
+    cfg.num_workers = 2
+    loader = build(cfg)
+    with pytest.raises(DataError, match=rf"shard {first_train_shard(src)}: xxh3_128 [0-9a-f]{{32}} but"):
+        for _ in range(20):
+            next(loader)
+    loader.close()
+
+
+def test_start_up_hashes_nothing_and_each_shard_is_hashed_once_per_process(tmp_path, monkeypatch):
+    src = make_source(tmp_path / "a")
+    calls = []
+    real = packing.check_shard_bytes
+    monkeypatch.setattr(packing, "check_shard_bytes", lambda p, *a: calls.append(p) or real(p, *a))
+    loader = build(data_cfg(tmp_path, a=(src, 1.0)))
+    assert calls == []  # no start-up pass over the corpus
+    for _ in range(30):  # 30 steps x 4 windows of 16 tokens: more than an epoch of ~1400 tokens
+        next(loader)
+    train = sorted(src / s.file for s in read_manifest(src).split("train"))
+    assert len(train) > 1 and sorted(calls) == train
+
+
+def strip_xxh3(src: Path) -> None:
+    """A manifest as written before xxh3_128 existed."""
+    m = json.loads((src / MANIFEST).read_text())
+    for s in m["shards"]:
+        del s["xxh3_128"]
+    (src / MANIFEST).write_text(json.dumps(m))
+
+
+def test_old_manifest_falls_back_to_sha256_once_then_catches_rot(tmp_path, monkeypatch):
+    src = make_source(tmp_path / "a")
+    strip_xxh3(src)
+    cfg = data_cfg(tmp_path, a=(src, 1.0))
+    sha_calls = []
+    real_sha = shards.hashlib.sha256
+    monkeypatch.setattr(shards.hashlib, "sha256", lambda *a: sha_calls.append(1) or real_sha(*a))
+    next(build(cfg))
+    n_train = len(read_manifest(src).split("train"))
+    assert len(sha_calls) == n_train  # the first batch touches every shard of the shuffled epoch
+    shards.VERIFY_CACHE.mem.clear()  # a new process: only the cache file remains
+    sha_calls.clear()
+    next(build(cfg))
+    assert sha_calls == []  # the remembered xxh3 of sha256-checked bytes answered
+    shard = first_train_shard(src)
+    rot_one_byte(shard)
+    shards.VERIFY_CACHE.mem.clear()
+    with pytest.raises(DataError) as e:
+        next(build(cfg))
+    msg = str(e.value)
+    assert str(shard) in msg and xxhash.xxh3_128_hexdigest(shard.read_bytes()) in msg
+
+
+def test_old_manifest_rotted_before_first_check_names_both_sha256(tmp_path):
+    src = make_source(tmp_path / "a")
+    strip_xxh3(src)
+    shard = first_train_shard(src)
+    expected = read_manifest(src).split("train")[0].sha256
+    rot_one_byte(shard)
+    with pytest.raises(DataError) as e:
+        next(build(data_cfg(tmp_path, a=(src, 1.0))))
+    assert str(shard) in str(e.value) and expected in str(e.value) and sha256_file(shard) in str(e.value)
 
 
 def test_missing_shard_file_named(tmp_path):
