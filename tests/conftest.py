@@ -15,6 +15,13 @@ import pytest
 _ROOT = Path(tempfile.mkdtemp(prefix="fw-test-data-"))
 os.environ["FW_DATA_ROOT"] = str(_ROOT)
 os.environ.setdefault("WANDB_MODE", "disabled")
+# DeepSpeed JIT-builds a C++ op (its CPU shared-memory all-reduce) at the first ZeRO start, behind
+# a lock file in TORCH_EXTENSIONS_DIR. A build killed half-way (a timed-out test) leaves that
+# lock behind and every later DeepSpeed start on the machine waits on it forever: keep the build
+# inside this checkout's git-ignored .venv, so a fresh clone never waits on another run's lock.
+os.environ.setdefault(
+    "TORCH_EXTENSIONS_DIR", str(Path(__file__).resolve().parents[1] / ".venv" / "torch_extensions")
+)
 
 
 @pytest.fixture(scope="session")
