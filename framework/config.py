@@ -225,6 +225,17 @@ def load(cfg: DictConfig) -> Config:
     return obj
 
 
+def job_run_dir(run_dir: str) -> str:
+    """run.dir of this Hydra job: under `-m` each sweep point gets its own directory
+    (hydra.sweep.subdir: `<run.dir>/<job number>`), never a shared one."""
+    from hydra.core.hydra_config import HydraConfig
+    from hydra.types import RunMode
+
+    if not HydraConfig.initialized() or HydraConfig.get().mode != RunMode.MULTIRUN:
+        return run_dir
+    return str(HydraConfig.get().runtime.output_dir)
+
+
 def to_yaml(cfg: Config) -> str:
     return OmegaConf.to_yaml(OmegaConf.structured(cfg))
 
