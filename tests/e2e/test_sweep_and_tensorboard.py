@@ -46,7 +46,9 @@ def test_tensorboard_purges_steps_past_the_resume_point(tmp_path, sample_data):
     base = [*TINY, f"run.dir={tmp_path}", "logger=tensorboard", "checkpoint.every=2"]
     train(make_cfg([*base, "trainer.max_steps=4"]))
     # resume from the step-2 checkpoint: steps 3 and 4 are trained again
-    train(make_cfg([*base, "trainer.max_steps=4", f"checkpoint.path={tmp_path}/checkpoints/step_00000002"]))
+    train(
+        make_cfg([*base, "trainer.max_steps=4", f"checkpoint.path={tmp_path}/checkpoints/step_00000002"])
+    )
     acc = EventAccumulator(str(tmp_path / "tensorboard"))
     acc.Reload()
     steps = [e.step for e in acc.Scalars("loss")]
