@@ -210,6 +210,8 @@ def register() -> None:
 register()
 
 STRATEGIES = ("single", "ddp", "zero1", "zero2", "zero3", "fsdp", "tp", "tp_fsdp")
+MULTI_PROCESS = ("ddp", "fsdp", "tp", "tp_fsdp")
+"""Strategies whose engine needs a process group of >= 2 ranks (ZeRO makes its own of 1)."""
 PRECISIONS = ("auto", "fp32", "bf16", "fp16", "fp8")
 
 
@@ -223,6 +225,17 @@ def load(cfg: DictConfig) -> Config:
     if not isinstance(obj, Config):
         raise ConfigError(f"expected a Config, got {type(obj).__name__}")
     return obj
+
+
+def job_run_dir(run_dir: str) -> str:
+    """run.dir of this Hydra job: under `-m` each sweep point gets its own directory
+    (hydra.sweep.subdir: `<run.dir>/<job number>`), never a shared one."""
+    from hydra.core.hydra_config import HydraConfig
+    from hydra.types import RunMode
+
+    if not HydraConfig.initialized() or HydraConfig.get().mode != RunMode.MULTIRUN:
+        return run_dir
+    return str(HydraConfig.get().runtime.output_dir)
 
 
 def to_yaml(cfg: Config) -> str:
@@ -277,6 +290,14 @@ def validate(cfg: Config, world_size: int = 1, device: str | None = None) -> Non
             errors.append(f"model.n_kv_head={m.kv_heads} is not divisible by strategy.tp={s.tp}")
         if m.ffn_dim % s.tp:
             errors.append(f"model ffn width {m.ffn_dim} is not divisible by strategy.tp={s.tp}")
+    if s.name in MULTI_PROCESS and world_size == 1:
+        errors.append(
+            f"strategy={s.name} needs several processes, but the world size is 1 (one plain "
+            "process): launch with `launchers/torchrun.sh N ...`, `torchrun --nproc_per_node N -m "
+            "framework.train ...`, `srun --ntasks-per-node N python -m framework.train ...` or "
+            "`launchers/slurm/train.sbatch`, or use strategy=single (zero1/2/3 also run in one "
+            "process)"
+        )
     if s.name == "single" and world_size > 1:
         errors.append(f"strategy=single runs on one process, but the world size is {world_size}")
     if s.name == "tp" and world_size % max(s.tp, 1) == 0 and s.tp != world_size:

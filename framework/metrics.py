@@ -97,10 +97,13 @@ class WandbSink:
 
 
 class TensorBoardSink:
-    def __init__(self, run_dir: Path):
+    def __init__(self, run_dir: Path, start_step: int):
         from torch.utils.tensorboard import SummaryWriter
 
-        self.w = SummaryWriter(str(run_dir / "tensorboard"))
+        # On resume, events past the checkpoint (steps about to be redone) are purged: without
+        # it a run resumed at 5 after reaching 10 shows steps 1..10, 6..10.
+        purge = start_step + 1 if start_step > 0 else None
+        self.w = SummaryWriter(str(run_dir / "tensorboard"), purge_step=purge)
 
     def log(self, record: dict) -> None:
         for k, v in record.items():
@@ -164,7 +167,7 @@ class Metrics:
         if cfg.logger.name == "wandb":
             self.sinks.append(WandbSink(cfg, run_dir))
         elif cfg.logger.name == "tensorboard":
-            self.sinks.append(TensorBoardSink(run_dir))
+            self.sinks.append(TensorBoardSink(run_dir, start_step))
         self.progress = Progress(start_step, cfg.trainer.max_steps, cfg.trainer.log_every)
         self._load_curves(start_step)
 

@@ -257,7 +257,9 @@ def make_sample_sources(data: C.DataConfig, dist: Dist) -> None:
 
 @hydra.main(config_path=C.CONF_DIR, config_name="config", version_base=None)
 def _main(dcfg: DictConfig) -> None:
-    train(C.load(dcfg))
+    cfg = C.load(dcfg)
+    cfg.run.dir = C.job_run_dir(cfg.run.dir)
+    train(cfg)
 
 
 def main() -> None:

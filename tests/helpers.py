@@ -23,7 +23,7 @@ TINY = [
 ]
 
 
-def compose(overrides: list[str] | None = None, name: str = "config"):
+def compose(overrides: list[str] | None = None, name: str = "config", **kw):
     """Compose conf/<name>.yaml with overrides (a DictConfig)."""
     from hydra import compose as hydra_compose
     from hydra import initialize_config_dir
@@ -31,7 +31,7 @@ def compose(overrides: list[str] | None = None, name: str = "config"):
     from framework.config import CONF_DIR
 
     with initialize_config_dir(config_dir=CONF_DIR, version_base=None):
-        return hydra_compose(config_name=name, overrides=overrides or [])
+        return hydra_compose(config_name=name, overrides=overrides or [], **kw)
 
 
 def make_cfg(overrides: list[str] | None = None):

@@ -1,5 +1,12 @@
-"""Process-group setup from the launcher's environment (torchrun, deepspeed --no_local_rank,
-accelerate launch and srun all set RANK / WORLD_SIZE / LOCAL_RANK / MASTER_ADDR)."""
+"""Process-group setup from the launcher's environment.
+
+torchrun, deepspeed --no_local_rank and accelerate launch set RANK / WORLD_SIZE / LOCAL_RANK /
+MASTER_ADDR / MASTER_PORT. `srun --ntasks-per-node=G python -m framework.train` (one Slurm task
+per rank, as gpt-neox and NeMo users launch) sets only SLURM_PROCID / SLURM_NTASKS /
+SLURM_LOCALID: when the torchrun variables are absent those are read instead, the rendezvous
+host is the job's first node and the port is derived from the job id (two jobs sharing a node
+do not collide; MASTER_ADDR / MASTER_PORT in the environment win).
+"""
 
 from __future__ import annotations
 
@@ -52,8 +59,63 @@ class Dist:
         return out
 
 
+@dataclass(frozen=True)
+class LaunchEnv:
+    rank: int
+    world_size: int
+    local_rank: int
+    launcher: str
+    """torchrun (or any launcher setting RANK/WORLD_SIZE) | slurm (one srun task per rank) | none."""
+
+
+def launch_env(env: dict | None = None) -> LaunchEnv:
+    """Where this process sits in the job, from the launcher's variables (torchrun's first)."""
+    env = os.environ if env is None else env
+    if "RANK" in env or "WORLD_SIZE" in env:
+        return LaunchEnv(
+            int(env.get("RANK", "0")),
+            int(env.get("WORLD_SIZE", "1")),
+            int(env.get("LOCAL_RANK", "0")),
+            "torchrun",
+        )
+    if "SLURM_PROCID" in env and int(env.get("SLURM_NTASKS", "1")) > 1:
+        return LaunchEnv(
+            int(env["SLURM_PROCID"]),
+            int(env["SLURM_NTASKS"]),
+            int(env.get("SLURM_LOCALID", "0")),
+            "slurm",
+        )
+    return LaunchEnv(0, 1, 0, "none")
+
+
+def slurm_rendezvous(env: dict) -> tuple[str, str]:
+    """(MASTER_ADDR, MASTER_PORT) for a job launched as one Slurm task per rank."""
+    addr = env.get("MASTER_ADDR")
+    if not addr:
+        nodes = env.get("SLURM_STEP_NODELIST") or env.get("SLURM_JOB_NODELIST") or ""
+        addr = first_host(nodes) if int(env.get("SLURM_NNODES", "1")) > 1 else "127.0.0.1"
+    port = env.get("MASTER_PORT") or str(slurm_port(env.get("SLURM_JOB_ID", "0")))
+    return addr, port
+
+
+def slurm_port(job_id: str) -> int:
+    """A port in [20000, 40000) derived from the job id: the same on every task of the job,
+    different for two jobs on one node (launchers/slurm/train.sbatch uses the same rule)."""
+    return 20000 + int(job_id or 0) % 20000
+
+
+def first_host(nodelist: str) -> str:
+    """The first host of a Slurm node list (`scontrol show hostnames` expands `n[01-04]`)."""
+    import subprocess
+
+    out = subprocess.run(
+        ["scontrol", "show", "hostnames", nodelist], capture_output=True, text=True, check=True
+    )
+    return out.stdout.split()[0]
+
+
 def env_world_size() -> int:
-    return int(os.environ.get("WORLD_SIZE", "1"))
+    return launch_env().world_size
 
 
 def pick_device(requested: str, local_rank: int) -> torch.device:
@@ -67,10 +129,16 @@ def pick_device(requested: str, local_rank: int) -> torch.device:
 
 def init_distributed(device: str, timeout_s: float = 1800.0) -> Dist:
     """Create the default process group when the launcher started several processes."""
-    world = env_world_size()
-    rank = int(os.environ.get("RANK", "0"))
-    local_rank = int(os.environ.get("LOCAL_RANK", "0"))
+    le = launch_env()
+    world, rank, local_rank = le.world_size, le.rank, le.local_rank
     dev = pick_device(device, local_rank)
+    if le.launcher == "slurm":
+        addr, port = slurm_rendezvous(dict(os.environ))
+        # DeepSpeed and DCP read these as a launcher would have set them
+        os.environ.update(
+            MASTER_ADDR=addr, MASTER_PORT=port, RANK=str(rank), WORLD_SIZE=str(world),
+            LOCAL_RANK=str(local_rank),
+        )  # fmt: skip
     if world > 1 and not tdist.is_initialized():
         backend = "nccl" if dev.type == "cuda" else "gloo"
         tdist.init_process_group(
