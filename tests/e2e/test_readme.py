@@ -139,9 +139,10 @@ def _plan_argv(args: list[str], world: int) -> Plan:
     return Plan("plan", argv, "plan", world)
 
 
-def _slurm_gpus_per_node() -> int:
-    m = re.search(r"^#SBATCH --gpus-per-node=(\d+)", (ROOT / "launchers/slurm.sbatch").read_text(), re.M)
-    return int(m[1]) if m else 1
+def _slurm_gpus_per_node(opts: dict) -> int:
+    """Processes per node of train.sbatch: NPROC_PER_NODE defaults to the GPUs granted."""
+    m = re.search(r"^#SBATCH --gpus-per-node=(\d+)", (ROOT / "launchers/slurm/train.sbatch").read_text(), re.M)
+    return int(opts.get("--gpus-per-node", m[1] if m else 1))
 
 
 def _python_m(a: list[str]) -> Plan | None:
@@ -175,9 +176,9 @@ def _launcher(a: list[str]) -> Plan | None:
     if a[0] == "launchers/accelerate/launch.sh":
         return _plan_argv(a[3:], int(a[2]))
     if a[0] == "sbatch":
-        i = a.index("launchers/slurm.sbatch")
+        i = a.index("launchers/slurm/train.sbatch")
         opts = dict(zip(a[1:i:2], a[2:i:2]))
-        return _plan_argv(a[i + 1 :], int(opts.get("--nodes", 1)) * _slurm_gpus_per_node())
+        return _plan_argv(a[i + 1 :], int(opts.get("--nodes", 1)) * _slurm_gpus_per_node(opts))
     return None
 
 
@@ -272,8 +273,10 @@ def test_extractor_joins_continuations_and_tags():
         and plan.world == 8
         and plan.argv[-2:] == ["run.dir=...", "plan.world_size=8"]
     )
-    plan = classify(Command(1, "sbatch --nodes 4 launchers/slurm.sbatch model=x"))
-    assert plan.world == 4 * _slurm_gpus_per_node()
+    plan = classify(Command(1, "sbatch --nodes 4 launchers/slurm/train.sbatch model=x"))
+    assert plan.world == 4 * _slurm_gpus_per_node({})  # no gres asked: NPROC_PER_NODE 1
+    plan = classify(Command(1, "sbatch --nodes 4 --gpus-per-node 8 launchers/slurm/train.sbatch model=x"))
+    assert plan.world == 32
     plan = classify(Command(1, 'make train ARGS="trainer.max_steps=500 model=debug-llama"'))
     assert (
         plan.entry == "train" and "model=debug-llama" in plan.argv and "trainer.max_steps=2" in plan.argv
