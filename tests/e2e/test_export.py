@@ -4,9 +4,7 @@ generations; HF directories initialise our model; the CLIs print what they promi
 from __future__ import annotations
 
 import json
-import os
 import subprocess
-import sys
 
 import pytest
 import torch
@@ -16,7 +14,7 @@ from framework.export import load_hf_weights, save_hf
 from framework.generate import sample
 from framework.model import GPT, ModelConfig
 from framework.train import train
-from tests.helpers import TINY, make_cfg
+from tests.helpers import TINY, make_cfg, run_module
 
 transformers = pytest.importorskip("transformers")
 
@@ -100,13 +98,7 @@ def trained(tmp_path_factory, sample_data):
 
 
 def _cli(module: str, *args: str, cwd) -> subprocess.CompletedProcess:
-    return subprocess.run(
-        [sys.executable, "-m", module, *args],
-        capture_output=True,
-        text=True,
-        cwd=cwd,
-        env=os.environ | {"PYTHONPATH": os.getcwd()},
-    )
+    return run_module(module, *args, cwd=cwd)
 
 
 def test_generate_cli_prints_ids_and_text(trained, tmp_path):
