@@ -135,3 +135,32 @@ def test_export_cli_writes_loadable_directory(trained, tmp_path):
     assert {p.name for p in (tmp_path / "hf").iterdir()} == {"config.json", "model.safetensors"}
     hf = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "hf").eval()
     assert hf.config.n_layer == 2 and hf.config.vocab_size == 257
+
+
+def test_flipped_byte_makes_generate_and_export_fail_naming_the_file(trained, tmp_path):
+    """load_model (behind generate and export) checks the manifest before DCP reads a byte:
+    DCP has no checksums, so a flipped byte in a shard would otherwise load silently."""
+    import re
+    import shutil
+
+    from framework import export, generate
+    from framework.checkpoint import CheckpointError
+
+    run = tmp_path / "run"
+    shutil.copytree(trained, run)
+    ckpt = run / "checkpoints" / (run / "checkpoints/latest").read_text().strip()
+    shard = max((p for p in (ckpt / "state").rglob("*") if p.is_file()), key=lambda p: p.stat().st_size)
+    data = bytearray(shard.read_bytes())
+    data[len(data) // 2] ^= 0xFF  # same size: only the hash can tell
+    shard.write_bytes(bytes(data))
+    with pytest.raises(
+        CheckpointError, match=re.escape(str(shard)) + r": sha256 [0-9a-f]{64}, expected"
+    ):
+        export.run(export.ExportConfig(checkpoint=str(run), out=str(tmp_path / "hf")))
+    assert not (tmp_path / "hf").exists()
+    with pytest.raises(CheckpointError, match=re.escape(f"{shard}: sha256")):
+        generate.run(generate.GenerateConfig(checkpoint=str(run), prompt_ids=[104], max_new_tokens=2))
+    out = _cli(
+        "framework.generate", f"checkpoint={run}", "prompt_ids=[104]", "max_new_tokens=2", cwd=tmp_path
+    )
+    assert out.returncode != 0 and str(shard) in out.stderr + out.stdout
