@@ -1,6 +1,6 @@
 """Parity: for the same seed and global batch, every strategy's per-step losses and gradient
-norms equal the single-process run's (fp32: relative 1e-5) over 8 steps, on 2 gloo processes (tp_fsdp on 4),
-through the real entry point `torchrun -m framework.train`. The deepspeed and accelerate
+norms equal the single-process run's (fp32: relative 1e-5) over 8 steps, on 2 gloo processes
+(tp_fsdp on 4), through the real entry point `torchrun -m framework.train`. The deepspeed and accelerate
 launchers run the same training and must give the torchrun run's losses. Gradient norms are
 compared as well because losses cannot see a constant gradient scale (AdamW ignores it).
 Eval (weighted val loss, text sampled through sharded logits) runs under tensor parallel too.
@@ -22,7 +22,7 @@ import pytest
 
 from framework.train import train
 from tests.distributed.launch import PARITY, grad_norms, losses, max_rel_diff, run_train
-from tests.helpers import make_cfg
+from tests.helpers import make_cfg, read_metrics
 
 FP32_RTOL = 1e-5
 BF16_RTOL = 1e-3
@@ -135,8 +135,6 @@ EVAL = ("trainer.eval_every=4", "trainer.eval_batches=2", "trainer.sample_tokens
 
 def evals(run_dir) -> tuple[list[dict], list[str]]:
     """(eval records of metrics.jsonl, the sampled texts as train.log prints them)."""
-    from tests.helpers import read_metrics
-
     records = [r for r in read_metrics(run_dir) if "val_loss" in r]
     samples = [ln.split(" sample: ", 1)[1] for ln in (run_dir / "train.log").read_text().splitlines()
                if " sample: " in ln]  # fmt: skip

@@ -8,6 +8,8 @@ import json
 import os
 import subprocess
 
+import pytest
+
 from framework.optim import lr_at
 from tests.distributed.launch import BIN, ROOT, free_port
 from tests.helpers import make_cfg
@@ -26,6 +28,7 @@ SMALL = [
 ]
 
 
+@pytest.mark.slow  # a DeepSpeed launch on 2 processes (~20 s idle, minutes on a loaded box)
 def test_zero2_optimizer_receives_the_scheduled_lr(tmp_path):
     out = tmp_path / "rows.json"
     env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=str(ROOT), FW_TEST_LR_SCHEDULE="1")
