@@ -26,6 +26,10 @@ from tests.helpers import make_cfg, read_metrics
 
 FP32_RTOL = 1e-5
 BF16_RTOL = 1e-3
+# bf16 gradient norms drift more than losses (measured 2026-11-30, worst of 8 steps against
+# single in bf16: fsdp 1.6e-3, zero2 1.2e-3; fp32 zero2 2.4e-7). A summed instead of averaged
+# accumulation is off by 2x, so this still catches it.
+BF16_GRAD_NORM_RTOL = 3e-3
 
 # strategy -> processes
 STRATEGIES = {
@@ -39,12 +43,13 @@ STRATEGIES = {
 }
 
 
-def assert_matches(got_dir, ref_dir, rtol: float) -> None:
-    """Per-step losses and gradient norms of two runs within rtol (relative to ref)."""
-    for name, series in (("loss", losses), ("grad_norm", grad_norms)):
+def assert_matches(got_dir, ref_dir, rtol: float, grad_norm_rtol: float | None = None) -> None:
+    """Per-step losses (within rtol) and gradient norms (within grad_norm_rtol, default rtol)
+    of two runs, relative to ref."""
+    for name, series, tol in (("loss", losses, rtol), ("grad_norm", grad_norms, grad_norm_rtol or rtol)):
         got, ref = series(got_dir), series(ref_dir)
         assert len(ref) == 8 and all(math.isfinite(x) for x in got), (name, got)
-        assert max_rel_diff(got, ref) <= rtol, (name, got, ref)
+        assert max_rel_diff(got, ref) <= tol, (name, got, ref)
 
 
 @pytest.fixture(scope="module")
@@ -105,7 +110,7 @@ def test_bf16_losses_within_recorded_tolerance(runs, strategy):
     reduce) and DeepSpeed's bf16 mode (fp32 master weights)."""
     ref = runs("single", "torchrun", "precision=bf16")
     assert losses(runs("single")) != losses(ref)  # bf16 did change the arithmetic
-    assert_matches(runs(strategy, "torchrun", "precision=bf16"), ref, BF16_RTOL)
+    assert_matches(runs(strategy, "torchrun", "precision=bf16"), ref, BF16_RTOL, BF16_GRAD_NORM_RTOL)
 
 
 @pytest.mark.parametrize(("launcher", "strategy"), [("deepspeed", "zero2"), ("accelerate", "fsdp")])
