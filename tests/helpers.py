@@ -3,7 +3,15 @@
 from __future__ import annotations
 
 import json
+import os
+import subprocess
+import sys
 from pathlib import Path
+
+# The checkout under test. Subprocesses must import `framework` from here, not whichever copy
+# is installed in the environment (an editable install of another checkout would be tested
+# instead, and a broken CLI here would pass).
+ROOT = Path(__file__).resolve().parents[1]
 
 # A tiny GPT (RELIABILITY: 2 layers, d=64, vocab 257, seq 32) with dropout, so RNG matters.
 TINY = [
@@ -48,3 +56,26 @@ def read_metrics(run_dir: Path) -> list[dict]:
 def train_losses(run_dir: Path) -> dict[int, str]:
     """step -> repr of the loss (bitwise comparison)."""
     return {r["step"]: repr(r["loss"]) for r in read_metrics(run_dir) if "loss" in r}
+
+
+def checkout_env(**extra: str) -> dict[str, str]:
+    """os.environ with this checkout first on PYTHONPATH (for any subprocess that imports
+    framework), plus `extra`."""
+    path = os.pathsep.join(p for p in (str(ROOT), os.environ.get("PYTHONPATH", "")) if p)
+    return {**os.environ, "PYTHONPATH": path, **extra}
+
+
+def run_module(
+    module: str, *args: str, cwd: Path | str = ROOT, flags: tuple[str, ...] = (), env: dict | None = None,
+    timeout: float = 300,
+) -> subprocess.CompletedProcess:  # fmt: skip
+    """`python [flags] -m module args` of this checkout (PYTHONPATH = repo root; cwd the repo
+    root unless a test needs its own, e.g. to see what a CLI writes into its working dir)."""
+    return subprocess.run(
+        [sys.executable, *flags, "-m", module, *args],
+        cwd=cwd,
+        env=checkout_env(**(env or {})),
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+    )

@@ -9,6 +9,10 @@ dp-mean loss and grad norm per step (rank 0) to OUT.json.
 
 FW_TEST_INJECT_INF=RANK:STEP puts an inf into that rank's local gradient shard before that
 optimizer step (fp16 overflow on one rank only).
+
+FW_TEST_LR_SCHEDULE=1 passes the scheduled LR (framework.optim.lr_at) to engine.step instead of
+optim.lr, and records per step the LRs of the torch optimizer that applies the update (the
+innermost one under DeepSpeed's wrappers) as "lr_applied".
 """
 
 from __future__ import annotations
@@ -23,6 +27,7 @@ from hydra import compose, initialize_config_dir
 from framework.config import CONF_DIR, grad_accum_steps, load, validate
 from framework.data.loader import Batch
 from framework.model.gpt import GPT
+from framework.optim import lr_at
 from framework.parallel import build_engine
 from framework.parallel.dist import init_distributed, teardown
 
@@ -49,6 +54,10 @@ def main() -> None:
         rows = []
         spec = os.environ.get("FW_TEST_INJECT_INF")
         inject = tuple(int(x) for x in spec.split(":")) if spec else None
+        scheduled = os.environ.get("FW_TEST_LR_SCHEDULE") == "1"
+        inner = getattr(engine, "optimizer", None) or engine.ds.optimizer
+        while hasattr(inner, "optimizer"):  # DeepSpeed's ZeRO optimizer wraps torch's AdamW
+            inner = inner.optimizer
         for step in range(1, cfg.trainer.max_steps + 1):
             data = global_batch(step, cfg)[engine.dp_rank * per_rank : (engine.dp_rank + 1) * per_rank]
             losses = []
@@ -63,8 +72,11 @@ def main() -> None:
                 # ranks of one TP group hold equal losses: the world mean is the dp mean
                 torch.distributed.all_reduce(loss)
                 loss /= dist.world_size
-            res = engine.step(cfg.optim.lr)
+            lr = lr_at(step, cfg.optim, cfg.trainer.max_steps) if scheduled else cfg.optim.lr
+            res = engine.step(lr)
             row = {"step": step, "loss": float(loss), "grad_norm": res.grad_norm, "skipped": res.skipped}
+            if scheduled:
+                row |= {"lr": lr, "lr_applied": [g["lr"] for g in inner.param_groups]}
             if engine.loss_scale() is not None:
                 row["scale"] = engine.loss_scale()
             rows.append(row)

@@ -75,6 +75,12 @@ def losses(run_dir: Path) -> list[float]:
     return [r["loss"] for r in read_metrics(run_dir) if "loss" in r]
 
 
+def grad_norms(run_dir: Path) -> list[float]:
+    """Pre-clip global gradient norm per step: unlike the loss, it sees a constant gradient
+    scale (e.g. accumulation that sums instead of averaging), which AdamW's update ignores."""
+    return [r["grad_norm"] for r in read_metrics(run_dir) if "loss" in r]
+
+
 def max_rel_diff(a: list[float], b: list[float]) -> float:
     assert len(a) == len(b), (len(a), len(b))
     return max(abs(x - y) / abs(y) for x, y in zip(a, b))

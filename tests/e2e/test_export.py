@@ -6,7 +6,6 @@ from __future__ import annotations
 import json
 import os
 import subprocess
-import sys
 from dataclasses import replace
 
 import pytest
@@ -21,7 +20,7 @@ from framework.generate import run as generate_run
 from framework.model import GPT, ModelConfig
 from framework.prepare import train_bpe
 from framework.train import train
-from tests.helpers import TINY, make_cfg
+from tests.helpers import TINY, make_cfg, run_module
 
 transformers = pytest.importorskip("transformers")
 
@@ -113,13 +112,7 @@ def trained_llama(tmp_path_factory, sample_data):
 
 
 def _cli(module: str, *args: str, cwd) -> subprocess.CompletedProcess:
-    return subprocess.run(
-        [sys.executable, "-m", module, *args],
-        capture_output=True,
-        text=True,
-        cwd=cwd,
-        env=os.environ | {"PYTHONPATH": os.getcwd()},
-    )
+    return run_module(module, *args, cwd=cwd)
 
 
 def test_generate_cli_prints_ids_and_text(trained, tmp_path):
@@ -286,3 +279,32 @@ def test_generate_temperature_zero_is_greedy_and_prompt_file_is_exact(trained, t
         generate_run(GenerateConfig(prompt_file=str(tmp_path / "bad.txt"), **base))
     with pytest.raises(ConfigError, match=r"output='csv' must be one of json, text"):
         generate_run(GenerateConfig(prompt="ab", output="csv", **base))
+
+
+def test_flipped_byte_makes_generate_and_export_fail_naming_the_file(trained, tmp_path):
+    """load_model (behind generate and export) checks the manifest before DCP reads a byte:
+    DCP has no checksums, so a flipped byte in a shard would otherwise load silently."""
+    import re
+    import shutil
+
+    from framework import export, generate
+    from framework.checkpoint import CheckpointError
+
+    run = tmp_path / "run"
+    shutil.copytree(trained, run)
+    ckpt = run / "checkpoints" / (run / "checkpoints/latest").read_text().strip()
+    shard = max((p for p in (ckpt / "state").rglob("*") if p.is_file()), key=lambda p: p.stat().st_size)
+    data = bytearray(shard.read_bytes())
+    data[len(data) // 2] ^= 0xFF  # same size: only the hash can tell
+    shard.write_bytes(bytes(data))
+    with pytest.raises(
+        CheckpointError, match=re.escape(str(shard)) + r": sha256 [0-9a-f]{64}, expected"
+    ):
+        export.run(export.ExportConfig(checkpoint=str(run), out=str(tmp_path / "hf")))
+    assert not (tmp_path / "hf").exists()
+    with pytest.raises(CheckpointError, match=re.escape(f"{shard}: sha256")):
+        generate.run(generate.GenerateConfig(checkpoint=str(run), prompt_ids=[104], max_new_tokens=2))
+    out = _cli(
+        "framework.generate", f"checkpoint={run}", "prompt_ids=[104]", "max_new_tokens=2", cwd=tmp_path
+    )
+    assert out.returncode != 0 and str(shard) in out.stderr + out.stdout

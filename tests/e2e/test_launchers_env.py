@@ -35,7 +35,7 @@ def write_env_script(tmp_path: Path, bin_dir: Path) -> Path:
 def bare_path_has(cmd: str) -> bool:
     return (
         subprocess.run(
-            ["bash", "-c", f"command -v {cmd}"], env=bare_env(), capture_output=True
+            ["bash", "-c", f"command -v {cmd}"], env=bare_env(), cwd=ROOT, capture_output=True
         ).returncode
         == 0
     )
@@ -107,6 +107,6 @@ def test_fw_env_naming_a_missing_file_is_refused(tmp_path):
 def test_repo_venv_is_used_when_no_virtualenv_is_active(tmp_path):
     """`make test` on a fresh clone made <repo>/.venv: the launcher finds it with nothing on PATH."""
     proc = subprocess.run(["bash", "-c", f'source "{ROOT}/launchers/env.sh"; fw_require torchrun; command -v torchrun'],
-                          env=bare_env(), capture_output=True, text=True, timeout=60)  # fmt: skip
+                          env=bare_env(), cwd=ROOT, capture_output=True, text=True, timeout=60)  # fmt: skip
     assert proc.returncode == 0, proc.stderr
     assert proc.stdout.strip() == str(ROOT / ".venv/bin/torchrun")

@@ -4,11 +4,11 @@ name the keys (also under `python -O`, which strips asserts), the exit code."""
 from __future__ import annotations
 
 import json
-import os
 import subprocess
-import sys
 
 import pytest
+
+from tests.helpers import run_module
 
 GPT3 = [
     "model=gpt3-175b",
@@ -24,14 +24,8 @@ GPT3 = [
 def fw_plan(
     *overrides: str, optimize: bool = False, env: dict | None = None
 ) -> subprocess.CompletedProcess:
-    flags = ["-O"] if optimize else []
-    return subprocess.run(
-        [sys.executable, *flags, "-m", "framework.plan", *overrides],
-        capture_output=True,
-        text=True,
-        timeout=120,
-        env={**os.environ, **(env or {})},
-    )
+    flags = ("-O",) if optimize else ()
+    return run_module("framework.plan", *overrides, flags=flags, env=env, timeout=120)
 
 
 def last_json(out: str) -> dict:

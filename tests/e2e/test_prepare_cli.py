@@ -4,25 +4,21 @@ from __future__ import annotations
 
 import json
 import subprocess
-import sys
 from pathlib import Path
 
 from framework.config import DataConfig, SourceConfig
 from framework.data.loader import MixtureLoader
 from framework.data.shards import read_manifest
 from framework.data.tokenizer import ByteTokenizer
+from tests.helpers import run_module
 
 REPO = Path(__file__).resolve().parents[2]
 
 
 def cli(*args: str, cwd: Path) -> subprocess.CompletedProcess:
-    return subprocess.run(
-        [sys.executable, "-m", "framework.prepare", *args],
-        cwd=cwd,
-        capture_output=True,
-        text=True,
-        timeout=120,
-    )
+    """The checkout's prepare (PYTHONPATH = repo root), run in `cwd`: the test checks that
+    relative outputs land there and that Hydra writes nothing into it."""
+    return run_module("framework.prepare", *args, cwd=cwd, timeout=120)
 
 
 def test_prepare_cli_then_train_loader_then_noop(tmp_path):

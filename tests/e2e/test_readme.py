@@ -141,7 +141,9 @@ def _plan_argv(args: list[str], world: int) -> Plan:
 
 def _slurm_gpus_per_node(opts: dict) -> int:
     """Processes per node of train.sbatch: NPROC_PER_NODE defaults to the GPUs granted."""
-    m = re.search(r"^#SBATCH --gpus-per-node=(\d+)", (ROOT / "launchers/slurm/train.sbatch").read_text(), re.M)
+    m = re.search(
+        r"^#SBATCH --gpus-per-node=(\d+)", (ROOT / "launchers/slurm/train.sbatch").read_text(), re.M
+    )
     return int(opts.get("--gpus-per-node", m[1] if m else 1))
 
 
@@ -275,7 +277,9 @@ def test_extractor_joins_continuations_and_tags():
     )
     plan = classify(Command(1, "sbatch --nodes 4 launchers/slurm/train.sbatch model=x"))
     assert plan.world == 4 * _slurm_gpus_per_node({})  # no gres asked: NPROC_PER_NODE 1
-    plan = classify(Command(1, "sbatch --nodes 4 --gpus-per-node 8 launchers/slurm/train.sbatch model=x"))
+    plan = classify(
+        Command(1, "sbatch --nodes 4 --gpus-per-node 8 launchers/slurm/train.sbatch model=x")
+    )
     assert plan.world == 32
     plan = classify(Command(1, 'make train ARGS="trainer.max_steps=500 model=debug-llama"'))
     assert (

@@ -20,7 +20,10 @@ MARK = "# written by framework tests/slurm"
 
 
 def _run(*cmd: str, timeout: float = 600) -> subprocess.CompletedProcess:
-    return subprocess.run(cmd, capture_output=True, text=True, timeout=timeout)
+    # system tools only (never `framework`): any directory, this environment
+    return subprocess.run(
+        cmd, capture_output=True, text=True, timeout=timeout, env=dict(os.environ), cwd="/"
+    )
 
 
 def _install() -> str | None:
@@ -31,7 +34,7 @@ def _install() -> str | None:
         return "Slurm is not installed and cannot be (needs root and apt-get)"
     env = dict(os.environ, DEBIAN_FRONTEND="noninteractive")
     for cmd in (["apt-get", "update", "-qq"], ["apt-get", "install", "-y", "-qq", "slurm-wlm", "munge"]):
-        p = subprocess.run(cmd, capture_output=True, text=True, timeout=900, env=env)
+        p = subprocess.run(cmd, capture_output=True, text=True, timeout=900, env=env, cwd="/")
         if p.returncode:
             return f"`{' '.join(cmd)}` failed: {(p.stderr or p.stdout)[-500:]}"
     return None

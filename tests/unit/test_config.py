@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import importlib
-import os
 import subprocess
 import sys
 from pathlib import Path
@@ -13,7 +12,7 @@ from hydra.core.config_store import ConfigStore
 from omegaconf import OmegaConf
 
 from framework.config import CONF_DIR, ConfigError, load, validate
-from tests.helpers import compose, make_cfg
+from tests.helpers import ROOT, checkout_env, compose, make_cfg, run_module
 
 GROUPS = ("model", "data", "strategy", "precision", "logger")
 ROOT_CONFIGS = sorted(p.stem for p in Path(CONF_DIR).glob("*.yaml"))
@@ -180,22 +179,13 @@ def test_validation_survives_python_O(tmp_path):
         "    print('REFUSED', e)\n"
     )
     out = subprocess.run(
-        [sys.executable, "-O", "-c", code],
-        capture_output=True,
-        text=True,
-        cwd=Path(CONF_DIR).parent,
-        env=os.environ | {"PYTHONPATH": str(Path(CONF_DIR).parent)},
+        [sys.executable, "-O", "-c", code], capture_output=True, text=True, cwd=ROOT, env=checkout_env()
     )
     assert "REFUSED" in out.stdout and "model.n_embd=100" in out.stdout, out.stderr
 
 
 def test_unknown_flavor_lists_valid_ones(tmp_path):
-    out = subprocess.run(
-        [sys.executable, "-m", "framework.train", "model=gpt5", f"run.dir={tmp_path}/r"],
-        capture_output=True,
-        text=True,
-        cwd=tmp_path,
-    )
+    out = run_module("framework.train", "model=gpt5", f"run.dir={tmp_path}/r")
     assert out.returncode != 0
     err = out.stderr + out.stdout
     assert "gpt5" in err and "gpt2-124m" in err and "llama-7b" in err

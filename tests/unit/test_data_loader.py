@@ -318,3 +318,16 @@ def test_default_sample_config_builds_as_train_py_does(tmp_path):
         "zipf",
         "arith",
     }
+
+
+def test_schedule_weights_are_normalised():
+    """Weights that do not sum to 1 (here 3:1, then 1:3 from step 5 on) are shares after
+    normalising: the realised proportions of each segment follow them (un-normalised
+    cumulative bounds would send nearly every sample to the first source)."""
+    g = 64
+    mix = Mixture(["a", "b"], [3.0, 1.0], [(5, {"a": 2.0, "b": 6.0})], g, seed=0)
+    assert [s.weights.tolist() for s in mix.segments] == [[0.75, 0.25], [0.25, 0.75]]
+    first = mix.counts(0, 4 * g)  # steps 1..4
+    second = mix.counts(4 * g, 4 * g + 1000)  # from step 5
+    assert np.abs(first - np.array([0.75, 0.25]) * 4 * g).max() <= 2
+    assert np.abs(second - np.array([0.25, 0.75]) * 1000).max() <= 2

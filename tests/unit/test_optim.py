@@ -65,3 +65,12 @@ def test_optimizer_is_fused_only_on_cuda():
     model = torch.nn.Linear(4, 4)
     opt = build_optimizer(model, OptimConfig(), "cpu")
     assert opt.defaults["fused"] in (False, None)
+
+
+def test_wsd_decays_to_min_lr_not_zero():
+    """WSD ends at lr * min_lr_ratio (a decay to 0 that ignores the ratio fails here)."""
+    cfg = OptimConfig(lr=2.0, min_lr_ratio=0.25, warmup_steps=0, schedule="wsd", decay_fraction=0.2)
+    assert lr_at(80, cfg, 100) == 2.0  # last flat step
+    assert lr_at(90, cfg, 100) == pytest.approx(2.0 - 1.5 * 0.5)  # half way from 2.0 to 0.5
+    assert lr_at(100, cfg, 100) == pytest.approx(0.5)
+    assert min(lr_at(s, cfg, 100) for s in range(1, 101)) == pytest.approx(0.5)
