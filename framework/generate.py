@@ -12,12 +12,12 @@ import json
 from collections.abc import Callable
 from dataclasses import dataclass
 
-import hydra
 import torch
 from hydra.core.config_store import ConfigStore
-from omegaconf import MISSING, DictConfig, OmegaConf
+from omegaconf import MISSING, DictConfig
 
-from framework.config import CONF_DIR, ConfigError
+from framework.cli import entry, to_object
+from framework.config import ConfigError
 
 
 @dataclass
@@ -105,14 +105,10 @@ def run(cfg: GenerateConfig) -> dict:
     return {"ids": out, "text": tok.decode(out)}
 
 
-@hydra.main(config_path=CONF_DIR, config_name="generate", version_base=None)
-def _main(dcfg: DictConfig) -> None:
-    cfg: GenerateConfig = OmegaConf.to_object(dcfg)  # type: ignore[assignment]
-    print(json.dumps(run(cfg)))
-
-
-def main() -> None:
-    _main()
+@entry("generate", GenerateConfig)
+def main(dcfg: DictConfig) -> None:
+    """Console script `fw-generate`."""
+    print(json.dumps(run(to_object(dcfg, GenerateConfig))))
 
 
 if __name__ == "__main__":

@@ -14,12 +14,12 @@ import math
 import time
 from pathlib import Path
 
-import hydra
 import torch
 from omegaconf import DictConfig
 
 from framework import config as C
 from framework.checkpoint import Checkpointer, model_shape
+from framework.cli import entry
 from framework.data.loader import MixtureLoader, val_batches
 from framework.data.sample import generate as generate_sample_source
 from framework.data.shards import MANIFEST
@@ -245,13 +245,10 @@ def make_sample_sources(data: C.DataConfig, dist: Dist) -> None:
     dist.barrier()
 
 
-@hydra.main(config_path=C.CONF_DIR, config_name="config", version_base=None)
-def _main(dcfg: DictConfig) -> None:
+@entry("config", C.Config)
+def main(dcfg: DictConfig) -> None:
+    """Console script `fw-train`."""
     train(C.load(dcfg))
-
-
-def main() -> None:
-    _main()
 
 
 if __name__ == "__main__":

@@ -30,6 +30,7 @@ import numpy as np
 import pyarrow as pa
 
 from framework.data.tokenizer import Tokenizer
+from framework.errors import DataErrorBase
 
 log = logging.getLogger(__name__)
 
@@ -40,7 +41,7 @@ COLUMN = "input_ids"
 DTYPE_MAX_VOCAB = {"uint8": 2**8, "uint16": 2**16, "uint32": 2**32, "int32": 2**31, "int64": 2**63}
 
 
-class DataError(ValueError):
+class DataError(DataErrorBase, ValueError):
     """Bad data on disk or a bad data config; the message names the source/shard/row."""
 
 
