@@ -27,7 +27,7 @@ from framework.data.tokenizer import Tokenizer, load_tokenizer
 from framework.generate import sample
 from framework.metrics import Metrics, perplexity, setup_logging
 from framework.model import GPT
-from framework.optim import lr_at
+from framework.optim import lr_at, schedule_change_warning
 from framework.parallel import NonFiniteError, build_engine
 from framework.parallel.dist import Dist, env_world_size, init_distributed, teardown
 from framework.perf import flops_per_token, mfu, peak_flops
@@ -86,6 +86,12 @@ def _train(cfg: C.Config, dist: Dist) -> dict:
         loader.load_state_dict(state["loader"])
         engine.load_extra_state(state["engine"])
         start = state["step"]
+        if dist.is_main and (changed := schedule_change_warning(state.get("config"), cfg, start)):
+            log.warning(changed)
+    if start >= t.max_steps:  # a finished run launched again: leave metrics.jsonl and checkpoints be
+        log.info("already at max_steps=%d (checkpoint step %d), nothing to do", t.max_steps, start)
+        loader.close()
+        return {}
     if dist.is_main:
         (run_dir / "config.yaml").write_text(C.to_yaml(cfg))
     metrics = Metrics(cfg, run_dir, dist.rank, start)
@@ -159,6 +165,7 @@ def _train(cfg: C.Config, dist: Dist) -> dict:
             break
     loader.close()
     metrics.close()
+    metrics.print_summary()
     return record
 
 
