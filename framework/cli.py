@@ -43,7 +43,8 @@ from framework.errors import DEBUG_ENV, UserError
 SECRET_KEY = re.compile(
     r"(^|_)(api_?key|apikey|token|password|passwd|secret|access_key)$", re.IGNORECASE
 )
-"""Leaf names that hold credentials; they may only come from the environment."""
+"""Leaf names that hold credentials. No schema has one (they may only come from the environment),
+so such a key is always refused, with that advice instead of a did-you-mean."""
 
 
 def entry(
@@ -193,9 +194,7 @@ def key_problems(container, typ, schema: type, prefix: str = "") -> list[str]:
         path = f"{prefix}{key}"
         if fields is None:  # a free-form mapping (e.g. data.schedule weights): keys are data
             continue
-        if SECRET_KEY.search(str(key)):
-            problems.append(_secret(path))
-        elif key not in fields:
+        if key not in fields:  # a secret-looking key gets the environment advice from _unknown
             problems.append(_unknown(path, prefix, list(fields), schema))
         else:
             problems += key_problems(value, fields[key], schema, f"{path}.")
@@ -240,7 +239,7 @@ def override_problems(argv: list[str], schema: type, conf_dir: str = CONF_DIR) -
     problems = []
     for ov in overrides:
         key = ov.key_or_group
-        if key.startswith("hydra") or ov.is_delete():
+        if key == "hydra" or key.startswith(("hydra.", "hydra/")) or ov.is_delete():
             continue
         adds = ov.is_add() or ov.is_force_add()
         if "." not in key and key in groups and (key in fields or adds):
@@ -268,8 +267,6 @@ def _path_problems(key: str, schema: type) -> list[str]:
         fields = _fields(typ)
         if fields is None:
             return []  # lists, free-form mappings and scalars: Hydra and omegaconf check the rest
-        if SECRET_KEY.search(seg):
-            return [_secret(prefix + seg)]
         if seg not in fields:
             return [_unknown(prefix + seg, prefix, list(fields), schema)]
         typ, prefix = fields[seg], f"{prefix}{seg}."

@@ -152,3 +152,11 @@ def test_debug_switch_prints_the_traceback():
         out = report(err, **env)
         assert out.startswith("Traceback (most recent call last)") and "error: gone\n" in out
     assert "Traceback" not in report(err, FW_DEBUG="0")
+
+
+@pytest.mark.parametrize("schema", [Config, GenerateConfig, ExportConfig, PrepareConfig])
+def test_no_schema_has_a_secret_looking_key(schema):
+    # Such a key is refused on sight: a credential belongs in the environment, never in config.yaml.
+    paths = cli._all_paths(schema)
+    assert len(paths) >= 5  # the walk sees the fields
+    assert [p for p in paths if cli.SECRET_KEY.search(p.rsplit(".", 1)[-1])] == []
