@@ -29,6 +29,7 @@ from pathlib import Path
 import torch
 
 from framework.data.shards import sha256_file
+from framework.errors import CheckpointErrorBase
 from framework.parallel.dist import Dist
 
 log = logging.getLogger("framework")
@@ -51,7 +52,7 @@ SHAPE_KEYS = (
 )
 
 
-class CheckpointError(RuntimeError):
+class CheckpointError(CheckpointErrorBase, RuntimeError):
     """A checkpoint that cannot be used; the message names the path and what is wrong."""
 
 

@@ -15,12 +15,13 @@ from typing import Any
 from hydra.core.config_store import ConfigStore
 from omegaconf import MISSING, DictConfig, OmegaConf
 
+from framework.errors import ConfigErrorBase
 from framework.model.gpt import ModelConfig, ModelShapeError
 
 CONF_DIR = str(Path(__file__).resolve().parent.parent / "conf")
 
 
-class ConfigError(ValueError):
+class ConfigError(ConfigErrorBase, ValueError):
     """A config that cannot run. The message names the keys and what to do."""
 
 

@@ -25,12 +25,12 @@ import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
-import hydra
 import torch
 from hydra.core.config_store import ConfigStore
-from omegaconf import MISSING, DictConfig, OmegaConf
+from omegaconf import MISSING, DictConfig
 
-from framework.config import CONF_DIR, ConfigError
+from framework.cli import entry, to_object
+from framework.config import ConfigError
 from framework.model import GPT, ModelConfig
 
 log = logging.getLogger("framework")
@@ -550,15 +550,12 @@ def run(cfg: ExportConfig) -> Path:
     return out
 
 
-@hydra.main(config_path=CONF_DIR, config_name="export", version_base=None)
-def _main(dcfg: DictConfig) -> None:
+@entry("export", ExportConfig)
+def main(dcfg: DictConfig) -> None:
+    """Console script `fw-export`."""
     logging.basicConfig(level=logging.INFO, format="%(message)s")
-    out = run(OmegaConf.to_object(dcfg))  # type: ignore[arg-type]
+    out = run(to_object(dcfg, ExportConfig))
     print(json.dumps({"out": str(out)}))
-
-
-def main() -> None:
-    _main()
 
 
 if __name__ == "__main__":

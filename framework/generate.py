@@ -22,12 +22,12 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
-import hydra
 import torch
 from hydra.core.config_store import ConfigStore
-from omegaconf import MISSING, DictConfig, OmegaConf
+from omegaconf import MISSING, DictConfig
 
-from framework.config import CONF_DIR, ConfigError
+from framework.cli import entry, to_object
+from framework.config import ConfigError
 
 
 @dataclass
@@ -142,19 +142,16 @@ def read_prompt_file(path: str) -> str:
         ) from e
 
 
-@hydra.main(config_path=CONF_DIR, config_name="generate", version_base=None)
-def _main(dcfg: DictConfig) -> None:
-    cfg: GenerateConfig = OmegaConf.to_object(dcfg)  # type: ignore[assignment]
+@entry("generate", GenerateConfig)
+def main(dcfg: DictConfig) -> None:
+    """Console script `fw-generate`."""
+    cfg = to_object(dcfg, GenerateConfig)
     result = run(cfg)
     if cfg.output == "text":
         sys.stdout.write(result["completion"])  # exactly the text: no newline of our own
         sys.stdout.flush()
     else:
         print(json.dumps({"ids": result["ids"], "text": result["text"]}))
-
-
-def main() -> None:
-    _main()
 
 
 if __name__ == "__main__":

@@ -12,6 +12,7 @@ import logging
 import math
 import secrets
 import sys
+import time
 from pathlib import Path
 
 from framework.config import Config, LoggerConfig, to_dict
@@ -115,15 +116,22 @@ class TensorBoardSink:
 
 
 class Progress:
-    """A tqdm bar (tokens/s, loss, ETA) on a terminal; plain log lines every log_every otherwise."""
+    """A tqdm bar (tokens/s, loss, ETA) on a terminal; plain log lines every log_every otherwise.
+
+    While the bar is up, the logger's console handler writes through tqdm (tqdm's own
+    logging_redirect_tqdm), so each log line appears once above the bar; train.log is unchanged."""
 
     def __init__(self, start_step: int, max_steps: int, log_every: int):
         self.log_every = log_every
         self.bar = None
+        self._redirect = None
         if sys.stderr.isatty():
             from tqdm import tqdm
+            from tqdm.contrib.logging import logging_redirect_tqdm
 
             self.bar = tqdm(total=max_steps, initial=start_step, unit="step", dynamic_ncols=True)
+            self._redirect = logging_redirect_tqdm([log])
+            self._redirect.__enter__()
 
     def update(self, record: dict) -> None:
         tps = record.get("tokens_per_s") or 0.0
@@ -143,11 +151,12 @@ class Progress:
             )
 
     def write(self, msg: str) -> None:
-        if self.bar is not None:
-            self.bar.write(msg)
         log.info(msg)
 
     def close(self) -> None:
+        if self._redirect is not None:
+            self._redirect.__exit__(None, None, None)
+            self._redirect = None
         if self.bar is not None:
             self.bar.close()
 
@@ -158,6 +167,9 @@ class Metrics:
     def __init__(self, cfg: Config, run_dir: Path, rank: int, start_step: int):
         self.active = rank == 0
         self.run_dir = run_dir
+        self.start_step = start_step
+        self.max_steps = cfg.trainer.max_steps
+        self.t0 = time.perf_counter()  # wall time of this invocation's loop (after the build)
         self.train_curve: list[tuple[int, float]] = []
         self.val_curve: list[tuple[int, float]] = []
         self.sinks: list = []
@@ -243,6 +255,106 @@ class Metrics:
         for s in self.sinks:
             s.close()
 
+    def print_summary(self) -> None:
+        """The end-of-run summary of this invocation (rank 0), from metrics.jsonl."""
+        if not self.active:
+            return
+        path = self.run_dir / "metrics.jsonl"
+        records = [json.loads(ln) for ln in path.read_text().splitlines()] if path.exists() else []
+        s = summarize(records, self.start_step, self.max_steps, time.perf_counter() - self.t0)
+        show_summary(s, sys.stderr.isatty())
+
 
 def perplexity(loss: float) -> float:
     return math.exp(loss) if loss < 700 else math.inf
+
+
+def summarize(
+    records: list[dict], start_step: int = 0, max_steps: int | None = None, wall_s: float | None = None
+) -> dict:
+    """The numbers that close a run, as a pure function of metrics.jsonl records.
+
+    Counts the train records after `start_step` (this invocation; 0: the whole run). tokens_per_s
+    is the tokens of those steps over their summed step times (the harmonic mean of the per-step
+    figures; eval and checkpoint time excluded); mfu is the mean of the steps that report one.
+    val_loss / val_loss_per_source come from the last eval record of the whole file."""
+    train = [r for r in records if "loss" in r and r["step"] > start_step]
+    evals = [r for r in records if "val_loss" in r]
+    last_step = max((r["step"] for r in records if "loss" in r), default=start_step)
+    out: dict = {
+        "steps_run": len(train),
+        "first_step": train[0]["step"] if train else None,
+        "last_step": last_step,
+        "max_steps": max_steps,
+        "tokens": train[-1]["tokens"] if train else None,
+        "tokens_run": None,
+        "wall_s": wall_s,
+        "last_loss": train[-1]["loss"] if train else None,
+        "val_step": evals[-1]["step"] if evals else None,
+        "val_loss": evals[-1]["val_loss"] if evals else None,
+        "val_loss_per_source": {
+            k.removeprefix("val_loss/"): v
+            for k, v in (evals[-1] if evals else {}).items()
+            if k.startswith("val_loss/")
+        },
+        "tokens_per_s": None,
+        "mfu": None,
+    }
+    if train:
+        prev_tokens = next(
+            (r["tokens"] for r in reversed(records) if "loss" in r and r["step"] <= start_step), 0
+        )
+        per_step = [
+            (r["tokens"] - prev, r.get("tokens_per_s"))
+            for prev, r in zip([prev_tokens] + [r["tokens"] for r in train], train)
+        ]
+        out["tokens_run"] = train[-1]["tokens"] - prev_tokens
+        timed = [(n, tps) for n, tps in per_step if tps]
+        if timed:
+            out["tokens_per_s"] = sum(n for n, _ in timed) / sum(n / tps for n, tps in timed)
+        mfus = [r["mfu"] for r in train if r.get("mfu") is not None]
+        if mfus:
+            out["mfu"] = sum(mfus) / len(mfus)
+    return out
+
+
+def summary_rows(s: dict) -> list[tuple[str, str]]:
+    """(label, value) rows of a summary, for a table or plain log lines."""
+    total = f" of {s['max_steps']}" if s.get("max_steps") else ""
+    run = f" ({s['first_step']}..{s['last_step']})" if s["steps_run"] else ""
+    rows = [("steps", f"{s['steps_run']} this run{run}; at step {s['last_step']}{total}")]
+    if s["tokens"] is not None:
+        rows.append(("tokens", f"{s['tokens_run']:,} this run; {s['tokens']:,} in total"))
+    if s["wall_s"] is not None:
+        rows.append(("wall time", f"{s['wall_s']:.1f} s"))
+    if s["last_loss"] is not None:
+        rows.append(("last train loss", f"{s['last_loss']:.4f}"))
+    if s["val_loss"] is not None:
+        per = "  ".join(f"{k} {v:.4f}" for k, v in s["val_loss_per_source"].items())
+        rows.append(
+            (f"val loss (step {s['val_step']})", f"{s['val_loss']:.4f}" + (f"  ({per})" if per else ""))
+        )
+    if s["tokens_per_s"] is not None:
+        rows.append(("mean tokens/s", f"{s['tokens_per_s']:,.0f}"))
+    if s["mfu"] is not None:
+        rows.append(("mean MFU", f"{s['mfu']:.1%}"))
+    return rows
+
+
+def show_summary(s: dict, terminal: bool) -> None:
+    """A small rich table on a terminal (the plain lines still go to train.log), log lines otherwise."""
+    rows = summary_rows(s)
+    if not terminal:
+        log.info("run summary:\n%s", "\n".join(f"  {k}: {v}" for k, v in rows))
+        return
+    from rich.console import Console
+    from rich.table import Table
+
+    table = Table(title="run summary", show_header=False)
+    for k, v in rows:
+        table.add_row(k, v)
+    Console(file=sys.stderr).print(table)
+    text = "run summary:\n" + "\n".join(f"  {k}: {v}" for k, v in rows)
+    for h in log.handlers:
+        if isinstance(h, logging.FileHandler):
+            h.emit(log.makeRecord(log.name, logging.INFO, __file__, 0, text, None, None))

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import math
 
 import torch
@@ -57,3 +58,42 @@ def lr_at(step: int, cfg: OptimConfig, max_steps: int) -> float:
     span = max(1, max_steps - cfg.warmup_steps)
     progress = min(1.0, (step - cfg.warmup_steps) / span)
     return min_lr + 0.5 * (lr - min_lr) * (1.0 + math.cos(math.pi * progress))
+
+
+SCHEDULE_KEYS = (
+    "trainer.max_steps",
+    "optim.lr",
+    "optim.min_lr_ratio",
+    "optim.warmup_steps",
+    "optim.schedule",
+    "optim.decay_fraction",
+)
+"""The keys lr_at depends on: changing one on resume moves the LR of the steps still to run."""
+
+
+def schedule_change_warning(saved: dict | None, cfg, step: int) -> str | None:
+    """A warning naming each LR-schedule key whose value differs from the checkpoint's saved
+    config (trainer.json "config"), with the LR of the next step under the old and new values;
+    None when nothing changed (or the checkpoint predates saved configs)."""
+    if not saved:
+        return None
+    old_values, new_values = {}, {}
+    for key in SCHEDULE_KEYS:
+        section, name = key.split(".")
+        old = saved.get(section, {}).get(name)
+        new = getattr(getattr(cfg, section), name)
+        if old is not None and old != new:
+            old_values[key], new_values[key] = old, new
+    if not old_values:
+        return None
+    old_optim = dataclasses.replace(
+        cfg.optim, **{k.split(".")[1]: v for k, v in old_values.items() if k.startswith("optim.")}
+    )
+    old_max = old_values.get("trainer.max_steps", cfg.trainer.max_steps)
+    nxt = step + 1
+    before, after = lr_at(nxt, old_optim, old_max), lr_at(nxt, cfg.optim, cfg.trainer.max_steps)
+    changes = ", ".join(f"{k} {old_values[k]!r} -> {new_values[k]!r}" for k in old_values)
+    return (
+        f"resuming from step {step} with a changed LR schedule: {changes}; the LR of step {nxt} "
+        f"moves from {before:.3g} to {after:.3g} (keep the checkpoint's values to continue the old schedule)"
+    )

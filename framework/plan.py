@@ -16,14 +16,13 @@ from __future__ import annotations
 
 import json
 import os
-import sys
 from dataclasses import dataclass
 
-import hydra
 from omegaconf import DictConfig
 
 from framework import memory
-from framework.config import CONF_DIR, Config, ConfigError, dp_degree, grad_accum_steps, load, validate
+from framework.cli import entry
+from framework.config import Config, ConfigError, dp_degree, grad_accum_steps, load, validate
 from framework.data.vocab import resolve_vocab_size
 from framework.model.gpt import num_params
 from framework.perf import flops_per_token, peak_flops
@@ -258,14 +257,11 @@ def render(p: Plan, cfg: Config) -> str:
     return "\n".join(lines)
 
 
-@hydra.main(config_path=CONF_DIR, config_name="config", version_base=None)
+@entry("config", Config)
 def main(dcfg: DictConfig) -> None:
-    try:
-        cfg = load(dcfg)
-        plan = make_plan(cfg, resolve_world_size(cfg.plan.world_size))
-    except ConfigError as e:
-        print(f"framework.plan: {e}", file=sys.stderr)
-        sys.exit(1)
+    """Console script `fw-plan`."""
+    cfg = load(dcfg)
+    plan = make_plan(cfg, resolve_world_size(cfg.plan.world_size))
     print(render(plan, cfg))
     print(json.dumps(plan.summary()))
 

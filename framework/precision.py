@@ -17,6 +17,7 @@ import torch
 from torch import nn
 
 from framework.config import ConfigError, PrecisionConfig
+from framework.errors import DivergedErrorBase
 
 
 def deepspeed_cpu_fp16_supported() -> bool:
@@ -90,7 +91,7 @@ def apply_fp8(model: nn.Module, cfg: PrecisionConfig) -> nn.Module:
     return model
 
 
-class LossScaleAbort(RuntimeError):
+class LossScaleAbort(DivergedErrorBase, RuntimeError):
     """fp16 gradients overflow even at the minimum loss scale: training cannot continue."""
 
 

@@ -34,14 +34,14 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import fsspec
-import hydra
 import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 import zstandard
 from hydra.core.config_store import ConfigStore
-from omegaconf import MISSING, DictConfig, OmegaConf
+from omegaconf import MISSING, DictConfig
 
+from framework.cli import entry, to_object
 from framework.data.shards import MANIFEST, DataError, SourceWriter, is_url, read_manifest
 from framework.data.tokenizer import ByteTokenizer, HFTokenizer, Tokenizer, load_tokenizer
 
@@ -499,24 +499,11 @@ def warn_small_splits(docs: dict[str, int], val_fraction: float) -> None:
             )
 
 
-@hydra.main(version_base=None, config_path=CONF_DIR, config_name="prepare")
-def _hydra_main(dcfg: DictConfig) -> None:
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    try:
-        cfg = OmegaConf.to_object(dcfg)
-    except Exception as e:  # omegaconf names the missing key
-        log.error("config error: %s", e)
-        sys.exit(2)
-    try:
-        prepare(cfg)  # type: ignore[arg-type]
-    except DataError as e:
-        log.error("%s", e)
-        sys.exit(1)
-
-
-def main() -> None:
+@entry("prepare", PrepareConfig)
+def main(dcfg: DictConfig) -> None:
     """Console script `fw-prepare`."""
-    _hydra_main()
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    prepare(to_object(dcfg, PrepareConfig))
 
 
 if __name__ == "__main__":

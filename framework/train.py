@@ -14,12 +14,12 @@ import math
 import time
 from pathlib import Path
 
-import hydra
 import torch
 from omegaconf import DictConfig
 
 from framework import config as C
 from framework.checkpoint import Checkpointer, model_shape
+from framework.cli import entry
 from framework.data.identity import check_data_resume, data_identity
 from framework.data.loader import MixtureLoader, val_batches
 from framework.data.sample import generate as generate_sample_source
@@ -29,7 +29,7 @@ from framework.data.vocab import resolve_vocab_size
 from framework.generate import sample
 from framework.metrics import Metrics, perplexity, setup_logging
 from framework.model import GPT
-from framework.optim import lr_at
+from framework.optim import lr_at, schedule_change_warning
 from framework.parallel import NonFiniteError, build_engine
 from framework.parallel.dist import Dist, env_world_size, init_distributed, teardown
 from framework.perf import flops_per_token, mfu, peak_flops
@@ -95,6 +95,12 @@ def _train(cfg: C.Config, dist: Dist) -> dict:
         loader.load_state_dict(state["loader"])
         engine.load_extra_state(state["engine"])
         start = state["step"]
+        if dist.is_main and (changed := schedule_change_warning(state.get("config"), cfg, start)):
+            log.warning(changed)
+    if start >= t.max_steps:  # a finished run launched again: leave metrics.jsonl and checkpoints be
+        log.info("already at max_steps=%d (checkpoint step %d), nothing to do", t.max_steps, start)
+        loader.close()
+        return {}
     if dist.is_main:
         (run_dir / "config.yaml").write_text(C.to_yaml(cfg))
     metrics = Metrics(cfg, run_dir, dist.rank, start)
@@ -168,6 +174,7 @@ def _train(cfg: C.Config, dist: Dist) -> dict:
             break
     loader.close()
     metrics.close()
+    metrics.print_summary()
     return record
 
 
@@ -255,15 +262,12 @@ def make_sample_sources(data: C.DataConfig, dist: Dist) -> None:
     dist.barrier()
 
 
-@hydra.main(config_path=C.CONF_DIR, config_name="config", version_base=None)
-def _main(dcfg: DictConfig) -> None:
+@entry("config", C.Config)
+def main(dcfg: DictConfig) -> None:
+    """Console script `fw-train`."""
     cfg = C.load(dcfg)
-    cfg.run.dir = C.job_run_dir(cfg.run.dir)
+    cfg.run.dir = C.job_run_dir(cfg.run.dir)  # -m: each sweep point in its own run directory
     train(cfg)
-
-
-def main() -> None:
-    _main()
 
 
 if __name__ == "__main__":

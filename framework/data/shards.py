@@ -39,6 +39,7 @@ import pyarrow as pa
 import xxhash
 
 from framework.data.tokenizer import Tokenizer
+from framework.errors import DataErrorBase
 
 log = logging.getLogger(__name__)
 
@@ -49,7 +50,7 @@ COLUMN = "input_ids"
 DTYPE_MAX_VOCAB = {"uint8": 2**8, "uint16": 2**16, "uint32": 2**32, "int32": 2**31, "int64": 2**63}
 
 
-class DataError(ValueError):
+class DataError(DataErrorBase, ValueError):
     """Bad data on disk or a bad data config; the message names the source/shard/row."""
 
 

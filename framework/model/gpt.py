@@ -16,8 +16,10 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from framework.errors import ConfigErrorBase
 
-class ModelShapeError(ValueError):
+
+class ModelShapeError(ConfigErrorBase, ValueError):
     """A model config that cannot be built; the message names the keys."""
 
 

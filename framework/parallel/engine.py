@@ -20,10 +20,11 @@ from torch import nn
 from torch.distributed.tensor import DTensor
 
 from framework.data.loader import Batch
+from framework.errors import DivergedErrorBase
 from framework.precision import OverflowGuard, Precision
 
 
-class NonFiniteError(RuntimeError):
+class NonFiniteError(DivergedErrorBase, RuntimeError):
     """Loss or gradient norm is NaN/Inf; raised before optimizer.step() so weights stay intact."""
 
 

@@ -10,6 +10,7 @@ from framework.config import DataConfig, SourceConfig
 from framework.data.loader import MixtureLoader
 from framework.data.shards import read_manifest
 from framework.data.tokenizer import ByteTokenizer
+from framework.errors import EXIT_DATA
 from tests.helpers import run_module
 
 REPO = Path(__file__).resolve().parents[2]
@@ -53,6 +54,6 @@ def test_prepare_cli_then_train_loader_then_noop(tmp_path):
     assert again.returncode == 0 and "nothing to do" in again.stderr
 
     empty = cli(f"input={raw}/*.parquet", "output=prepared/none", cwd=tmp_path)
-    assert empty.returncode == 1
+    assert empty.returncode == EXIT_DATA and "Traceback" not in empty.stderr
     assert f"input='{raw}/*.parquet': the pattern matched no file" in empty.stderr
     assert not (tmp_path / "prepared" / "none").exists()
