@@ -3,8 +3,8 @@
 Layout of one checkpoint (DESIGN "Run-directory contract"):
 
     checkpoints/step_<N:08d>/
-        state/              engine state (model + optimizer), torch.distributed.checkpoint or
-                            DeepSpeed files, sharded by the writing strategy
+        state/              engine state (model + optimizer), torch.distributed.checkpoint,
+                            sharded by the writing strategy, one layout for all strategies
         rng/rank_<r>.pt     each rank's torch (and CUDA) RNG state
         trainer.json        step, data-loader position, engine extras (loss scale), model shape
         manifest.json       size and sha256 of every file above
@@ -14,6 +14,15 @@ Layout of one checkpoint (DESIGN "Run-directory contract"):
 Why our own manifest: DCP has no checksums (flipped bytes load silently) and reads its
 `.metadata` with pickle, so nothing is loaded before every file's hash matches what we wrote.
 Hashing is spread over the ranks (rank r hashes files r, r+W, ...) so it scales with them.
+The manifest proves integrity, not authorship (whoever can plant a file can re-hash it): loading
+goes through framework/safeload.py, which unpickles nothing but what our saves contain.
+
+Resharding (another strategy or world size on resume) happens on load, in one path: every
+engine, DeepSpeed ZeRO included, saves the keys torch's get_state_dict gives (parameter FQNs,
+optim.state.<fqn>.exp_avg / exp_avg_sq / step, optim.param_groups) and loads by asking DCP for
+the tensors of its own layout, which DCP cuts from whatever shards were written. The loader's
+position is global (sequences consumed), so the data continues on any number of ranks; ranks
+beyond the saved ones get a reseeded RNG stream (logged).
 """
 
 from __future__ import annotations
@@ -192,6 +201,12 @@ class Checkpointer:
         if diff:
             lines = [f"{k}: checkpoint {a!r} vs config {b!r}" for k, (a, b) in diff.items()]
             raise CheckpointError(f"{path} does not match this config:\n  " + "\n  ".join(lines))
+        if (path / "state" / "zero").is_dir():
+            raise CheckpointError(
+                f"{path / 'state' / 'zero'}: DeepSpeed's own checkpoint files (pickles, written by an "
+                "earlier version of this framework), which are not loaded. Its weights alone load "
+                f"with framework.export / framework.generate checkpoint={path}; start training anew."
+            )
         t0 = time.perf_counter()
         engine.load(path / "state")
         rng_file = path / "rng" / f"rank_{self.dist.rank:05d}.pt"
