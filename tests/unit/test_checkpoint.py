@@ -153,3 +153,18 @@ def test_fresh_start_is_logged_once_at_warning_by_rank_0_only(tmp_path, caplog):
     assert ck1.find_resume("auto", None) is None
     fresh = [r for r in caplog.records if "fresh start" in r.getMessage()]
     assert [r.levelname for r in fresh] == ["WARNING"]
+
+
+class OldZeroEngine(FakeEngine):
+    def save(self, path: Path) -> None:
+        (path / "zero").mkdir(parents=True)
+        (path / "zero" / "mp_rank_00_model_states.pt").write_bytes(b"pickle")
+
+
+def test_deepspeed_format_checkpoint_is_refused_before_anything_is_unpickled(tmp_path):
+    ck = Checkpointer(tmp_path, keep=0, dist=Dist())
+    p = ck.save(1, OldZeroEngine(), {"step": 1, "model": {}, "tokenizer": "t"})
+    engine = FakeEngine()
+    with pytest.raises(CheckpointError, match="state/zero: DeepSpeed's own checkpoint files"):
+        ck.load(p, engine, expect_shape={}, tokenizer_fingerprint="t")
+    assert engine.loaded is None
