@@ -139,6 +139,7 @@ def test_planted_payload_runs_nothing_on_resume_or_load_model(trained, tmp_path,
         assert not marker.exists()
 
 
+@pytest.mark.slow  # a fresh interpreter per CLI
 @pytest.mark.parametrize("module", ["framework.generate", "framework.export"])
 def test_planted_metadata_runs_nothing_in_generate_and_export_cli(trained, tmp_path, module):
     run = tmp_path / "run"
