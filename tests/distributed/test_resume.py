@@ -18,7 +18,7 @@ def grad_norms(run_dir) -> list[float]:
     return [r["grad_norm"] for r in read_metrics(run_dir) if "loss" in r]
 
 
-@pytest.mark.parametrize("strategy", ["fsdp", "ddp", "tp", "zero2"])
+@pytest.mark.parametrize("strategy", ["fsdp", "ddp", "tp", "zero2", "zero3"])
 def test_resume_is_bitwise_exact(tmp_path, sample_data, strategy):
     full, split = tmp_path / "full", tmp_path / "split"
     run_train(full, f"strategy={strategy}", DROPOUT)
