@@ -1,4 +1,4 @@
-"""Checkpoints on 2 gloo ranks (fsdp, ddp, tp, zero2): stop and resume in a new invocation
+"""Checkpoints on 2 gloo ranks (fsdp, ddp, tp, zero2, zero3): stop and resume in a new invocation
 reproduces the uninterrupted run bitwise (dropout on, so RNG state matters); an FSDP
 checkpoint saved at dp=2 loads at dp=1 (DCP reshards; vocab 257 is not divisible by 2) and
 continues with the same losses as a same-topology resume."""
