@@ -3,8 +3,8 @@
 Layout of one checkpoint (DESIGN "Run-directory contract"):
 
     checkpoints/step_<N:08d>/
-        state/              engine state (model + optimizer), torch.distributed.checkpoint or
-                            DeepSpeed files, sharded by the writing strategy
+        state/              engine state (model + optimizer), torch.distributed.checkpoint,
+                            sharded by the writing strategy, one layout for all strategies
         rng/rank_<r>.pt     each rank's torch (and CUDA) RNG state
         trainer.json        step, data-loader position, engine extras (loss scale), model shape
         manifest.json       size and sha256 of every file above
@@ -14,16 +14,25 @@ Layout of one checkpoint (DESIGN "Run-directory contract"):
 Why our own manifest: DCP has no checksums (flipped bytes load silently) and reads its
 `.metadata` with pickle, so nothing is loaded before every file's hash matches what we wrote.
 Hashing is spread over the ranks (rank r hashes files r, r+W, ...) so it scales with them.
+The manifest proves integrity, not authorship (whoever can plant a file can re-hash it): loading
+goes through framework/safeload.py, which unpickles nothing but what our saves contain.
+
+Resharding (another strategy or world size on resume) happens on load, in one path: every
+engine, DeepSpeed ZeRO included, saves the keys torch's get_state_dict gives (parameter FQNs,
+optim.state.<fqn>.exp_avg / exp_avg_sq / step, optim.param_groups) and loads by asking DCP for
+the tensors of its own layout, which DCP cuts from whatever shards were written. The loader's
+position is global (sequences consumed), so the data continues on any number of ranks; ranks
+beyond the saved ones get a reseeded RNG stream (logged).
 """
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import os
 import shutil
 import time
-import warnings
 from pathlib import Path
 
 import torch
@@ -31,6 +40,7 @@ import torch
 from framework.data.shards import sha256_file
 from framework.errors import CheckpointErrorBase
 from framework.parallel.dist import Dist
+from framework.safeload import dcp_load, load_pt
 
 log = logging.getLogger("framework")
 
@@ -122,7 +132,7 @@ class Checkpointer:
                 f"checkpoint.resume=required but there is no committed checkpoint under {self.root} "
                 "(set checkpoint.path=<dir> or checkpoint.resume=auto)"
             )
-        if found is None:
+        if found is None and self.dist.is_main:  # once per run, not once per rank
             log.warning("fresh start: no checkpoint under %s", self.root)
         return found
 
@@ -136,10 +146,11 @@ class Checkpointer:
             shutil.rmtree(tmp, ignore_errors=True)
             (tmp / "rng").mkdir(parents=True)
         d.barrier()
-        engine.save(tmp / "state")
-        torch.save(rng_state(), tmp / "rng" / f"rank_{d.rank:05d}.pt")
-        if d.is_main:
-            _fsync_write(tmp / TRAINER, json.dumps(trainer_state, indent=1))
+        with _naming_write_errors(tmp, self.root):
+            engine.save(tmp / "state")
+            torch.save(rng_state(), tmp / "rng" / f"rank_{d.rank:05d}.pt")
+            if d.is_main:
+                _fsync_write(tmp / TRAINER, json.dumps(trainer_state, indent=1))
         d.barrier()
         manifest = self._hash_all(tmp)
         if d.is_main:
@@ -191,16 +202,53 @@ class Checkpointer:
         if diff:
             lines = [f"{k}: checkpoint {a!r} vs config {b!r}" for k, (a, b) in diff.items()]
             raise CheckpointError(f"{path} does not match this config:\n  " + "\n  ".join(lines))
+        if (path / "state" / "zero").is_dir():
+            raise CheckpointError(
+                f"{path / 'state' / 'zero'}: DeepSpeed's own checkpoint files (pickles, written by an "
+                "earlier version of this framework), which are not loaded. Its weights alone load "
+                f"with framework.export / framework.generate checkpoint={path}; start training anew."
+            )
         t0 = time.perf_counter()
         engine.load(path / "state")
         rng_file = path / "rng" / f"rank_{self.dist.rank:05d}.pt"
         if rng_file.is_file():
-            set_rng_state(torch.load(rng_file, weights_only=True))
+            set_rng_state(load_pt(rng_file))
         else:  # resumed on more ranks than saved: new ranks get a fresh, deterministic stream
             log.warning("%s absent (saved with %s ranks); reseeding", rng_file, state.get("world_size"))
             torch.manual_seed(int(state.get("seed", 0)) + 7919 * self.dist.rank + state["step"])
         log.info("resumed from %s (step %d) in %.1fs", path, state["step"], time.perf_counter() - t0)
         return state
+
+
+@contextlib.contextmanager
+def _naming_write_errors(tmp: Path, root: Path):
+    """A failed write (disk full, permission, quota) as an error that names the checkpoint
+    directory and the OS error. torch.save reports a full disk as `enforce fail at
+    inline_container.cc ... unexpected pos` and DCP wraps that per rank; the free space is
+    added so the cause is plain. Nothing is committed: `latest` keeps naming the previous
+    checkpoint and the next start removes the partial folder."""
+    from torch.distributed.checkpoint.api import CheckpointException
+
+    try:
+        yield
+    except (OSError, RuntimeError, CheckpointException) as e:
+        if isinstance(e, CheckpointError):
+            raise
+        try:
+            free = f"{shutil.disk_usage(tmp).free / 2**20:.0f} MiB free there"
+        except OSError:
+            free = "free space unknown"
+        cause = f"{type(e).__name__}: {e}".strip().splitlines()
+        if isinstance(e, CheckpointException):  # the first rank's underlying error
+            cause = [f"{type(x).__name__}: {x}" for x, _ in e.failures.values()][:1] or cause
+        if "unexpected pos" in cause[0] and "No space" not in cause[0]:
+            cause[0] += " (a short write: the disk is probably full)"
+        previous = (root / LATEST).read_text().strip() if (root / LATEST).is_file() else "none"
+        raise CheckpointError(
+            f"could not write checkpoint {tmp} ({free}): {cause[0]}. Nothing was committed: "
+            f"{root / LATEST} still names {previous}; the partial folder is removed at the next "
+            "start. Free space or fix permissions there, or set run.dir elsewhere."
+        ) from e
 
 
 def verify(path: Path, dist: Dist | None = None) -> dict:
@@ -246,17 +294,13 @@ def resolve(path: str | Path) -> Path:
 def load_model(path: str | Path):
     """A plain GPT (CPU, fp32) with the weights of a checkpoint of any strategy, and the
     checkpoint's trainer state. No process group: DCP reads the shards of every rank."""
-    import torch.distributed.checkpoint as dcp
-
     from framework.model import GPT, ModelConfig
 
     ckpt = resolve(path)
     state = verify(ckpt)
     model = GPT(ModelConfig(**state["config"]["model"]))
     sd = model.state_dict()
-    with warnings.catch_warnings():  # DCP warns that a single process loads without a group
-        warnings.filterwarnings("ignore", message="torch.distributed is disabled")
-        dcp.load({"model": sd}, checkpoint_id=str(ckpt / "state"))
+    dcp_load({"model": sd}, ckpt / "state")
     model.load_state_dict(sd)
     return model, state
 

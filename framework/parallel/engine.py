@@ -270,14 +270,13 @@ class TorchEngine(Engine):
             dcp.save(self._state(), checkpoint_id=str(path))
 
     def load(self, path: Path) -> None:
-        import torch.distributed.checkpoint as dcp
         from torch.distributed.checkpoint.state_dict import set_state_dict
+
+        from framework.safeload import dcp_load
 
         self._init_optimizer_state()
         state = self._state()
-        with warnings.catch_warnings():
-            warnings.filterwarnings("ignore", message="torch.distributed is disabled")
-            dcp.load(state, checkpoint_id=str(path))
+        dcp_load(state, path)
         set_state_dict(
             self._plain, self.optimizer, model_state_dict=state["model"], optim_state_dict=state["optim"]
         )

@@ -27,9 +27,6 @@ from framework.parallel.engine import Engine, NonFiniteError, StepResult
 from framework.precision import OverflowGuard, Precision
 
 ZERO_STAGES = {"zero1": 1, "zero2": 2, "zero3": 3}
-CHECKPOINT_TAG = "zero"
-"""Fixed tag: the checkpoint directory is chosen by our checkpoint code, so DeepSpeed's own
-`latest` file (never written: save_latest=False) plays no part in which state is loaded."""
 
 
 def deepspeed_config(cfg: Config, dp_size: int, precision: Precision) -> dict:
@@ -138,35 +135,130 @@ class DeepSpeedEngine(Engine):
     def logits(self, idx):
         return self.ds(idx.to(self.device)).float()
 
+    # -- checkpoint: our DCP layout, never DeepSpeed's pickles -----------------------------
+    # The keys are those torch.distributed.checkpoint.state_dict.get_state_dict gives the torch
+    # engines (parameter FQNs; optim.state.<fqn>.exp_avg / exp_avg_sq / step; optim.param_groups
+    # with FQN lists), with whole (unsharded) fp32 tensors, so a ZeRO checkpoint loads into any
+    # strategy and world size and any checkpoint loads here. DeepSpeed's save_checkpoint /
+    # load_checkpoint are not used: they write pickles and read them with weights_only=False.
+    # Cost: each rank gathers one whole parameter at a time (a collective under ZeRO-3) and the
+    # state dict holds the whole model + Adam state in host memory on every rank while DCP writes
+    # it (each replicated tensor once, spread over the ranks).
+    def _params(self) -> list[tuple[str, nn.Parameter]]:
+        return list(self.ds.module.named_parameters())  # tied weights once, as get_state_dict
+
+    def _inner_optimizer(self) -> torch.optim.Optimizer:
+        """Our torch AdamW, stepping DeepSpeed's flat fp32 partitions."""
+        return self.ds.optimizer.optimizer
+
+    def _flat_partitions(self) -> list[torch.Tensor]:
+        """This rank's fp32 partitions that our AdamW steps (ZeRO-3: one per sub-group)."""
+        zopt = self.ds.optimizer
+        flats = getattr(zopt, "fp32_partitioned_groups_flat", None)
+        return list(flats if flats is not None else zopt.single_partition_of_fp32_groups)
+
+    def _materialise_optimizer_state(self) -> None:
+        """AdamW creates its state at its first step, and DeepSpeed links each parameter to its
+        slice of it then. A fresh engine about to load has none: create it as AdamW would (zero
+        moments, step 0), to be overwritten by the checkpoint's values."""
+        inner = self._inner_optimizer()
+        for flat in self._flat_partitions():
+            if "exp_avg" not in inner.state.get(flat, {}):
+                inner.state[flat] = {
+                    "step": torch.tensor(0.0, dtype=torch.float32),
+                    "exp_avg": torch.zeros_like(flat, memory_format=torch.preserve_format),
+                    "exp_avg_sq": torch.zeros_like(flat, memory_format=torch.preserve_format),
+                }
+        if hasattr(self.ds.optimizer, "_lazy_init_hp_params_optimizer_state"):
+            # ZeRO-1/2 link each parameter to its slice of the Adam state once, after the first
+            # param group's first step, when later groups have no state yet (DeepSpeed 0.19: the
+            # second group's parameters then report "exp_avg not found"): link again now
+            self.ds.optimizer._hp_optimizer_states_linked = False
+            self.ds.optimizer._lazy_init_hp_params_optimizer_state()
+
+    def _step_tensor(self) -> torch.Tensor:
+        """AdamW's step count (all DeepSpeed partitions step together), as torch keeps it."""
+        inner = self._inner_optimizer()
+        steps = {float(st["step"]) for st in inner.state.values() if "step" in st}
+        if len(steps) > 1:
+            raise RuntimeError(f"DeepSpeed's optimizer partitions disagree on the step count: {steps}")
+        return torch.tensor(steps.pop() if steps else 0.0, dtype=torch.float32)
+
+    def _state(self) -> dict:
+        from deepspeed.utils import safe_get_full_fp32_param, safe_get_full_optimizer_state
+
+        self._materialise_optimizer_state()
+        params = dict(self._params())
+        model: dict[str, torch.Tensor] = {}
+        for name, t in self.ds.module.state_dict(keep_vars=True).items():
+            full = safe_get_full_fp32_param(t) if isinstance(t, nn.Parameter) else None
+            model[name] = (full if full is not None else t.detach()).float().cpu()
+        step = self._step_tensor()
+        state = {
+            name: {
+                "exp_avg": safe_get_full_optimizer_state(p, "exp_avg").float().cpu(),
+                "exp_avg_sq": safe_get_full_optimizer_state(p, "exp_avg_sq").float().cpu(),
+                "step": step.clone(),
+            }
+            for name, p in params.items()
+        }
+        lr = self._inner_optimizer().param_groups[0]["lr"]
+        groups = [{**hyper, "lr": lr, "params": list(fqns)} for hyper, fqns in self.param_groups]
+        return {"model": model, "optim": {"state": state, "param_groups": groups}}
+
     def save(self, path: Path) -> None:
-        self.ds.save_checkpoint(str(path), tag=CHECKPOINT_TAG, save_latest=False)
-        self._save_full_weights(path)
-
-    def _save_full_weights(self, path: Path) -> None:
-        """The fp32 master weights, whole, in DCP layout beside DeepSpeed's files (DeepSpeed
-        writes under <path>/zero/): framework.checkpoint.load_model, and so generate and
-        export, read a ZeRO checkpoint like any other. Every rank gathers (a collective under
-        ZeRO-3); DCP writes each replicated tensor once."""
         import torch.distributed.checkpoint as dcp
-        from deepspeed.utils import safe_get_full_fp32_param
 
-        sd = {}
-        for name, p in self.ds.module.state_dict(keep_vars=True).items():
-            full = safe_get_full_fp32_param(p) if isinstance(p, nn.Parameter) else None
-            sd[name] = (full if full is not None else p.detach()).float().cpu()
-        dcp.save({"model": sd}, checkpoint_id=str(path))
+        dcp.save(self._state(), checkpoint_id=str(path))
 
     def load(self, path: Path) -> None:
-        loaded, _ = self.ds.load_checkpoint(
-            str(path), tag=CHECKPOINT_TAG, load_optimizer_states=True, load_lr_scheduler_states=False
-        )
-        if loaded is None:
-            raise FileNotFoundError(
-                f"no DeepSpeed checkpoint (tag {CHECKPOINT_TAG!r}) under {path} on rank {self.dp_rank}"
-            )
+        """Any strategy's checkpoint (DCP, our layout), at any world size."""
+        import deepspeed
+        from deepspeed.utils import safe_set_full_fp32_param, safe_set_full_optimizer_state
+
+        from framework.safeload import dcp_load
+
+        state = self._state()  # the keys and shapes to read, filled in place
+        dcp_load(state, path)
+        model, optim = state["model"], state["optim"]
+        params = dict(self._params())
+        with torch.no_grad():
+            for name, p in params.items():
+                full = model[name].to(self.device)
+                safe_set_full_fp32_param(p, full)
+                for key in ("exp_avg", "exp_avg_sq"):
+                    safe_set_full_optimizer_state(p, optim["state"][name][key].to(self.device), key)
+                # the module's (bf16 or fp32) copy: under ZeRO-3 gathered, set on every rank
+                # alike and re-partitioned on exit; under ZeRO-1/2 it is whole on every rank
+                with deepspeed.zero.GatheredParameters([p], modifier_rank=0):
+                    p.data.copy_(full.view_as(p.data))
+        steps = {float(optim["state"][name]["step"]) for name in params}
+        if len(steps) != 1:
+            raise RuntimeError(f"{path}: parameters have different Adam step counts {sorted(steps)}")
+        step = steps.pop()
+        for flat in self._flat_partitions():
+            self._inner_optimizer().state[flat]["step"].fill_(step)
+        # hyperparameters (betas, eps, weight decay) come from the config, the lr from the loop
 
     def extra_state(self) -> dict:
-        return {"loss_scale": self.loss_scale()} if self.precision.name == "fp16" else {}
+        scaler = getattr(self.ds.optimizer, "loss_scaler", None)
+        if self.precision.name != "fp16" or scaler is None:
+            return {}
+        return {
+            "loss_scale": self.loss_scale(),
+            "zero_loss_scaler": {k: getattr(scaler, k) for k in _SCALER_KEYS},
+        }
+
+    def load_extra_state(self, state: dict) -> None:
+        # DeepSpeed's dynamic loss scaler, restored from trainer.json (not from its pickles)
+        scaler = getattr(self.ds.optimizer, "loss_scaler", None)
+        for key, value in state.get("zero_loss_scaler", {}).items():
+            if scaler is not None and key in _SCALER_KEYS:
+                setattr(scaler, key, value)
+
+
+_SCALER_KEYS = ("cur_scale", "cur_iter", "last_overflow_iter", "cur_hysteresis")
+"""The state of DeepSpeed's DynamicLossScaler (plain numbers)."""
 
 
 def build_zero(model: nn.Module, cfg: Config, dist: Dist, precision: Precision, optimizer) -> Engine:
@@ -181,6 +273,13 @@ def build_zero(model: nn.Module, cfg: Config, dist: Dist, precision: Precision, 
         tdist.init_process_group(backend, store=tdist.HashStore(), rank=0, world_size=1)
         for key, value in (("RANK", "0"), ("LOCAL_RANK", "0"), ("WORLD_SIZE", "1")):
             os.environ.setdefault(key, value)  # DeepSpeed reads them, a launcher would set them
+    # (hyperparameters, FQNs) of each of our param groups, for the optimizer state's layout in
+    # a checkpoint: DeepSpeed replaces the groups' params with its flat partitions
+    names = {id(p): n for n, p in model.named_parameters()}
+    groups = [
+        ({k: v for k, v in g.items() if k != "params"}, [names[id(p)] for p in g["params"]])
+        for g in optimizer.param_groups
+    ]
     ds_engine, _, _, _ = deepspeed.initialize(
         model=model,
         optimizer=optimizer,
@@ -194,4 +293,6 @@ def build_zero(model: nn.Module, cfg: Config, dist: Dist, precision: Precision, 
         # settable from its JSON); our guard aborts after precision.max_overflows_at_min of
         # them, with the same message as the torch engines
         scaler.raise_error_at_min_scale = False
-    return DeepSpeedEngine(ds_engine, precision, dist.device, dist, guard)
+    engine = DeepSpeedEngine(ds_engine, precision, dist.device, dist, guard)
+    engine.param_groups = groups
+    return engine

@@ -122,15 +122,17 @@ def test_launchers_give_the_torchrun_losses(runs, launcher, strategy):
 
 
 def test_zero3_checkpoint_loads_as_a_plain_model(runs):
-    """DeepSpeed's partitioned files plus the gathered fp32 weights in DCP layout: generate and
-    export read a ZeRO checkpoint like any other, and its weights are the single run's."""
+    """A ZeRO checkpoint is DCP in the torch engines' layout, without DeepSpeed's own (pickle)
+    files: generate and export read it like any other, and its weights are the single run's."""
     import torch
 
     from framework.checkpoint import load_model
 
     zero, _ = load_model(runs("zero3") / "checkpoints/step_00000008")
     single, _ = load_model(runs("single") / "checkpoints/step_00000008")
-    assert (runs("zero3") / "checkpoints/step_00000008/state/zero").is_dir()
+    state = runs("zero3") / "checkpoints/step_00000008/state"
+    assert {p.name for p in state.iterdir() if p.suffix != ".distcp"} == {".metadata"}
+    assert not list(state.rglob("*.pt"))
     for (name, a), (_, b) in zip(zero.state_dict().items(), single.state_dict().items()):
         torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-6, msg=name)
 

@@ -1,4 +1,4 @@
-"""Checkpoints on 2 gloo ranks (fsdp, ddp, tp, zero2): stop and resume in a new invocation
+"""Checkpoints on 2 gloo ranks (fsdp, ddp, tp, zero2, zero3): stop and resume in a new invocation
 reproduces the uninterrupted run bitwise (dropout on, so RNG state matters); an FSDP
 checkpoint saved at dp=2 loads at dp=1 (DCP reshards; vocab 257 is not divisible by 2) and
 continues with the same losses as a same-topology resume."""
@@ -18,7 +18,7 @@ def grad_norms(run_dir) -> list[float]:
     return [r["grad_norm"] for r in read_metrics(run_dir) if "loss" in r]
 
 
-@pytest.mark.parametrize("strategy", ["fsdp", "ddp", "tp", "zero2"])
+@pytest.mark.parametrize("strategy", ["fsdp", "ddp", "tp", "zero2", "zero3"])
 def test_resume_is_bitwise_exact(tmp_path, sample_data, strategy):
     full, split = tmp_path / "full", tmp_path / "split"
     run_train(full, f"strategy={strategy}", DROPOUT)

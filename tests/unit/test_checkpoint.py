@@ -100,3 +100,71 @@ def test_jsonl_on_resume_drops_steps_past_the_checkpoint(tmp_path):
     sink.close()
     steps = [json.loads(x)["step"] for x in f.read_text().splitlines()]
     assert steps == [1, 2, 3, 4, 5, 6, 7]
+
+
+class FullDiskEngine(FakeEngine):
+    """The write fails the way a full disk or a read-only folder makes it fail (tests run as
+    root, where chmod does not stop writes: inject the error)."""
+
+    def __init__(self, error: BaseException):
+        super().__init__()
+        self.error = error
+
+    def save(self, path: Path) -> None:
+        path.mkdir(parents=True, exist_ok=True)
+        (path / "weights.bin").write_bytes(b"w" * 10)  # partly written
+        raise self.error
+
+
+@pytest.mark.parametrize(
+    "error, named",
+    [
+        (OSError(28, "No space left on device"), "No space left on device"),
+        (PermissionError(13, "Permission denied"), "Permission denied"),
+        # what torch.save says on a full disk
+        (
+            RuntimeError("[enforce fail at inline_container.cc:664] . unexpected pos 576 vs 470"),
+            "disk is probably full",
+        ),
+    ],
+)
+def test_io_error_during_save_names_directory_and_keeps_latest(tmp_path, error, named):
+    """Issue 8 failure 8 / Build 9."""
+    ck = Checkpointer(tmp_path, keep=0, dist=Dist())
+    save(ck, 2)
+    with pytest.raises(CheckpointError) as e:
+        ck.save(4, FullDiskEngine(error), {"step": 4, "model": {}, "tokenizer": "t"})
+    msg = str(e.value)
+    assert str(tmp_path / ".tmp-step_00000004") in msg and named in msg
+    assert "still names step_00000002" in msg
+    assert (tmp_path / "latest").read_text().strip() == "step_00000002"
+    assert ck.latest().name == "step_00000002" and (tmp_path / ".tmp-step_00000004").is_dir()
+    Checkpointer(tmp_path, keep=0, dist=Dist())  # the next start
+    assert not (tmp_path / ".tmp-step_00000004").exists()
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["latest", "step_00000002"]
+
+
+def test_fresh_start_is_logged_once_at_warning_by_rank_0_only(tmp_path, caplog):
+    """RELIABILITY A10 / issue 8 failure 8: resume=auto on an empty folder warns once per run."""
+    caplog.set_level("INFO", logger="framework")
+    assert Checkpointer(tmp_path, keep=0, dist=Dist()).find_resume("auto", None) is None
+    ck1 = Checkpointer.__new__(Checkpointer)  # rank 1 of 2 (no process group needed to look)
+    ck1.root, ck1.keep, ck1.dist = tmp_path, 0, Dist(rank=1, world_size=2)
+    assert ck1.find_resume("auto", None) is None
+    fresh = [r for r in caplog.records if "fresh start" in r.getMessage()]
+    assert [r.levelname for r in fresh] == ["WARNING"]
+
+
+class OldZeroEngine(FakeEngine):
+    def save(self, path: Path) -> None:
+        (path / "zero").mkdir(parents=True)
+        (path / "zero" / "mp_rank_00_model_states.pt").write_bytes(b"pickle")
+
+
+def test_deepspeed_format_checkpoint_is_refused_before_anything_is_unpickled(tmp_path):
+    ck = Checkpointer(tmp_path, keep=0, dist=Dist())
+    p = ck.save(1, OldZeroEngine(), {"step": 1, "model": {}, "tokenizer": "t"})
+    engine = FakeEngine()
+    with pytest.raises(CheckpointError, match="state/zero: DeepSpeed's own checkpoint files"):
+        ck.load(p, engine, expect_shape={}, tokenizer_fingerprint="t")
+    assert engine.loaded is None
