@@ -170,8 +170,6 @@ class Metrics:
         self.start_step = start_step
         self.max_steps = cfg.trainer.max_steps
         self.t0 = time.perf_counter()  # wall time of this invocation's loop (after the build)
-        self.train_curve: list[tuple[int, float]] = []
-        self.val_curve: list[tuple[int, float]] = []
         self.sinks: list = []
         if not self.active:
             return
@@ -181,23 +179,10 @@ class Metrics:
         elif cfg.logger.name == "tensorboard":
             self.sinks.append(TensorBoardSink(run_dir, start_step))
         self.progress = Progress(start_step, cfg.trainer.max_steps, cfg.trainer.log_every)
-        self._load_curves(start_step)
-
-    def _load_curves(self, start_step: int) -> None:
-        path = self.run_dir / "metrics.jsonl"
-        if start_step == 0 or not path.exists():
-            return
-        for ln in path.read_text().splitlines():
-            r = json.loads(ln)
-            if "loss" in r:
-                self.train_curve.append((r["step"], r["loss"]))
-            if "val_loss" in r:
-                self.val_curve.append((r["step"], r["val_loss"]))
 
     def log_train(self, record: dict) -> None:
         if not self.active:
             return
-        self.train_curve.append((record["step"], record["loss"]))
         for s in self.sinks:
             s.log(record)
         self.progress.update(record)
@@ -205,7 +190,6 @@ class Metrics:
     def log_eval(self, record: dict, sample: str | None = None) -> None:
         if not self.active:
             return
-        self.val_curve.append((record["step"], record["val_loss"]))
         for s in self.sinks:
             s.log(record)
         per_source = "  ".join(
@@ -227,26 +211,8 @@ class Metrics:
                 s.log(record)
 
     def plot(self) -> None:
-        """loss.png: train and val curves, rewritten at each eval."""
-        import matplotlib
-
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-
-        fig, ax = plt.subplots(figsize=(7, 4))
-        if self.train_curve:
-            ax.plot(*zip(*self.train_curve), label="train", lw=1)
-        if self.val_curve:
-            ax.plot(*zip(*self.val_curve), "o-", label="val", lw=1.5)
-        ax.set_xlabel("step")
-        ax.set_ylabel("loss (nats/token)")
-        ax.legend()
-        ax.grid(alpha=0.3)
-        fig.tight_layout()
-        tmp = self.run_dir / "loss.png.tmp.png"
-        fig.savefig(tmp, dpi=100)
-        plt.close(fig)
-        tmp.replace(self.run_dir / "loss.png")
+        """loss.png, redrawn at each eval from metrics.jsonl (the sinks flush every line)."""
+        plot_run(read_records(self.run_dir / "metrics.jsonl"), self.run_dir / "loss.png")
 
     def close(self) -> None:
         if not self.active:
@@ -259,10 +225,56 @@ class Metrics:
         """The end-of-run summary of this invocation (rank 0), from metrics.jsonl."""
         if not self.active:
             return
-        path = self.run_dir / "metrics.jsonl"
-        records = [json.loads(ln) for ln in path.read_text().splitlines()] if path.exists() else []
+        records = read_records(self.run_dir / "metrics.jsonl")
         s = summarize(records, self.start_step, self.max_steps, time.perf_counter() - self.t0)
         show_summary(s, sys.stderr.isatty())
+
+
+def read_records(path: Path) -> list[dict]:
+    """metrics.jsonl's records; a last line still being written (a live run) is left out."""
+    if not path.exists():
+        return []
+    out = []
+    for ln in path.read_text().splitlines():
+        try:
+            out.append(json.loads(ln))
+        except json.JSONDecodeError:
+            break  # a torn last line of a run being written; nothing after it is complete
+    return out
+
+
+def plot_run(records: list[dict], out: Path) -> None:
+    """loss.png: train and val loss (the weighted mixture and each source), and tokens/s, over
+    steps. Written to a temp file and renamed, so a reader never sees half a PNG."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    train = [(r["step"], r["loss"]) for r in records if "loss" in r]
+    evals = [r for r in records if "val_loss" in r]
+    speed = [(r["step"], r["tokens_per_s"]) for r in records if r.get("tokens_per_s")]
+    fig, (ax, ax2) = plt.subplots(2, 1, figsize=(7, 6), sharex=True, height_ratios=(3, 1))
+    if train:
+        ax.plot(*zip(*train), label="train", lw=1)
+    if evals:
+        ax.plot([r["step"] for r in evals], [r["val_loss"] for r in evals], "o-", label="val", lw=1.5)
+        for key in sorted({k for r in evals for k in r if k.startswith("val_loss/")}):
+            pts = [(r["step"], r[key]) for r in evals if key in r]
+            ax.plot(*zip(*pts), ".--", label=key.removeprefix("val_loss/"), lw=0.8, alpha=0.8)
+    ax.set_ylabel("loss (nats/token)")
+    ax.legend(fontsize="small")
+    ax.grid(alpha=0.3)
+    if speed:
+        ax2.plot(*zip(*speed), lw=0.8, color="tab:gray")
+    ax2.set_ylabel("tokens/s")
+    ax2.set_xlabel("step")
+    ax2.grid(alpha=0.3)
+    fig.tight_layout()
+    tmp = out.with_name(out.name + ".tmp.png")
+    fig.savefig(tmp, dpi=100)
+    plt.close(fig)
+    tmp.replace(out)
 
 
 def perplexity(loss: float) -> float:
@@ -341,11 +353,16 @@ def summary_rows(s: dict) -> list[tuple[str, str]]:
     return rows
 
 
-def show_summary(s: dict, terminal: bool) -> None:
-    """A small rich table on a terminal (the plain lines still go to train.log), log lines otherwise."""
+def show_summary(s: dict, terminal: bool, to_log: bool = True) -> None:
+    """A small rich table on a terminal (the plain lines still go to train.log), log lines
+    otherwise; to_log=False (framework.report): plain lines to stderr, nothing to a log."""
     rows = summary_rows(s)
     if not terminal:
-        log.info("run summary:\n%s", "\n".join(f"  {k}: {v}" for k, v in rows))
+        text = "run summary:\n" + "\n".join(f"  {k}: {v}" for k, v in rows)
+        if to_log:
+            log.info("%s", text)
+        else:
+            print(text, file=sys.stderr)
         return
     from rich.console import Console
     from rich.table import Table
@@ -354,6 +371,8 @@ def show_summary(s: dict, terminal: bool) -> None:
     for k, v in rows:
         table.add_row(k, v)
     Console(file=sys.stderr).print(table)
+    if not to_log:
+        return
     text = "run summary:\n" + "\n".join(f"  {k}: {v}" for k, v in rows)
     for h in log.handlers:
         if isinstance(h, logging.FileHandler):

@@ -1,0 +1,53 @@
+"""`python -m framework.report run.dir=...`: the end-of-run summary of any run directory, also
+one still being written, and a redrawn loss.png."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from framework.errors import EXIT_CONFIG
+from framework.metrics import summarize
+from framework.train import train
+from tests.helpers import TINY, make_cfg, read_metrics, run_module
+
+
+@pytest.fixture(scope="module")
+def run_dir(tmp_path_factory, sample_data):
+    d = tmp_path_factory.mktemp("report") / "run"
+    train(make_cfg([*TINY, "trainer.max_steps=4", "trainer.eval_every=2", f"run.dir={d}"]))
+    return d
+
+
+def test_report_prints_the_summary_and_redraws_loss_png(run_dir, tmp_path):
+    (run_dir / "loss.png").unlink()
+    out = run_module("framework.report", f"run.dir={run_dir}", cwd=tmp_path, timeout=120)
+    assert out.returncode == 0, out.stderr[-3000:]
+    got = json.loads(out.stdout.strip().splitlines()[-1])
+    want = summarize(read_metrics(run_dir), 0, 4)
+    assert got == json.loads(json.dumps(want))
+    assert got["steps_run"] == 4 and got["last_step"] == 4 and got["max_steps"] == 4
+    assert set(got["val_loss_per_source"]) == {"markov", "zipf", "arith"}
+    assert "run summary" in out.stderr and "val loss (step 4)" in out.stderr
+    assert (run_dir / "loss.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_report_of_a_run_still_being_written(run_dir, tmp_path):
+    live = tmp_path / "live"
+    live.mkdir()
+    lines = (run_dir / "metrics.jsonl").read_text().splitlines()
+    train_lines = [ln for ln in lines if '"loss"' in ln]
+    # two complete steps, then a line cut mid-write
+    (live / "metrics.jsonl").write_text("\n".join(train_lines[:2]) + "\n" + train_lines[2][:17])
+    out = run_module("framework.report", f"run.dir={live}", "plot=false", cwd=tmp_path, timeout=120)
+    assert out.returncode == 0, out.stderr[-3000:]
+    got = json.loads(out.stdout.strip().splitlines()[-1])
+    assert got["steps_run"] == 2 and got["last_step"] == 2 and got["max_steps"] is None
+    assert not (live / "loss.png").exists()
+
+
+def test_report_of_a_directory_without_metrics_is_one_clean_error(tmp_path):
+    out = run_module("framework.report", f"run.dir={tmp_path}", cwd=tmp_path, timeout=120)
+    assert out.returncode == EXIT_CONFIG
+    assert "no metrics.jsonl" in out.stderr and "Traceback" not in out.stderr
