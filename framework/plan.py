@@ -142,7 +142,7 @@ def make_plan(cfg: Config, world_size: int) -> Plan:
     dp = dp_degree(cfg, world_size)
     sb = memory.state_bytes(precision, s.name)
     shards = memory.dp_shards(s.name, dp, s.hsdp_replicas)
-    n_local = memory.params_per_tp_rank(m, s.tp)
+    n_local = memory.params_per_tp_rank(m, s.tp, s.sequence_parallel)
     state = memory.model_state_bytes(n_local, sb, shards)
     if s.zero_offload:  # DeepSpeed keeps the fp32 master and AdamW state in host memory
         state["optimizer"] = 0.0
