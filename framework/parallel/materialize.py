@@ -91,8 +91,8 @@ def materialize(model: nn.Module, device: torch.device, values: Values) -> None:
 
 def zero3_model(mcfg: ModelConfig, ds_config: dict, values: Values) -> GPT:
     """ZeRO-3: DeepSpeed partitions each submodule's parameters as its constructor returns
-    (`zero.Init`), so no rank ever holds the whole model; then each parameter is gathered in
-    turn (peak: one parameter), overwritten with its initial value and partitioned again."""
+    (`zero.Init`), so no rank ever holds the whole model; then each rank writes its partition
+    of every parameter's initial value (host peak: one whole parameter, as generated)."""
     import deepspeed
 
     # adopt our process group first: zero.Init checks the batch sizes in ds_config against
@@ -100,9 +100,24 @@ def zero3_model(mcfg: ModelConfig, ds_config: dict, values: Values) -> GPT:
     deepspeed.init_distributed(dist_backend=tdist.get_backend())
     with deepspeed.zero.Init(config_dict_or_path=ds_config):
         model = GPT(mcfg, init=False)
-    for name, p in model.named_parameters():
-        # every rank writes the same values; modifier_rank=0 makes rank 0's copy the one kept
-        with deepspeed.zero.GatheredParameters([p], modifier_rank=0):
-            p.data.copy_(values(name, p.ds_shape))
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            write_zero3_partition(p, values(name, p.ds_shape))
     model.init_buffers()
     return model
+
+
+def write_zero3_partition(p: nn.Parameter, full: torch.Tensor) -> None:
+    """DeepSpeed's ZeRO-3 layout (partition_parameters.py, `_partition_param`): the flattened
+    parameter, padded to a multiple of the group size, split into equal contiguous partitions;
+    rank r holds elements [r * n, (r + 1) * n) in `p.ds_tensor` (n = its length). Written in
+    place rather than through `GatheredParameters(modifier_rank=...)`, which would all-gather
+    and broadcast every parameter: 2-3 whole copies per rank at once instead of one."""
+    part = p.ds_tensor
+    n = part.numel()
+    start = n * tdist.get_rank(group=getattr(p, "ds_process_group", None))
+    flat = full.reshape(-1)
+    end = min(start + n, flat.numel())
+    part.zero_()  # the padding of the last partition
+    if end > start:
+        part[: end - start].copy_(flat[start:end].to(dtype=part.dtype, device=part.device))

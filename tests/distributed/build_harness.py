@@ -6,7 +6,10 @@ launched under torchrun by tests/distributed/test_meta_build.py. Usage:
 MODE weights: gather the whole initial weights (one parameter at a time) and save them from
     rank 0 to OUT (torch.save of name -> tensor).
 MODE memory: build only; OUT.json gets each rank's peak host RSS (ru_maxrss) after the build
-    and the bytes of the parameters it holds locally.
+    and the bytes of the parameters it holds locally. Under zero3 "the build" is the model's
+    partitioned construction and initialisation (deepspeed.zero.Init), without
+    deepspeed.initialize, whose engine allocates its communication buckets (reduce_bucket_size
+    elements, 5e8 by default: 2 GB in fp32) whatever the model.
 MODE states: build, run one optimizer step on random tokens, and write each rank's local bytes
     of weights, gradients and optimizer state (the plan's three model-state figures).
 """
@@ -88,6 +91,16 @@ def state_bytes(engine, zero: bool) -> dict[str, int]:
     }
 
 
+def zero3_only(cfg, dist):
+    from framework.parallel.materialize import initial_values, zero3_model
+    from framework.parallel.zero import deepspeed_config, ensure_process_group
+    from framework.precision import resolve
+
+    ensure_process_group(dist)
+    ds_config = deepspeed_config(cfg, dist.world_size, resolve(cfg.precision, dist.device.type))
+    return zero3_model(cfg.model, ds_config, initial_values(cfg))
+
+
 def main() -> None:
     mode, out, overrides = sys.argv[1], sys.argv[2], sys.argv[3:]
     with initialize_config_dir(config_dir=CONF_DIR, version_base=None):
@@ -95,8 +108,17 @@ def main() -> None:
     dist = init_distributed(cfg.trainer.device)
     try:
         validate(cfg, dist.world_size)
-        engine = build_engine(None, cfg, dist)
         zero = cfg.strategy.name.startswith("zero")
+        if mode == "memory" and cfg.strategy.name == "zero3":
+            model = zero3_only(cfg, dist)
+            row = {"weights": sum(local_bytes(p) for p in model.parameters())}
+            row["peak_rss_bytes"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+            rows = dist.all_gather_object(row)
+            if dist.is_main:
+                with open(out, "w") as f:
+                    json.dump(rows, f)
+            return
+        engine = build_engine(None, cfg, dist)
         if mode == "weights":
             weights = gathered_weights(engine, cfg.strategy.name == "zero3")
             if dist.is_main:
