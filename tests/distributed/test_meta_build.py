@@ -187,3 +187,30 @@ def test_plan_model_state_matches_what_fsdp_ranks_hold_after_a_step(tmp_path):
         held = r["weights"] + r["grads"] + r["optimizer"]
         print(f"rank {rank}: holds {held / 2**30:.3f} GiB, plan {planned / 2**30:.3f} GiB", r)
         assert held == pytest.approx(planned, rel=0.10), (rank, r)
+
+
+# -- model.init_from through the meta path ------------------------------------------------------
+
+
+def test_init_from_loads_into_the_materialised_shards(tmp_path):
+    """HF weights replace the seeded values on the meta path: single in-process and fsdp on 2
+    ranks give exactly the source model's tensors (not streamed yet: full state dict)."""
+    from framework.export import save_hf
+    from framework.model import GPT
+
+    over = [*SMALL, "model.block_size=64", f"model.init_from={tmp_path / 'hf'}"]
+    cfg = make_cfg(over)
+    torch.manual_seed(5)
+    source = GPT(cfg.model)
+    with torch.no_grad():
+        for p in source.parameters():
+            p.normal_(0, 0.2)  # biases and norms too: no seeded value can pass for these
+    save_hf(source, tmp_path / "hf")
+    want = {k: v.detach() for k, v in source.named_parameters()}
+    got = gathered_weights(build_engine(None, cfg, Dist()), zero3=False)
+    assert all(torch.equal(got[k], v) for k, v in want.items())
+    out = tmp_path / "w.pt"
+    harness("weights", out, 2, "strategy=fsdp", *over)
+    got = torch.load(out, weights_only=True)
+    differ = [k for k, v in want.items() if not torch.equal(got[k], v)]
+    assert not differ, differ
