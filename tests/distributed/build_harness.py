@@ -61,31 +61,34 @@ def gathered_weights(engine, zero3: bool) -> dict[str, torch.Tensor]:
     return out
 
 
-def one_step(engine, cfg) -> None:
+def one_step(engine, cfg) -> int:
+    """Forward/backward and one optimizer step; returns this rank's gradient bytes measured
+    before the step (the engine frees gradients after it)."""
     t = cfg.trainer
     accum = grad_accum_steps(cfg, engine.dp_size)
     g = torch.Generator().manual_seed(engine.dp_rank)
     for _ in range(accum):
         ids = torch.randint(0, cfg.model.vocab_size, (t.micro_batch_size, t.seq_len + 1), generator=g)
         engine.forward_backward(Batch(ids[:, :-1], ids[:, 1:]), accum)
+    grads = sum(local_bytes(p.grad) for p in engine.plain_model().parameters())
     engine.step(cfg.optim.lr)
+    return grads
 
 
 def state_bytes(engine, zero: bool) -> dict[str, int]:
-    """This rank's local bytes of weights, gradients and optimizer state."""
+    """This rank's local bytes of weights and optimizer state."""
     if zero:  # DeepSpeed keeps gradients and optimizer state in its own flat partitions
         opt = engine.ds.optimizer
         weights = sum(local_bytes(p) for p in engine.plain_model().parameters())
         inner = opt.optimizer  # the torch AdamW over DeepSpeed's fp32 partitions
         master = sum(p.numel() * p.element_size() for g in inner.param_groups for p in g["params"])
         moments = sum(local_bytes(v) for s in inner.state.values() for v in s.values() if v.dim())
-        return {"weights": weights, "grads": -1, "optimizer": master + moments}
+        return {"weights": weights, "optimizer": master + moments}
     model = engine.plain_model()
     params = list(model.parameters())
     optim = engine.optimizer.state
     return {
         "weights": sum(local_bytes(p) for p in params),
-        "grads": sum(local_bytes(p.grad) for p in params),
         # AdamW's exp_avg and exp_avg_sq (its 0-dim step counters are not model state)
         "optimizer": sum(local_bytes(v) for s in optim.values() for v in s.values() if v.dim()),
     }
@@ -125,8 +128,9 @@ def main() -> None:
                 torch.save(weights, out)
         elif mode in ("memory", "states"):
             if mode == "states":
-                one_step(engine, cfg)
+                grads = one_step(engine, cfg)
                 row = state_bytes(engine, zero)
+                row["grads"] = grads
             else:
                 row = {"weights": sum(local_bytes(p) for p in engine.plain_model().parameters())}
             # ru_maxrss is in KiB on Linux
