@@ -187,6 +187,9 @@ class PlanConfig:
     """h100 | h200 | a100 | ... (memory and peak FLOPs of the target)."""
     mfu: float = 0.45
     """MFU assumed for the step-time estimate."""
+    dry_run: bool = False
+    """Also build the model on meta over a fake process group of world_size ranks and report
+    the per-rank bytes of the real sharded tensors beside the analytic plan."""
 
 
 @dataclass

@@ -73,10 +73,23 @@ def block_matrix_params(m: ModelConfig) -> int:
     return m.n_layer * (attn + mlp)
 
 
-def params_per_tp_rank(m: ModelConfig, tp: int) -> float:
-    """Parameters one tensor-parallel rank holds before any data-parallel sharding."""
-    matrices = block_matrix_params(m)
-    return matrices / tp + (num_params(m) - matrices)
+def params_per_tp_rank(m: ModelConfig, tp: int, sequence_parallel: bool = True) -> float:
+    """Parameters one tensor-parallel rank holds before any data-parallel sharding, split as
+    framework/parallel/tp.py splits them: the block matrices, the colwise layers' biases (q, k,
+    v, fc / gate, up), the token embedding and an untied output head (along the vocabulary)
+    and, under sequence parallel, GPT-2's position table. Norms and the rowwise layers' biases
+    (o, down) stay whole on every tp rank. (The dry run counts the real shards: a test holds
+    the two within 2%.)"""
+    if tp <= 1:
+        return float(num_params(m))
+    C, F, V = m.n_embd, m.ffn_dim, m.vocab_size
+    kv = m.kv_heads * m.head_dim
+    split = block_matrix_params(m) + V * C * (1 if m.tie_embeddings else 2)
+    if m.bias:
+        split += m.n_layer * (C + 2 * kv + F * (2 if m.style == "llama" else 1))
+    if m.style == "gpt2" and sequence_parallel:
+        split += m.block_size * C
+    return split / tp + (num_params(m) - split)
 
 
 @dataclass(frozen=True)

@@ -10,13 +10,18 @@ Same config tree as training (conf/config.yaml); plan.world_size (default: the l
 WORLD_SIZE, else 1), plan.gpu and plan.mfu pick the target. The memory model is in
 framework/memory.py. A config that cannot run exits 1 with a ConfigError naming the keys. The
 last stdout line is one JSON object (memory_gib, flops_per_token, the breakdown, fits).
+
+plan.dry_run=true (RELIABILITY D5) also runs the real build path: the model on `meta`, the
+real parallel functions (TP, AC, compile, FSDP) over torch's fake process group of
+plan.world_size ranks, this process playing rank 0, and counts the bytes of the local shards
+themselves; the JSON line gains "dry_run". Still no GPU, no memory for weights, no real peers.
 """
 
 from __future__ import annotations
 
 import json
 import os
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 from omegaconf import DictConfig
 
@@ -138,7 +143,7 @@ def make_plan(cfg: Config, world_size: int) -> Plan:
     dp = dp_degree(cfg, world_size)
     sb = memory.state_bytes(precision, s.name)
     shards = memory.dp_shards(s.name, dp, s.hsdp_replicas)
-    n_local = memory.params_per_tp_rank(m, s.tp)
+    n_local = memory.params_per_tp_rank(m, s.tp, s.sequence_parallel)
     state = memory.model_state_bytes(n_local, sb, shards)
     if s.zero_offload:  # DeepSpeed keeps the fp32 master and AdamW state in host memory
         state["optimizer"] = 0.0
@@ -257,13 +262,74 @@ def render(p: Plan, cfg: Config) -> str:
     return "\n".join(lines)
 
 
+def render_dry_run(d: dict, p: Plan) -> str:
+    """The dry run's per-rank figures beside the analytic ones."""
+
+    def row(name: str, real: float, planned: float) -> str:
+        return f"    {name:13s} {real / GIB:9.2f}  plan {planned / GIB:.2f} ({real / planned - 1:+.2%})"
+
+    return "\n".join(
+        [
+            f"  dry run (meta build over a fake process group of {p.world_size} ranks; rank 0, "
+            f"the most loaded): {_count(d['params_per_rank'])} parameters per rank (GiB)",
+            row("weights", d["weight_bytes_per_rank"], p.params_bytes),
+            row("gradients", d["grad_bytes_per_rank"], p.grads_bytes),
+            row("optimizer", d["optimizer_bytes_per_rank"], p.optimizer_bytes),
+        ]
+    )
+
+
+def dry_run(cfg: Config, world_size: int) -> dict:
+    """Per-rank model state of the most loaded rank, from the sharded (meta) tensors the real
+    build path produces over a fake process group of `world_size` ranks.
+
+    This process is rank 0 of the fake group. DTensor and FSDP2 split a dimension as
+    torch.chunk does (the first ranks get the rounded-up chunks), so rank 0 holds the largest
+    shard on every mesh dimension: its figures are the most loaded rank's."""
+    import torch.distributed as tdist
+    from torch.distributed.tensor import DTensor
+    from torch.testing._internal.distributed.fake_pg import FakeStore  # registers backend "fake"
+
+    from framework.parallel import build_engine
+    from framework.parallel.dist import Dist
+
+    if tdist.is_initialized():
+        raise ConfigError("plan.dry_run needs a process without a process group (run framework.plan)")
+    if cfg.precision.name in ("auto", "fp8"):
+        # the plan targets GPUs (auto = bf16); fp8's casts are transient, its weights bf16/fp32
+        cfg = replace(cfg, precision=replace(cfg.precision, name="bf16"))
+    tdist.init_process_group("fake", store=FakeStore(), rank=0, world_size=world_size)
+    try:
+        engine = build_engine(None, cfg, Dist(rank=0, world_size=world_size), dry_run=True)
+        local = [
+            p.to_local() if isinstance(p, DTensor) else p for p in engine.plain_model().parameters()
+        ]
+        weight_bytes = sum(t.numel() * t.element_size() for t in local)
+        return {
+            "params_per_rank": sum(t.numel() for t in local),
+            "weight_bytes_per_rank": weight_bytes,
+            # torch strategies: gradients take the parameters' dtype and sharding, and AdamW's
+            # exp_avg / exp_avg_sq are zeros_like(param) (the fp32 weights are the master)
+            "grad_bytes_per_rank": weight_bytes,
+            "optimizer_bytes_per_rank": 2 * weight_bytes,
+            "device": str(local[0].device) if local else "meta",
+        }
+    finally:
+        tdist.destroy_process_group()
+
+
 @entry("config", Config)
 def main(dcfg: DictConfig) -> None:
     """Console script `fw-plan`."""
     cfg = load(dcfg)
     plan = make_plan(cfg, resolve_world_size(cfg.plan.world_size))
-    print(render(plan, cfg))
-    print(json.dumps(plan.summary()))
+    summary = plan.summary()
+    text = render(plan, cfg)
+    if cfg.plan.dry_run:
+        summary["dry_run"] = dry_run(cfg, plan.world_size)
+        text += "\n" + render_dry_run(summary["dry_run"], plan)
+    print(text)
+    print(json.dumps(summary))
 
 
 if __name__ == "__main__":

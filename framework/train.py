@@ -28,7 +28,6 @@ from framework.data.tokenizer import Tokenizer, load_tokenizer
 from framework.data.vocab import resolve_vocab_size
 from framework.generate import sample
 from framework.metrics import Metrics, perplexity, setup_logging
-from framework.model import GPT
 from framework.optim import lr_at, schedule_change_warning
 from framework.parallel import NonFiniteError, build_engine
 from framework.parallel.dist import Dist, env_world_size, init_distributed, teardown
@@ -60,8 +59,9 @@ def _train(cfg: C.Config, dist: Dist) -> dict:
     tokenizer = load_tokenizer(cfg.data.tokenizer)
     make_sample_sources(cfg.data, dist)
 
-    torch.manual_seed(seed)  # identical initial weights on every rank
-    engine = build_engine(build_model(cfg.model), cfg, dist)
+    # built on meta, each rank allocating only its part; initial weights from trainer.seed (or
+    # model.init_from), the same for every strategy and world size
+    engine = build_engine(None, cfg, dist)
     dp_rank, dp_size = engine.dp_rank, engine.dp_size  # TP peers share a dp rank (same data)
     accum = C.grad_accum_steps(cfg, dp_size)
     loader = MixtureLoader(
@@ -222,16 +222,6 @@ def trainer_state(cfg: C.Config, step: int, loader, engine, tok: Tokenizer, dist
         "data": data_identity(loader, tok.fingerprint),
         "config": C.to_dict(cfg),
     }
-
-
-def build_model(mcfg) -> GPT:
-    """The plain model on CPU with initial weights (from the global RNG, or model.init_from)."""
-    model = GPT(mcfg)
-    if mcfg.init_from:
-        from framework.export import load_hf_weights
-
-        load_hf_weights(model, mcfg.init_from)
-    return model
 
 
 def prepare_run_dir(path: str, dist: Dist) -> Path:

@@ -8,6 +8,7 @@ Shapes: B batch, T time, C = n_embd, nh heads, nkv kv-heads, hs head size, V voc
 
 from __future__ import annotations
 
+import hashlib
 import math
 from dataclasses import dataclass
 from typing import Any
@@ -138,6 +139,56 @@ class RMSNorm(nn.Module):
         return self.weight * xf.to(x.dtype)
 
 
+WRAPPER_PREFIXES = ("_checkpoint_wrapped_module.", "_orig_mod.", "_fsdp_wrapped_module.")
+"""Name parts added by the activation checkpointing, torch.compile and FSDP1 wrappers."""
+
+
+def canonical_name(name: str) -> str:
+    """A parameter's name in the plain model, whatever wrappers the parallel code added."""
+    for prefix in WRAPPER_PREFIXES:
+        name = name.replace(prefix, "")
+    return name
+
+
+def param_seed(seed: int, name: str) -> int:
+    """A 63-bit generator seed from (trainer seed, parameter name): stable across processes and
+    Python runs (not `hash()`, which is salted per process)."""
+    digest = hashlib.blake2b(f"{seed}/{canonical_name(name)}".encode(), digest_size=8).digest()
+    return int.from_bytes(digest, "little") >> 1
+
+
+def initial_value(
+    cfg: ModelConfig,
+    name: str,
+    shape: torch.Size | tuple[int, ...],
+    seed: int | None,
+    *,
+    dtype: torch.dtype = torch.float32,
+    device: torch.device | str = "cpu",
+) -> torch.Tensor:
+    """The whole initial tensor of parameter `name` (wrapper prefixes such as activation
+    checkpointing's are ignored): Normal(0, init_std) weights, zero biases, unit norms; the
+    residual output projections scaled by 1/sqrt(2 * n_layer) as in GPT-2.
+
+    With an int seed the values come from a CPU generator seeded by (seed, name) alone:
+    the same on any device count, rank or strategy, and on CPU because CUDA's generator
+    draws different numbers for the same seed. A sharding caller builds one parameter at a
+    time and keeps its slice (host peak: the largest parameter)."""
+    name = canonical_name(name)
+    if name.endswith("bias"):
+        return torch.zeros(shape, dtype=dtype, device=device)
+    if len(shape) == 1:  # norm weights
+        return torch.ones(shape, dtype=dtype, device=device)
+    std = cfg.init_std
+    if name.endswith(("attn.wo.weight", "mlp.w2.weight")):
+        std = std / math.sqrt(2 * cfg.n_layer)
+    generator = None
+    if seed is not None:
+        generator = torch.Generator().manual_seed(param_seed(seed, name))
+        dtype, device = torch.float32, "cpu"
+    return torch.empty(shape, dtype=dtype, device=device).normal_(0.0, std, generator=generator)
+
+
 def rope_cache(cfg: ModelConfig, device=None) -> tuple[torch.Tensor, torch.Tensor]:
     """cos, sin of shape (block_size, head_dim) in the rotate-half layout."""
     hs = cfg.head_dim
@@ -230,7 +281,9 @@ class Block(nn.Module):
 
 
 class GPT(nn.Module):
-    def __init__(self, cfg: ModelConfig):
+    def __init__(self, cfg: ModelConfig, init: bool = True):
+        """init=False leaves the weights to the caller (ZeRO-3's partitioned construction; a
+        meta-device build is never initialised here)."""
         super().__init__()
         cfg.validate()
         self.cfg = cfg
@@ -247,24 +300,27 @@ class GPT(nn.Module):
             cos, sin = rope_cache(cfg)
             self.register_buffer("rope_cos", cos, persistent=False)
             self.register_buffer("rope_sin", sin, persistent=False)
-        if self.tok_emb.weight.device.type != "meta":
+        if init and self.tok_emb.weight.device.type != "meta":
             self.init_weights()
 
     @torch.no_grad()
-    def init_weights(self, generator: torch.Generator | None = None) -> None:
-        """Normal(0, init_std) weights, zero biases, unit norms; the residual output projections
-        are scaled by 1/sqrt(2 * n_layer) as in GPT-2. Also (re)builds the RoPE cache, which
-        `to_empty` leaves uninitialised after a meta-device build."""
-        std = self.cfg.init_std
+    def init_weights(self, seed: int | None = None) -> None:
+        """Write initial values into this (plain, materialised) model in place.
+
+        seed=None draws from the global RNG in parameter order (the classic `manual_seed(s);
+        GPT(cfg)`). seed=int: every parameter from its own generator (`initial_value`), so the
+        values do not depend on how a parallel strategy later splits the model. Also (re)builds
+        the RoPE cache, which `to_empty` leaves uninitialised after a meta-device build."""
         for name, p in self.named_parameters():
-            if name.endswith("bias"):
-                p.zero_()
-            elif p.dim() == 1:  # norm weights
-                p.fill_(1.0)
-            elif name.endswith(("attn.wo.weight", "mlp.w2.weight")):
-                p.normal_(0.0, std / math.sqrt(2 * self.cfg.n_layer), generator=generator)
+            if seed is None:
+                p.copy_(initial_value(self.cfg, name, p.shape, None, dtype=p.dtype, device=p.device))
             else:
-                p.normal_(0.0, std, generator=generator)
+                p.copy_(initial_value(self.cfg, name, p.shape, seed))
+        self.init_buffers()
+
+    @torch.no_grad()
+    def init_buffers(self) -> None:
+        """Non-persistent buffers (the RoPE tables) computed on their device."""
         if self.cfg.style == "llama":
             cos, sin = rope_cache(self.cfg, device=self.rope_cos.device)
             self.rope_cos.copy_(cos)

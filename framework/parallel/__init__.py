@@ -30,6 +30,7 @@ from framework.parallel.ddp import apply_ddp, ddp_grad_sync
 from framework.parallel.dist import Dist
 from framework.parallel.engine import Engine, NonFiniteError, StepResult, TorchEngine
 from framework.parallel.fsdp import apply_fsdp, fsdp_grad_sync, mixed_precision_policy
+from framework.parallel.materialize import initial_values, materialize, meta_model, zero3_model
 from framework.parallel.tp import apply_tp
 from framework.precision import OverflowGuard, apply_fp8, make_grad_scaler, resolve
 
@@ -54,12 +55,21 @@ def _meshes(
     return None, None
 
 
-def _build_torch(model: nn.Module, cfg: Config, dist: Dist, *, tp: bool, dp: str | None) -> Engine:
-    """single / ddp / fsdp / tp / tp_fsdp: transform the plain model in the documented order."""
+def _build_torch(
+    model: nn.Module | None, cfg: Config, dist: Dist, *, tp: bool, dp: str | None, dry_run: bool = False
+) -> Engine:
+    """single / ddp / fsdp / tp / tp_fsdp: transform the plain model in the documented order.
+    model=None: built here on meta and materialised per rank (dry_run: left on meta)."""
     s = cfg.strategy
     precision = resolve(cfg.precision, dist.device.type)
     tp_mesh, dp_mesh = _meshes(cfg, dist, tp, dp)
-    model.to(dist.device)  # the loop builds the plain model on CPU
+    values = None
+    if model is None:
+        model, values = meta_model(cfg.model), initial_values(cfg)
+    else:
+        model.to(dist.device)  # a plain model built and initialised by the caller
+    if dry_run:
+        values = None
     if precision.name == "fp8":
         apply_fp8(model, cfg.precision)
     if tp:
@@ -67,8 +77,12 @@ def _build_torch(model: nn.Module, cfg: Config, dist: Dist, *, tp: bool, dp: str
     apply_ac(model, s.activation_checkpointing)
     if s.compile:
         apply_compile(model)
+    if values is not None and dp != "fsdp":
+        materialize(model, dist.device, values)  # the whole (tp: this rank's tp part of the) model
     wrapped, extra = model, {}
-    if dp == "ddp":
+    if dp == "ddp" and dry_run:
+        extra = dict(dp_rank=dist.rank, dp_size=dist.world_size)  # DDP cannot wrap meta tensors
+    elif dp == "ddp":
         wrapped = apply_ddp(model, dist.device)
         extra = dict(grad_sync=ddp_grad_sync(wrapped), dp_rank=dist.rank, dp_size=dist.world_size)
     elif dp == "fsdp":
@@ -76,6 +90,8 @@ def _build_torch(model: nn.Module, cfg: Config, dist: Dist, *, tp: bool, dp: str
             model, dp_mesh, s.reshard_after_forward, mixed_precision_policy(precision.compute_dtype)
         )
         precision = replace(precision, autocast_dtype=None)  # the FSDP policy casts instead
+        if values is not None:
+            materialize(model, dist.device, values)  # only this rank's shards
         extra = dict(
             grad_sync=fsdp_grad_sync(model),
             # under tp_fsdp the ranks of one TP group share a dp coordinate (same data)
@@ -102,11 +118,25 @@ def _build_torch(model: nn.Module, cfg: Config, dist: Dist, *, tp: bool, dp: str
     )
 
 
-def _build_zero(model: nn.Module, cfg: Config, dist: Dist) -> Engine:
-    """zero1/2/3: AC and compile still apply to the plain model; DeepSpeed does the rest."""
-    from framework.parallel.zero import build_zero  # imports deepspeed (seconds): only when used
+def _build_zero(model: nn.Module | None, cfg: Config, dist: Dist, dry_run: bool = False) -> Engine:
+    """zero1/2/3: AC and compile still apply to the plain model; DeepSpeed does the rest.
+    model=None: zero1/2 materialise the whole model (replicated weights); zero3 partitions it
+    while it is built (deepspeed.zero.Init)."""
+    from framework.parallel.zero import build_zero, deepspeed_config, ensure_process_group
 
     precision = resolve(cfg.precision, dist.device.type)
+    if dry_run:
+        raise ConfigError(
+            f"plan.dry_run: strategy={cfg.strategy.name} runs DeepSpeed's engine, which cannot "
+            "be built over a fake process group; dry-run strategy=fsdp|tp_fsdp|tp|ddp|single"
+        )
+    if model is None and cfg.strategy.name == "zero3":
+        ensure_process_group(dist)
+        ds_config = deepspeed_config(cfg, dist.world_size, precision)
+        model = zero3_model(cfg.model, ds_config, initial_values(cfg))
+    elif model is None:
+        model = meta_model(cfg.model)
+        materialize(model, dist.device, initial_values(cfg))
     apply_ac(model, cfg.strategy.activation_checkpointing)
     if cfg.strategy.compile:
         apply_compile(model)
@@ -126,13 +156,19 @@ BUILDERS: dict[str, Callable[[nn.Module, Config, Dist], Engine]] = {
 }
 
 
-def build_engine(model: nn.Module, cfg: Config, dist: Dist) -> Engine:
-    """Wrap `model` (plain GPT on its device, weights initialised identically on every rank)
-    for cfg.strategy and cfg.precision."""
+def build_engine(model: nn.Module | None, cfg: Config, dist: Dist, *, dry_run: bool = False) -> Engine:
+    """The engine for cfg.strategy and cfg.precision.
+
+    model=None (training): the model is built on `meta`, parallelised, and each rank allocates
+    and initialises only its part (framework.parallel.materialize); the initial weights depend
+    on trainer.seed (or model.init_from), not on the strategy or world size. A plain GPT
+    passed in (tests, benchmarks) must already be initialised identically on every rank.
+    dry_run=True (framework.plan): the parallel functions run over a (fake) process group and
+    the parameters stay on `meta`."""
     try:
         builder = BUILDERS[cfg.strategy.name]
     except KeyError:
         raise ConfigError(
             f"strategy.name={cfg.strategy.name!r} is not one of {', '.join(BUILDERS)}"
         ) from None
-    return builder(model, cfg, dist)
+    return builder(model, cfg, dist, dry_run=dry_run)

@@ -261,18 +261,24 @@ _SCALER_KEYS = ("cur_scale", "cur_iter", "last_overflow_iter", "cur_hysteresis")
 """The state of DeepSpeed's DynamicLossScaler (plain numbers)."""
 
 
+def ensure_process_group(dist: Dist) -> None:
+    """One process (e.g. `python -m framework.train strategy=zero2` on one GPU): DeepSpeed
+    needs a process group (also for zero.Init), and init_distributed only creates one for
+    world size > 1."""
+    if tdist.is_initialized():
+        return
+    backend = "nccl" if dist.device.type == "cuda" else "gloo"
+    tdist.init_process_group(backend, store=tdist.HashStore(), rank=0, world_size=1)
+    for key, value in (("RANK", "0"), ("LOCAL_RANK", "0"), ("WORLD_SIZE", "1")):
+        os.environ.setdefault(key, value)  # DeepSpeed reads them, a launcher would set them
+
+
 def build_zero(model: nn.Module, cfg: Config, dist: Dist, precision: Precision, optimizer) -> Engine:
     import deepspeed
 
     if precision.name == "fp8":
         raise ConfigError("precision=fp8 is not supported with DeepSpeed ZeRO: use strategy=fsdp")
-    if not tdist.is_initialized():
-        # one process (e.g. `python -m framework.train strategy=zero2` on one GPU): DeepSpeed
-        # needs a process group, and init_distributed only creates one for world size > 1
-        backend = "nccl" if dist.device.type == "cuda" else "gloo"
-        tdist.init_process_group(backend, store=tdist.HashStore(), rank=0, world_size=1)
-        for key, value in (("RANK", "0"), ("LOCAL_RANK", "0"), ("WORLD_SIZE", "1")):
-            os.environ.setdefault(key, value)  # DeepSpeed reads them, a launcher would set them
+    ensure_process_group(dist)
     # (hyperparameters, FQNs) of each of our param groups, for the optimizer state's layout in
     # a checkpoint: DeepSpeed replaces the groups' params with its flat partitions
     names = {id(p): n for n, p in model.named_parameters()}

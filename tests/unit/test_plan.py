@@ -41,8 +41,14 @@ GPT3_175B = [
 def test_block_matrices_of_gpt2_124m():
     # 12 layers x (q, k, v, o: 4 C^2 + fc, proj: 8 C^2) = 12 x 12 x 768^2.
     assert memory.block_matrix_params(GPT2) == 12 * 12 * 768**2 == 84_934_656
-    # tp=4 splits those; embeddings, norms and biases (39.5M) stay whole on every rank.
-    assert memory.params_per_tp_rank(GPT2, 4) == 84_934_656 / 4 + (124_439_808 - 84_934_656)
+    # tp=4 splits those, the (tied) token embedding along the vocabulary, the colwise biases
+    # (q, k, v: 3 x 768, fc: 3072 per layer) and, under sequence parallel, the position table;
+    # norms and the o / proj biases stay whole on every rank (as framework/parallel/tp.py does).
+    split = 84_934_656 + 50257 * 768 + 12 * (3 * 768 + 3072) + 1024 * 768
+    assert memory.params_per_tp_rank(GPT2, 4) == split / 4 + (124_439_808 - split)
+    no_sp = split - 1024 * 768
+    assert memory.params_per_tp_rank(GPT2, 4, False) == no_sp / 4 + (124_439_808 - no_sp)
+    assert memory.params_per_tp_rank(GPT2, 1) == 124_439_808
 
 
 def test_gqa_block_matrices_use_kv_width():
@@ -272,17 +278,14 @@ def test_zero_stages_shard_progressively():
     assert totals == sorted(totals, reverse=True)
 
 
-def test_tp_fsdp_divides_block_matrices_by_tp_and_the_rest_by_dp():
+def test_tp_fsdp_divides_tp_split_params_by_tp_and_everything_by_dp():
     cfg = make_cfg(["model=gpt3-13b", "strategy=tp_fsdp", "strategy.tp=8", "precision=bf16",
                     "trainer.seq_len=2048", "trainer.micro_batch_size=1",
                     "trainer.global_batch_size=16"])  # fmt: skip
     p = make_plan(cfg, 64)
     assert (p.dp, p.tp) == (8, 8)
-    local = (
-        memory.block_matrix_params(cfg.model) / 8
-        + num_params(cfg.model)
-        - memory.block_matrix_params(cfg.model)
-    )
+    local = memory.params_per_tp_rank(cfg.model, 8)
+    assert local < num_params(cfg.model) / 8 * 1.01  # only norms and row biases stay whole
     assert p.params_bytes == pytest.approx(local * 4 / 8)  # fp32 weights (autocast), over 8 dp ranks
 
 

@@ -1,0 +1,123 @@
+"""Meta-device build and per-strategy materialisation of the initial weights.
+
+The plain GPT is built on `meta` (shapes only, no memory), the parallel functions are applied
+to it in the documented order, and only then does each rank allocate its part (`to_empty`) and
+write its initial values:
+
+    single / ddp / tp       the whole (tp: the rank's tp slice of the) model, before DDP wraps it
+    fsdp / tp_fsdp          after `fully_shard`: only the rank's shard of every parameter
+    zero1 / zero2           the whole model (DeepSpeed replicates the weights under stage 1-2)
+    zero3                   `deepspeed.zero.Init`: every submodule is partitioned as it is built
+
+Initial values are strategy- and world-size-independent by construction: each parameter comes
+whole from its own CPU generator seeded by (trainer.seed, parameter name)
+(`framework.model.gpt.initial_value`); a rank generates one parameter at a time and keeps its
+slice (`distribute_tensor(..., src_data_rank=None)` slices locally, no communication). Chosen
+over a seed checkpoint (build once, save, reshard through DCP) because it needs no storage and
+no extra pass, and every rank of a 1024-GPU run gets the values of a 1-GPU run. Its cost: each
+rank draws every full parameter (about 5e8 numbers/s per CPU core), and the host peak is the
+largest parameter, not the rank's shard of it.
+
+model.init_from (Hugging Face weights) goes through the same writer, from a full CPU state
+dict of the plain model: the import is not streamed yet (the whole checkpoint is on the host
+once per rank).
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable
+
+import torch
+import torch.distributed as tdist
+from torch import nn
+from torch.distributed.tensor import DTensor, distribute_tensor
+
+from framework.config import Config
+from framework.model.gpt import GPT, ModelConfig, canonical_name, initial_value
+
+log = logging.getLogger("framework")
+
+Values = Callable[[str, torch.Size], torch.Tensor]
+"""(parameter name, whole shape) -> the whole initial tensor on CPU."""
+
+
+def meta_model(mcfg: ModelConfig) -> GPT:
+    """The plain model with every parameter and buffer on `meta` (no memory, no values)."""
+    with torch.device("meta"):
+        return GPT(mcfg)
+
+
+def initial_values(cfg: Config) -> Values:
+    """Seeded per-parameter values, or model.init_from's weights."""
+    mcfg = cfg.model
+    if not mcfg.init_from:
+        seed = cfg.trainer.seed
+        return lambda name, shape: initial_value(mcfg, name, shape, seed)
+    from framework.export import load_hf_weights
+
+    plain = meta_model(mcfg)
+    plain.to_empty(device="cpu")
+    load_hf_weights(plain, mcfg.init_from)  # whole state dict on the host: not streamed yet
+    full = {canonical_name(n): p.detach() for n, p in plain.named_parameters()}
+    return lambda name, shape: full[canonical_name(name)]
+
+
+@torch.no_grad()
+def write_param(p: torch.Tensor, full: torch.Tensor) -> None:
+    """Copy this rank's part of the whole tensor `full` into parameter `p` (plain or DTensor)."""
+    if isinstance(p, DTensor):
+        # src_data_rank=None: every rank holds the same `full`, so each slices its own part
+        # locally (torch.chunk layout, FSDP2's _StridedShard under tp_fsdp included)
+        full = full.to(device=p.device, dtype=p.dtype)
+        local = distribute_tensor(full, p.device_mesh, p.placements, src_data_rank=None)
+        p.to_local().copy_(local.to_local())
+    else:
+        p.copy_(full)
+
+
+@torch.no_grad()
+def materialize(model: nn.Module, device: torch.device, values: Values) -> None:
+    """Allocate `model`'s parameters (only this rank's shards) on `device` and initialise them."""
+    model.to_empty(device=device)
+    if model.cfg.tie_embeddings and model.lm_head.weight is not model.tok_emb.weight:
+        # to_empty replaces each module's tensors one module at a time, which unties the
+        # shared embedding / output head (FSDP2's sharded parameters keep it)
+        model.lm_head.weight = model.tok_emb.weight
+    for name, p in model.named_parameters():
+        write_param(p, values(name, p.shape))
+    model.init_buffers()
+
+
+def zero3_model(mcfg: ModelConfig, ds_config: dict, values: Values) -> GPT:
+    """ZeRO-3: DeepSpeed partitions each submodule's parameters as its constructor returns
+    (`zero.Init`), so no rank ever holds the whole model; then each rank writes its partition
+    of every parameter's initial value (host peak: one whole parameter, as generated)."""
+    import deepspeed
+
+    # adopt our process group first: zero.Init checks the batch sizes in ds_config against
+    # DeepSpeed's own world size, which is 1 until its comm layer is initialised
+    deepspeed.init_distributed(dist_backend=tdist.get_backend())
+    with deepspeed.zero.Init(config_dict_or_path=ds_config):
+        model = GPT(mcfg, init=False)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            write_zero3_partition(p, values(name, p.ds_shape))
+    model.init_buffers()
+    return model
+
+
+def write_zero3_partition(p: nn.Parameter, full: torch.Tensor) -> None:
+    """DeepSpeed's ZeRO-3 layout (partition_parameters.py, `_partition_param`): the flattened
+    parameter, padded to a multiple of the group size, split into equal contiguous partitions;
+    rank r holds elements [r * n, (r + 1) * n) in `p.ds_tensor` (n = its length). Written in
+    place rather than through `GatheredParameters(modifier_rank=...)`, which would all-gather
+    and broadcast every parameter: 2-3 whole copies per rank at once instead of one."""
+    part = p.ds_tensor
+    n = part.numel()
+    start = n * tdist.get_rank(group=getattr(p, "ds_process_group", None))
+    flat = full.reshape(-1)
+    end = min(start + n, flat.numel())
+    part.zero_()  # the padding of the last partition
+    if end > start:
+        part[: end - start].copy_(flat[start:end].to(dtype=part.dtype, device=part.device))
