@@ -79,8 +79,9 @@ def model_shape(model_cfg) -> dict:
 
 
 class Checkpointer:
-    def __init__(self, root: Path, keep: int, dist: Dist):
+    def __init__(self, root: Path, keep: int, dist: Dist, pause_before_commit_s: float = 0.0):
         self.root, self.keep, self.dist = root, keep, dist
+        self.pause_s = pause_before_commit_s  # fault injection (faults.sleep_in_save_s)
         if dist.is_main:
             root.mkdir(parents=True, exist_ok=True)
             for stale in root.glob(".tmp-*"):  # partial saves of a crashed run: never loadable
@@ -143,7 +144,7 @@ class Checkpointer:
         manifest = self._hash_all(tmp)
         if d.is_main:
             _fsync_write(tmp / MANIFEST, json.dumps(manifest, indent=1))
-            _pause_before_commit()
+            _pause_before_commit(self.pause_s)
             _fsync_write(tmp / COMMIT, f"{step}\n")
             final = self.root / name
             if final.exists():  # redoing a step after resuming from an earlier checkpoint
@@ -273,10 +274,11 @@ def set_rng_state(s: dict) -> None:
         torch.cuda.set_rng_state(s["cuda"])
 
 
-def _pause_before_commit() -> None:
-    """Fault injection for the crash-during-save test (RELIABILITY A4): FW_TEST_PAUSE_BEFORE_COMMIT
-    seconds of sleep between the data files and the commit marker."""
-    pause = float(os.environ.get("FW_TEST_PAUSE_BEFORE_COMMIT", "0"))
+def _pause_before_commit(pause_s: float = 0.0) -> None:
+    """Fault injection for the crash-during-save test (RELIABILITY A4) and the signal-during-save
+    test (B5): FW_TEST_PAUSE_BEFORE_COMMIT (or faults.sleep_in_save_s) seconds of sleep between
+    the data files and the commit marker."""
+    pause = max(pause_s, float(os.environ.get("FW_TEST_PAUSE_BEFORE_COMMIT", "0")))
     if pause > 0:
         log.warning("pausing %.0fs before commit (FW_TEST_PAUSE_BEFORE_COMMIT)", pause)
         time.sleep(pause)
