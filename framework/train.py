@@ -166,7 +166,10 @@ def _train(cfg: C.Config, dist: Dist, guard: faults.Guard) -> dict:
                 if verdict.stop
                 else "stop_at_step"
             )
-            log.info("stopping after step %d (%s); resume continues from here", step, why)
+            # a stop signal is logged on every rank (WARNING): all name the same step
+            (log.warning if verdict.stop else log.info)(
+                "stopping after step %d (%s); resume continues from here", step, why
+            )
             break
     loader.close()
     metrics.close()
