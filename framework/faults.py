@@ -38,6 +38,8 @@ from framework.parallel import NonFiniteError
 log = logging.getLogger("framework")
 
 STOP_SIGNALS = (signal.SIGTERM, signal.SIGUSR1, signal.SIGINT)
+MAX_ROLLBACKS = 3
+"""Rollbacks of the same step before on_nan=rollback gives up."""
 SKIPPED_WINDOWS = "skipped_windows.json"
 """Run-directory record of the data windows dropped by on_nan=rollback (honoured on resume)."""
 
@@ -123,6 +125,13 @@ class _Injector:
         self.f, self.mine = fcfg, fcfg.rank is None or fcfg.rank == rank
         self.loss_factor: float | None = None
         self._hooked = False
+        self._fired: set[str] = set()  # each injection fires once: a rollback re-runs its step
+
+    def _due(self, key: str, step: int) -> bool:
+        if self.mine and step == getattr(self.f, key) and key not in self._fired:
+            self._fired.add(key)
+            return True
+        return False
 
     def hook(self, model: torch.nn.Module) -> None:
         if self.mine and (self.f.nan_loss_at_step or self.f.spike_at_step) and not self._hooked:
@@ -138,20 +147,18 @@ class _Injector:
         f = self.f
         if f.sleep_in_step_s:
             time.sleep(f.sleep_in_step_s)
-        if not self.mine:
-            return
         self.loss_factor = None
-        if step == f.nan_loss_at_step:
+        if self._due("nan_loss_at_step", step):
             self.loss_factor = float("nan")
-        elif step == f.spike_at_step:
+        elif self._due("spike_at_step", step):
             self.loss_factor = f.spike_factor
-        if step == f.hang_at_step:
+        if self._due("hang_at_step", step):
             log.warning("step %d: hanging on purpose (faults.hang_at_step)", step)
             while True:
                 time.sleep(3600)
 
     def grads(self, step: int, engine) -> None:
-        if self.mine and step == self.f.nan_grad_at_step:
+        if self._due("nan_grad_at_step", step):
             engine.poison_grad()
 
 
@@ -165,6 +172,7 @@ class Guard:
         self.recent: deque[float] = deque(maxlen=self.t.spike_window)
         self.counts = {"skipped_nonfinite": 0, "skipped_spikes": 0}
         self.windows: list[dict] = []
+        self.rollbacks: dict[int, int] = {}
         self.watchdog: Watchdog | None = None
         self.run_dir: Path | None = None
 
@@ -263,6 +271,12 @@ class Guard:
         if policy == "skip":
             log.warning("%s: update skipped (trainer.on_nan=skip)", v.reason)
             return
+        self.rollbacks[step] = self.rollbacks.get(step, 0) + 1
+        if self.rollbacks[step] > MAX_ROLLBACKS:  # NaNs that follow the weights, not the data
+            raise NonFiniteError(
+                f"{v.reason}; step {step} rolled back {MAX_ROLLBACKS} times already (each time "
+                f"skipping the next data window): stopping (trainer.on_nan=rollback)"
+            )
         end = loader.state.position  # the step's batches are consumed: the window ends here
         self.windows.append({"step": step, "start": end - self.t.global_batch_size, "end": end})
         if self.dist.is_main:
