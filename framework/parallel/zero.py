@@ -181,6 +181,8 @@ class DeepSpeedEngine(Engine):
         return StepResult(self._norm, skipped=True)
 
     def loss_scale(self) -> float | None:
+        if self.precision.name != "fp16":  # DeepSpeed keeps a static scale of 1 otherwise
+            return None
         scale = getattr(self.ds.optimizer, "cur_scale", None)
         return float(scale) if scale is not None else None
 
