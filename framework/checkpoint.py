@@ -90,8 +90,9 @@ def model_shape(model_cfg) -> dict:
 
 
 class Checkpointer:
-    def __init__(self, root: Path, keep: int, dist: Dist):
+    def __init__(self, root: Path, keep: int, dist: Dist, pause_before_commit_s: float = 0.0):
         self.root, self.keep, self.dist = root, keep, dist
+        self.pause_s = pause_before_commit_s  # fault injection (faults.sleep_in_save_s)
         if dist.is_main:
             root.mkdir(parents=True, exist_ok=True)
             for stale in root.glob(".tmp-*"):  # partial saves of a crashed run: never loadable
@@ -140,6 +141,7 @@ class Checkpointer:
     def save(self, step: int, engine, trainer_state: dict) -> Path:
         """All ranks call this. The checkpoint appears under its final name only when complete."""
         d = self.dist
+        t0 = time.perf_counter()
         name = step_dir_name(step)
         tmp = self.root / f".tmp-{name}"
         if d.is_main:
@@ -155,7 +157,7 @@ class Checkpointer:
         manifest = self._hash_all(tmp)
         if d.is_main:
             _fsync_write(tmp / MANIFEST, json.dumps(manifest, indent=1))
-            _pause_before_commit()
+            _pause_before_commit(self.pause_s)
             _fsync_write(tmp / COMMIT, f"{step}\n")
             final = self.root / name
             if final.exists():  # redoing a step after resuming from an earlier checkpoint
@@ -165,6 +167,9 @@ class Checkpointer:
             os.replace(self.root / (LATEST + ".tmp"), self.root / LATEST)
             self._prune(keep_name=name)
         d.barrier()
+        self.last_save_s = time.perf_counter() - t0
+        size = sum(f["bytes"] for f in manifest["files"].values())
+        log.info("saved %s (%.1f MB) in %.1f s", self.root / name, size / 1e6, self.last_save_s)
         return self.root / name
 
     def _hash_all(self, root: Path) -> dict:
@@ -318,10 +323,11 @@ def set_rng_state(s: dict) -> None:
         torch.cuda.set_rng_state(s["cuda"])
 
 
-def _pause_before_commit() -> None:
-    """Fault injection for the crash-during-save test (RELIABILITY A4): FW_TEST_PAUSE_BEFORE_COMMIT
-    seconds of sleep between the data files and the commit marker."""
-    pause = float(os.environ.get("FW_TEST_PAUSE_BEFORE_COMMIT", "0"))
+def _pause_before_commit(pause_s: float = 0.0) -> None:
+    """Fault injection for the crash-during-save test (RELIABILITY A4) and the signal-during-save
+    test (B5): FW_TEST_PAUSE_BEFORE_COMMIT (or faults.sleep_in_save_s) seconds of sleep between
+    the data files and the commit marker."""
+    pause = max(pause_s, float(os.environ.get("FW_TEST_PAUSE_BEFORE_COMMIT", "0")))
     if pause > 0:
         log.warning("pausing %.0fs before commit (FW_TEST_PAUSE_BEFORE_COMMIT)", pause)
         time.sleep(pause)

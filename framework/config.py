@@ -158,6 +158,17 @@ class TrainerConfig:
     """Per-device dense peak for MFU; None detects it from the device name."""
     deterministic: bool = False
     """Deterministic kernels (slower) for bitwise-reproducible GPU runs."""
+    on_nan: str = "abort"
+    """A non-finite loss or gradient norm on any rank, decided on all ranks before the update:
+    abort (stop, nothing saved) | skip (drop the update) | rollback (reload the last checkpoint
+    and skip the data window that produced it)."""
+    spike_zscore: float | None = None
+    """Skip a step whose loss is this many standard deviations above the recent losses (None/0: off)."""
+    spike_window: int = 50
+    """Recent losses the spike detector compares against (checkpointed)."""
+    collective_timeout_s: float = 300.0
+    """A step (or eval) that takes longer on any rank dumps every rank's stacks into
+    run.dir/stacks and exits non-zero. Saves use checkpoint.save_timeout_s instead."""
 
 
 @dataclass
@@ -177,6 +188,9 @@ class CheckpointConfig:
     """auto (latest if any) | never | required (fail if none)."""
     path: str | None = None
     """Resume from this checkpoint directory instead of <run.dir>/checkpoints/latest."""
+    save_timeout_s: float = 1800.0
+    """Hang limit for a save and for the first step (compilation, first allocations); also the
+    process group's collective timeout, so save barriers outlive slow writers."""
 
 
 @dataclass
@@ -193,6 +207,27 @@ class PlanConfig:
 
 
 @dataclass
+class FaultsConfig:
+    """Test-only fault injection (all off by default)."""
+
+    nan_loss_at_step: int | None = None
+    """The loss of this step is NaN (its gradients too) on faults.rank."""
+    nan_grad_at_step: int | None = None
+    """One gradient element of this step is NaN on faults.rank, after the data-parallel reduction."""
+    spike_at_step: int | None = None
+    """The loss of this step is multiplied by faults.spike_factor on faults.rank."""
+    spike_factor: float = 50.0
+    rank: int | None = None
+    """The rank that injects (None: every rank)."""
+    hang_at_step: int | None = None
+    """faults.rank sleeps forever inside this step."""
+    sleep_in_step_s: float = 0.0
+    """Sleep this long in every step (gives a test time to send a signal mid-run)."""
+    sleep_in_save_s: float = 0.0
+    """Sleep this long inside every save, before the commit."""
+
+
+@dataclass
 class Config:
     model: ModelConfig = field(default_factory=ModelConfig)
     data: DataConfig = field(default_factory=DataConfig)
@@ -204,6 +239,7 @@ class Config:
     run: RunConfig = field(default_factory=RunConfig)
     checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
     plan: PlanConfig = field(default_factory=PlanConfig)
+    faults: FaultsConfig = field(default_factory=FaultsConfig)
 
 
 def register() -> None:
@@ -378,6 +414,7 @@ def validate(cfg: Config, world_size: int = 1, device: str | None = None) -> Non
     if cfg.logger.mode not in ("online", "offline", "disabled"):
         errors.append(f"logger.mode={cfg.logger.mode!r} must be online|offline|disabled")
 
+    errors += _validate_faults(cfg, world_size)
     errors += _validate_targets(cfg)
     errors += _validate_sources(cfg.data)
     if errors:
@@ -413,6 +450,34 @@ def _validate_device_precision(cfg: Config, device: str | None) -> list[str]:
         "CPU (oneDNN reports no fp16 support). Use precision=bf16, or keep fp16 with "
         "strategy=ddp or strategy=fsdp, or run on a CUDA GPU"
     ]
+
+
+def _validate_faults(cfg: Config, world_size: int) -> list[str]:
+    t, f, errors = cfg.trainer, cfg.faults, []
+    if t.on_nan not in ("abort", "skip", "rollback"):
+        errors.append(f"trainer.on_nan={t.on_nan!r} must be abort|skip|rollback")
+    if t.spike_zscore is not None and not (t.spike_zscore >= 0 and math.isfinite(t.spike_zscore)):
+        errors.append(
+            f"trainer.spike_zscore={t.spike_zscore} must be a finite number >= 0 (0 or null: off)"
+        )
+    if t.spike_window < 2:
+        errors.append(f"trainer.spike_window={t.spike_window} must be >= 2")
+    for key, value in (
+        ("trainer.collective_timeout_s", t.collective_timeout_s),
+        ("checkpoint.save_timeout_s", cfg.checkpoint.save_timeout_s),
+    ):
+        if not (value > 0 and math.isfinite(value)):
+            errors.append(f"{key}={value} must be a positive number of seconds")
+    for key in ("nan_loss_at_step", "nan_grad_at_step", "spike_at_step", "hang_at_step"):
+        step = getattr(f, key)
+        if step is not None and not 1 <= step <= t.max_steps:
+            errors.append(f"faults.{key}={step} must be in [1, trainer.max_steps={t.max_steps}]")
+    if f.rank is not None and not 0 <= f.rank < world_size:
+        errors.append(f"faults.rank={f.rank} must be in [0, world size {world_size})")
+    for key in ("sleep_in_step_s", "sleep_in_save_s"):
+        if not getattr(f, key) >= 0:
+            errors.append(f"faults.{key}={getattr(f, key)} must be >= 0")
+    return errors
 
 
 def _validate_hsdp(s: StrategyConfig, world_size: int) -> list[str]:

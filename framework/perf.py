@@ -9,6 +9,9 @@ The output projection is not in N, so our MFU is conservative against counts tha
 
 from __future__ import annotations
 
+import os
+import time
+
 from framework.model.gpt import ModelConfig, num_params
 
 # Dense bf16 peak per device (FLOP/s), without sparsity. Matched against the CUDA device name,
@@ -50,3 +53,48 @@ def mfu(
     if not peak:
         return None
     return tokens_per_s * flops_per_tok / (peak * n_devices)
+
+
+class StepTimer:
+    """Wall time of one step split into phases (data wait, forward/backward, optimizer,
+    checkpoint), as `time/<phase>_s` metrics. Host time: on CUDA a phase ends when its kernels
+    are queued, so forward/backward work may show up in the next phase that synchronises (the
+    loss all-reduce or the optimizer step); the total is exact."""
+
+    def __init__(self) -> None:
+        self.spent: dict[str, float] = {}
+
+    def reset(self) -> None:
+        self.spent = {}
+
+    def __call__(self, phase: str):
+        return _Phase(self, phase)
+
+    def record(self) -> dict:
+        return {f"time/{k}_s": v for k, v in self.spent.items()}
+
+
+class _Phase:
+    def __init__(self, timer: StepTimer, phase: str):
+        self.timer, self.phase = timer, phase
+
+    def __enter__(self):
+        self.t0 = time.perf_counter()
+
+    def __exit__(self, *exc):
+        self.timer.spent[self.phase] = (
+            self.timer.spent.get(self.phase, 0.0) + time.perf_counter() - self.t0
+        )
+
+
+def host_memory() -> dict:
+    """This process's resident host memory now and at its peak (GiB)."""
+    import resource
+
+    peak_kib = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss  # KiB on Linux
+    try:
+        rss_pages = int(open("/proc/self/statm").read().split()[1])
+        rss = rss_pages * os.sysconf("SC_PAGE_SIZE")
+    except (OSError, ValueError, IndexError):
+        rss = peak_kib * 1024
+    return {"host_rss_gib": rss / 2**30, "host_peak_rss_gib": peak_kib / 2**20}

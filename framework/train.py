@@ -10,7 +10,6 @@ srun: ranks come from the environment (framework.parallel.dist).
 from __future__ import annotations
 
 import logging
-import math
 import time
 from pathlib import Path
 
@@ -18,6 +17,7 @@ import torch
 from omegaconf import DictConfig
 
 from framework import config as C
+from framework import faults
 from framework.checkpoint import Checkpointer, model_shape
 from framework.cli import entry
 from framework.data.identity import check_data_resume, data_identity
@@ -29,9 +29,9 @@ from framework.data.vocab import resolve_vocab_size
 from framework.generate import sample
 from framework.metrics import Metrics, perplexity, setup_logging
 from framework.optim import lr_at, schedule_change_warning
-from framework.parallel import NonFiniteError, build_engine
+from framework.parallel import build_engine
 from framework.parallel.dist import Dist, env_world_size, init_distributed, teardown
-from framework.perf import flops_per_token, mfu, peak_flops
+from framework.perf import StepTimer, flops_per_token, host_memory, mfu, peak_flops
 
 log = logging.getLogger("framework")
 
@@ -40,17 +40,21 @@ def train(cfg: C.Config) -> dict:
     """Run (or resume) training as configured; returns the last step's numbers."""
     resolve_vocab_size(cfg)  # model.vocab_size=auto -> the data's vocabulary, before validation
     C.validate(cfg, env_world_size())  # before any process group or device is touched
-    dist = init_distributed(cfg.trainer.device)
+    guard = faults.Guard(cfg, faults.StopSignal().install())  # a stop signal only sets a flag
+    # steps are watched by guard's watchdog (trainer.collective_timeout_s); the group's own
+    # timeout is the longer save limit, so barriers around a slow save do not fail
+    dist = init_distributed(cfg.trainer.device, cfg.checkpoint.save_timeout_s)
     clean = False
     try:
-        result = _train(cfg, dist)
+        result = _train(cfg, dist, guard)
         clean = True
         return result
     finally:
+        guard.close()
         teardown(clean)
 
 
-def _train(cfg: C.Config, dist: Dist) -> dict:
+def _train(cfg: C.Config, dist: Dist, guard: faults.Guard) -> dict:
     t, seed = cfg.trainer, cfg.trainer.seed
     run_dir = prepare_run_dir(cfg.run.dir, dist)
     setup_logging(dist.rank, run_dir / "train.log" if dist.is_main else None)
@@ -80,23 +84,11 @@ def _train(cfg: C.Config, dist: Dist) -> dict:
     val = val_batches(cfg.data, t.seq_len, t.micro_batch_size, t.eval_batches, dp_rank, dp_size)
     weights = {s.name: s.weight for s in cfg.data.sources}
 
-    ckpt = Checkpointer(run_dir / "checkpoints", cfg.checkpoint.keep, dist)
-    start = 0
+    ckpt = Checkpointer(run_dir / "checkpoints", cfg.checkpoint.keep, dist, cfg.faults.sleep_in_save_s)
     torch.manual_seed(seed + 1 + engine.rng_rank)  # dropout stream (Engine.rng_rank says who shares it)
+    guard.start(run_dir, dist, engine)
     resume_from = ckpt.find_resume(cfg.checkpoint.resume, cfg.checkpoint.path)
-    if resume_from is not None:
-        state = ckpt.load(resume_from, engine, model_shape(cfg.model), tokenizer.fingerprint)
-        check_data_resume(
-            state.get("data"),
-            data_identity(loader, tokenizer.fingerprint),
-            cfg.data.allow_change_on_resume,
-            resume_from,
-        )
-        loader.load_state_dict(state["loader"])
-        engine.load_extra_state(state["engine"])
-        start = state["step"]
-        if dist.is_main and (changed := schedule_change_warning(state.get("config"), cfg, start)):
-            log.warning(changed)
+    start = restore(ckpt, resume_from, cfg, engine, loader, guard, tokenizer)
     if start >= t.max_steps:  # a finished run launched again: leave metrics.jsonl and checkpoints be
         log.info("already at max_steps=%d (checkpoint step %d), nothing to do", t.max_steps, start)
         loader.close()
@@ -124,23 +116,29 @@ def _train(cfg: C.Config, dist: Dist) -> dict:
     if val and t.eval_every and start == 0:  # the untrained baseline: the curve starts at ~log(vocab)
         metrics.log_eval(*evaluate(engine, val, weights, 0, tokenizer, cfg, dist))
     record: dict = {}
-    for step in range(start + 1, t.max_steps + 1):
+    step, timer = start, StepTimer()
+    while step < t.max_steps:
+        step += 1
         clock = time.perf_counter()  # step time: data + forward/backward + update, not eval/save
+        timer.reset()
         lr = lr_at(step, cfg.optim, t.max_steps)
+        guard.begin_step(step, loader, accum)  # watchdog, rolled-back data windows, fault injection
         loss = torch.zeros((), device=dist.device)
         for _ in range(accum):
-            loss += engine.forward_backward(next(loader), accum)
-        # The mean loss over all ranks, before the update: a NaN/Inf on any rank stops every rank
-        # here, before any engine (DeepSpeed's included) applies the step.
-        loss = dist.all_reduce_mean(loss / accum).item()
-        try:
-            if not math.isfinite(loss):
-                raise NonFiniteError(f"loss is {loss}")
-            res = engine.step(lr)
-        except NonFiniteError as e:
-            raise NonFiniteError(
-                f"step {step} (rank {dist.rank}): {e}; no update applied, nothing saved"
-            ) from e
+            with timer("data"):
+                batch = next(loader)
+            with timer("forward_backward"):
+                loss += engine.forward_backward(batch, accum)
+        with timer("optimizer"):
+            # One all-reduce, before the update, gives every rank the mean loss, any rank's stop
+            # signal and non-finite flags (loss, grad norm): all ranks take the same decision
+            # here, before any engine (DeepSpeed's included) applies the step. on_nan=abort raises.
+            verdict = guard.decide(step, loss / accum, engine, loader)
+            res = engine.apply(lr) if verdict.action == "apply" else engine.skip()
+        if verdict.action == "rollback":  # the bad window is recorded: redo from the last checkpoint
+            step = restore(ckpt, ckpt.latest(), cfg, engine, loader, guard, tokenizer, rollback=True)
+            continue
+        loss = verdict.loss
         tps = tokens_per_step / (time.perf_counter() - clock)
         record = {
             "step": step,
@@ -155,27 +153,58 @@ def _train(cfg: C.Config, dist: Dist) -> dict:
             record["loss_scale"] = scale
         if res.skipped:
             record["skipped"] = True
+        if res.skipped and verdict.action == "apply":  # an fp16 overflow (guard logs its own skips)
             log.warning(
                 "step %d: fp16 gradient overflow: update skipped, loss scale now %g", step, scale
             )
-        if (peak_bytes := engine.peak_memory_bytes()) is not None:
-            record["peak_memory_gib"] = peak_bytes / 2**30
-        if step % t.log_every == 0 or step == t.max_steps:
+        record.update(guard.counters())
+        record.update(timer.record() | host_memory() | engine.device_memory())
+        last = step == t.max_steps or step == t.stop_at_step or verdict.stop
+        if step % t.log_every == 0 or last:
             record.update({f"data/tokens/{k}": v for k, v in loader.tokens_per_source().items()})
         metrics.log_train(record)
 
-        if val and t.eval_every and (step % t.eval_every == 0 or step == t.max_steps):
+        evaluate_now = t.eval_every and (step % t.eval_every == 0 or step == t.max_steps)
+        if val and evaluate_now and not verdict.stop:  # a stop saves first: the grace period is short
             metrics.log_eval(*evaluate(engine, val, weights, step, tokenizer, cfg, dist))
-        last = step == t.max_steps or step == t.stop_at_step
         if last or (cfg.checkpoint.every and step % cfg.checkpoint.every == 0):
-            ckpt.save(step, engine, trainer_state(cfg, step, loader, engine, tokenizer, dist))
-        if step == t.stop_at_step:
-            log.info("stopping after step %d (trainer.stop_at_step); resume continues from here", step)
+            with guard.saving():
+                state = trainer_state(cfg, step, loader, engine, tokenizer, dist)
+                ckpt.save(step, engine, {**state, "faults": guard.state_dict()})
+            metrics.log_data({"step": step, "time/checkpoint_s": ckpt.last_save_s})
+        if verdict.stop or step == t.stop_at_step:
+            why = (
+                f"stop signal: {guard.stop.received or 'on another rank'}"
+                if verdict.stop
+                else "stop_at_step"
+            )
+            # a stop signal is logged on every rank (WARNING): all name the same step
+            (log.warning if verdict.stop else log.info)(
+                "stopping after step %d (%s); resume continues from here", step, why
+            )
             break
     loader.close()
     metrics.close()
     metrics.print_summary()
     return record
+
+
+def restore(ckpt, path, cfg: C.Config, engine, loader, guard, tok: Tokenizer, rollback=False) -> int:
+    """Load a checkpoint (None: fresh start) into engine, loader and guard; returns its step."""
+    if path is None:
+        if rollback:
+            raise faults.NonFiniteError("trainer.on_nan=rollback: no checkpoint to roll back to")
+        return 0
+    state = ckpt.load(path, engine, model_shape(cfg.model), tok.fingerprint)
+    identity = data_identity(loader, tok.fingerprint)
+    check_data_resume(state.get("data"), identity, cfg.data.allow_change_on_resume, path)
+    loader.load_state_dict(state["loader"])
+    engine.load_extra_state(state["engine"])
+    guard.load_state_dict(state.get("faults"))
+    if not rollback and ckpt.dist.is_main:
+        if changed := schedule_change_warning(state.get("config"), cfg, state["step"]):
+            log.warning(changed)
+    return state["step"]
 
 
 def evaluate(engine, val: dict, weights: dict, step: int, tok: Tokenizer, cfg: C.Config, dist: Dist):

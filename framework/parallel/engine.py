@@ -53,8 +53,28 @@ class Engine:
         Called exactly `accum` times between two step() calls."""
         raise NotImplementedError
 
-    def step(self, lr: float) -> StepResult:
+    def grad_norm(self) -> float:
+        """Global L2 norm of the accumulated gradients (unscaled, unclipped), computed after the
+        last micro-batch and before anything is applied, so the loop can decide on every rank
+        whether to apply. Under DDP the gradients are replicated and this is this rank's copy."""
         raise NotImplementedError
+
+    def apply(self, lr: float) -> StepResult:
+        """Clip (to the norm of grad_norm()) and apply the update; clears the gradients."""
+        raise NotImplementedError
+
+    def skip(self) -> StepResult:
+        """Drop this step's gradients: parameters and optimizer state stay bitwise unchanged."""
+        raise NotImplementedError
+
+    def poison_grad(self) -> None:
+        """Test fault injection: make one element of this rank's (reduced) gradient NaN."""
+        raise NotImplementedError
+
+    def step(self, lr: float) -> StepResult:
+        """grad_norm() then apply(): the whole optimizer step when nobody needs to decide."""
+        self.grad_norm()
+        return self.apply(lr)
 
     @torch.no_grad()
     def eval_loss(self, batch: Batch) -> torch.Tensor:
@@ -97,6 +117,19 @@ class Engine:
         if dev is not None and dev.type == "cuda":
             return torch.cuda.max_memory_allocated(dev)
         return None
+
+    def device_memory(self) -> dict:
+        """Device memory of this process in GiB (peak allocated, allocated and reserved now);
+        empty where torch does not track it (CPU)."""
+        peak = self.peak_memory_bytes()
+        if peak is None:
+            return {}
+        dev = self.device
+        return {
+            "peak_memory_gib": peak / 2**30,
+            "memory_allocated_gib": torch.cuda.memory_allocated(dev) / 2**30,
+            "memory_reserved_gib": torch.cuda.memory_reserved(dev) / 2**30,
+        }
 
 
 def _no_sync_needed(last: bool):
@@ -161,28 +194,28 @@ class TorchEngine(Engine):
             scaled.backward()
         return loss.detach()
 
-    def _grad_norm(self) -> torch.Tensor:
-        """Global L2 norm of all gradients, clipped to grad_clip. Gradients may be plain tensors
-        and DTensors on different meshes (TP without sequence parallel leaves norms plain;
-        under TP x FSDP those become 1-D DTensors beside 2-D ones), which one foreach kernel
-        cannot mix: take each group's norm, reduce it to a full value, combine."""
+    def _grad_groups(self) -> dict[object, list[nn.Parameter]]:
+        """Parameters with gradients, grouped by (mesh, placements): gradients may be plain
+        tensors and DTensors on different meshes (TP without sequence parallel leaves norms
+        plain; under TP x FSDP those become 1-D DTensors beside 2-D ones), which one foreach
+        kernel cannot mix."""
         groups: dict[object, list[nn.Parameter]] = {}
         for p in self.params:
             if p.grad is not None:
                 g = p.grad
                 key = (g.device_mesh, g.placements) if isinstance(g, DTensor) else None
                 groups.setdefault(key, []).append(p)
+        return groups
+
+    def _grad_norm(self, groups) -> torch.Tensor:
+        """Global L2 norm of all gradients: each group's norm reduced to a full value, combined."""
         norms = []
         for params in groups.values():
             n = torch.nn.utils.get_total_norm([p.grad for p in params], foreach=True)
             norms.append(n.full_tensor() if isinstance(n, DTensor) else n)
         if not norms:
             return torch.zeros(())
-        total = torch.linalg.vector_norm(torch.stack([n.float() for n in norms]))
-        if self.grad_clip > 0:
-            for params in groups.values():  # takes parameters, scales their .grad
-                torch.nn.utils.clip_grads_with_norm_(params, self.grad_clip, total, foreach=True)
-        return total
+        return torch.linalg.vector_norm(torch.stack([n.float() for n in norms]))
 
     def _sync_found_inf(self) -> bool:
         """Make every rank agree on an fp16 overflow: the inf check of GradScaler.unscale_ only
@@ -195,21 +228,42 @@ class TorchEngine(Engine):
                 tdist.all_reduce(found_inf, op=tdist.ReduceOp.MAX)
         return any(bool(f.item()) for f in found)
 
-    def step(self, lr: float) -> StepResult:
+    def grad_norm(self) -> float:
+        self._overflow = False
+        if self.scaler is not None:
+            self.scaler.unscale_(self.optimizer)
+            self._overflow = self._sync_found_inf()
+        self._groups = self._grad_groups()
+        self._norm = self._grad_norm(self._groups)
+        return float(self._norm)
+
+    def poison_grad(self) -> None:
+        p = next(p for p in self.params if p.grad is not None)
+        g = p.grad.to_local() if isinstance(p.grad, DTensor) else p.grad
+        g.view(-1)[0] = float("nan")
+
+    def skip(self) -> StepResult:
+        self._micro = 0
+        if self.scaler is not None:
+            # forget this step's unscale_ without touching the scale or its growth counter
+            self.scaler.update(new_scale=self.scaler.get_scale())
+        self.optimizer.zero_grad(set_to_none=True)
+        return StepResult(float(self._norm), skipped=True)
+
+    def apply(self, lr: float) -> StepResult:
         self._micro = 0
         for g in self.optimizer.param_groups:
             g["lr"] = lr
-        overflow = False
-        if self.scaler is not None:
-            self.scaler.unscale_(self.optimizer)
-            overflow = self._sync_found_inf()
-        norm = float(self._grad_norm())
+        norm = float(self._norm)
+        if self.grad_clip > 0:
+            for params in self._groups.values():  # takes parameters, scales their .grad
+                torch.nn.utils.clip_grads_with_norm_(params, self.grad_clip, self._norm, foreach=True)
         if self.scaler is not None:
             # GradScaler skips the step on inf/nan grads and halves the scale
             scale_before = self.scaler.get_scale()
             self.scaler.step(self.optimizer)
             self.scaler.update()
-            skipped = overflow
+            skipped = self._overflow
             if self.scaler.get_scale() < self.min_loss_scale:
                 self.scaler.update(new_scale=self.min_loss_scale)
             self.optimizer.zero_grad(set_to_none=True)

@@ -99,12 +99,44 @@ class DeepSpeedEngine(Engine):
             self.ds.step()  # not a boundary: only advances DeepSpeed's micro-step counter
         return loss.detach().float()
 
-    def step(self, lr: float) -> StepResult:
+    def _check_boundary(self) -> None:
         if not self.ds.is_gradient_accumulation_boundary():
             raise RuntimeError(
                 f"step() after {self._micro} micro-batches: DeepSpeed expects "
                 f"{self.ds.gradient_accumulation_steps()} before an optimizer step"
             )
+
+    def grad_norm(self) -> float:
+        """The norm DeepSpeed's own step() computes, taken before it: the partitioned gradients'
+        norms, all-reduced inside DeepSpeed (stage 1/2: scaled_global_norm; stage 3: the norm
+        groups). Costs one extra norm per step; DeepSpeed applies bf16/fp32 steps without a
+        finiteness check of its own, so this is the only place to stop a NaN step."""
+        from deepspeed.runtime.utils import combine_grad_norm_groups
+
+        self._check_boundary()
+        opt = self.ds.optimizer
+        if hasattr(opt, "scaled_global_norm"):  # DeepSpeedZeroOptimizer (stages 1 and 2)
+            norm = opt.scaled_global_norm()
+        else:  # DeepSpeedZeroOptimizer_Stage3
+            norm = combine_grad_norm_groups(opt._get_norm_groups())
+        self._norm = float(norm) / (self.loss_scale() or 1.0)
+        return self._norm
+
+    def _partition_grads(self) -> list[torch.Tensor]:
+        grads = getattr(self.ds.optimizer, "averaged_gradients", None) or {}
+        return [g for group in grads.values() for g in (group or []) if g is not None]
+
+    def poison_grad(self) -> None:
+        grads = self._partition_grads()
+        if not grads:
+            raise NotImplementedError(
+                "faults.nan_grad_at_step: this DeepSpeed optimizer keeps no averaged_gradients "
+                "(zero1 or offload): use faults.nan_loss_at_step"
+            )
+        grads[0].view(-1)[0] = float("nan")
+
+    def apply(self, lr: float) -> StepResult:
+        self._check_boundary()
         self._micro = 0
         for g in self.ds.optimizer.param_groups:
             g["lr"] = lr
@@ -123,7 +155,31 @@ class DeepSpeedEngine(Engine):
             self.overflow_guard.update(skipped, scale)
         return StepResult(norm, skipped=skipped)
 
+    def skip(self) -> StepResult:
+        """DeepSpeed's own overflow path drops the gradients and keeps its counters consistent
+        (micro-step ids, skipped_steps): force it for this one step. Under fp16 that path also
+        halves the loss scale, as an overflow would."""
+        self._check_boundary()
+        self._micro = 0
+        opt = self.ds.optimizer
+        inf = torch.tensor(float("inf"), device=self.device)
+        saved = {k: opt.__dict__[k] for k in ("check_grad_overflow",) if k in opt.__dict__}
+        if hasattr(opt, "scaled_global_norm"):  # stages 1/2: their overflow check
+            opt.check_grad_overflow = True
+            opt.has_overflow = lambda partition_gradients=True: True
+        else:  # stage 3: an invalid norm is its overflow
+            opt._get_norm_groups = lambda: [inf]
+        try:
+            self.ds.step()
+        finally:
+            for k in ("has_overflow", "_get_norm_groups"):
+                opt.__dict__.pop(k, None)
+            opt.__dict__.update(saved)
+        return StepResult(self._norm, skipped=True)
+
     def loss_scale(self) -> float | None:
+        if self.precision.name != "fp16":  # DeepSpeed keeps a static scale of 1 otherwise
+            return None
         scale = getattr(self.ds.optimizer, "cur_scale", None)
         return float(scale) if scale is not None else None
 

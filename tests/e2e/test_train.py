@@ -155,7 +155,7 @@ def test_nan_loss_stops_before_the_update_and_saves_nothing(tmp_path, sample_dat
         return out
 
     monkeypatch.setattr(GPT, "forward", poisoned)
-    with pytest.raises(NonFiniteError, match=r"step 3 \(rank 0\): loss is nan"):
+    with pytest.raises(NonFiniteError, match=r"step 3 \(rank 0\): loss is non-finite"):
         run(tmp_path, "nan", "checkpoint.every=1")
     ck = tmp_path / "nan" / "checkpoints"
     assert sorted(p.name for p in ck.glob("step_*")) == ["step_00000001", "step_00000002"]

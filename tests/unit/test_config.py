@@ -19,9 +19,11 @@ ROOT_CONFIGS = sorted(p.stem for p in Path(CONF_DIR).glob("*.yaml"))
 
 # The full set of training config keys. Adding a knob is a deliberate change: update this list.
 FROZEN_KEYS = """
-checkpoint.every checkpoint.keep checkpoint.path checkpoint.resume
+checkpoint.every checkpoint.keep checkpoint.path checkpoint.resume checkpoint.save_timeout_s
 data.allow_change_on_resume data.allow_empty_source data.cache_dir data.doc_mask data.name data.num_workers data.root data.schedule
 data.sources data.tokenizer
+faults.hang_at_step faults.nan_grad_at_step faults.nan_loss_at_step faults.rank faults.sleep_in_save_s
+faults.sleep_in_step_s faults.spike_at_step faults.spike_factor
 logger.entity logger.mode logger.name logger.project logger.tags
 model.bias model.block_size model.dropout model.ffn_hidden model.init_from model.init_std model.multiple_of
 model.n_embd model.n_head model.n_kv_head model.n_layer model.name model.norm_eps model.rope_theta model.style
@@ -37,6 +39,7 @@ strategy.reshard_after_forward strategy.sequence_parallel strategy.tp strategy.z
 trainer.deterministic trainer.device trainer.eval_batches trainer.eval_every trainer.global_batch_size
 trainer.log_every trainer.max_steps trainer.micro_batch_size trainer.peak_flops trainer.sample_tokens
 trainer.seed trainer.seq_len trainer.stop_at_step
+trainer.collective_timeout_s trainer.on_nan trainer.spike_window trainer.spike_zscore
 """.split()
 
 
@@ -141,6 +144,16 @@ def test_unknown_key_fails_at_compose():
         (["strategy=zero2", "precision=fp8"], 2, r"fp8 is not supported with DeepSpeed ZeRO"),
         (["strategy=ddp", "strategy.hsdp_replicas=2"], 4, r"hsdp_replicas=2 needs strategy=fsdp"),
         (["strategy=fsdp", "strategy.hsdp_replicas=3"], 4, r"hsdp_replicas=3 does not divide"),
+        (["trainer.on_nan=ignore"], 1, r"trainer.on_nan='ignore' must be abort\|skip\|rollback"),
+        (["trainer.spike_zscore=-1"], 1, r"trainer.spike_zscore=-1.0 must be"),
+        (
+            ["trainer.collective_timeout_s=0"],
+            1,
+            r"trainer.collective_timeout_s=0.0 must be a positive number",
+        ),
+        (["faults.nan_loss_at_step=0"], 1, r"faults.nan_loss_at_step=0 must be in \[1, "),
+        (["faults.rank=2"], 2, r"faults.rank=2 must be in \[0, world size 2\)"),
+        (["faults.sleep_in_save_s=-1"], 1, r"faults.sleep_in_save_s=-1.0 must be >= 0"),
     ],
 )
 def test_cross_field_errors_name_keys(overrides, world, expected):
