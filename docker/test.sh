@@ -84,8 +84,10 @@ say "image built in $((SECONDS - t_build)) s (log: $work/build.log)"
 # 3. Run it: a working container of the image (its USER, WORKDIR and ENV apply).
 ctr=$(bh from --quiet "$image")
 cleanup() {
+  local t=$SECONDS
   bh rm "$ctr" >/dev/null 2>&1 || true
   if [[ ${FW_DOCKER_KEEP:-0} != 1 ]]; then bh rmi "$image" >/dev/null 2>&1 || true; fi
+  say "removed the working container and image in $((SECONDS - t)) s"
 }
 trap cleanup EXIT
 
@@ -95,6 +97,12 @@ if bh run --isolation chroot "$ctr" -- sh -c 'command -v sudo' >/dev/null 2>&1; 
   die "sudo is installed in the image: a non-root user must not be able to become root"
 fi
 say "image runs as uid $uid, no sudo"
+# The README's other recipe, `--user $(id -u):$(id -g) -e HOME=/tmp`: an arbitrary uid must be
+# able to write DeepSpeed's JIT cache and the data root.
+bh run --isolation chroot --user 4242:4242 --env HOME=/tmp "$ctr" -- \
+  sh -c 'touch "$TORCH_EXTENSIONS_DIR/.probe" /workspace/data/.probe && rm "$TORCH_EXTENSIONS_DIR/.probe" /workspace/data/.probe' \
+  || die "uid 4242 cannot write TORCH_EXTENSIONS_DIR or /workspace/data: the README's --user recipe would fail"
+say "an arbitrary uid (--user 4242) can write the JIT cache and the data root"
 
 # The README's host-directory recipe: a host runs dir owned by uid 1000, mounted at runs/.
 runs="$work/runs"
