@@ -54,7 +54,7 @@ bench: install
 	$(BIN)/python bench/throughput.py
 
 # Build docker/Dockerfile with buildah on a locally made base and train zero2 inside it as uid
-# 1000 (needs root; ~17 min here, so it is not part of `make test` or .ci/run): docker/README.md.
+# 1000 (needs root; 14-20 min here, so it is not part of `make test` or .ci/run): docker/README.md.
 docker-test:
 	bash docker/test.sh
 
