@@ -8,7 +8,7 @@ BIN      = $(VENV)/bin
 ARGS    ?=
 PYTEST_ARGS ?=
 
-.PHONY: install lock train test lint format bench clean
+.PHONY: install lock train test lint format bench clean docker-test
 
 $(BIN)/python:
 	$(PY) -m venv $(VENV)
@@ -52,6 +52,11 @@ format: install
 bench: install
 	$(BIN)/python bench/data_loader.py
 	$(BIN)/python bench/throughput.py
+
+# Build docker/Dockerfile with buildah on a locally made base and train zero2 inside it as uid
+# 1000 (needs root; 14-20 min here, so it is not part of `make test` or .ci/run): docker/README.md.
+docker-test:
+	bash docker/test.sh
 
 clean:
 	rm -rf $(VENV) build *.egg-info
