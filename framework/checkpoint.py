@@ -92,6 +92,7 @@ def model_shape(model_cfg) -> dict:
 class Checkpointer:
     def __init__(self, root: Path, keep: int, dist: Dist, pause_before_commit_s: float = 0.0):
         self.root, self.keep, self.dist = root, keep, dist
+        self.last_save_s: float | None = None  # duration of the last save (metrics)
         self.pause_s = pause_before_commit_s  # fault injection (faults.sleep_in_save_s)
         if dist.is_main:
             root.mkdir(parents=True, exist_ok=True)

@@ -159,6 +159,8 @@ def _train(cfg: C.Config, dist: Dist, guard: faults.Guard) -> dict:
             )
         record.update(guard.counters())
         record.update(timer.record() | host_memory() | engine.device_memory())
+        if ckpt.last_save_s is not None:  # the save after the previous step, between the two
+            record["time/checkpoint_s"], ckpt.last_save_s = ckpt.last_save_s, None
         last = step == t.max_steps or step == t.stop_at_step or verdict.stop
         if step % t.log_every == 0 or last:
             record.update({f"data/tokens/{k}": v for k, v in loader.tokens_per_source().items()})
@@ -171,7 +173,6 @@ def _train(cfg: C.Config, dist: Dist, guard: faults.Guard) -> dict:
             with guard.saving():
                 state = trainer_state(cfg, step, loader, engine, tokenizer, dist)
                 ckpt.save(step, engine, {**state, "faults": guard.state_dict()})
-            metrics.log_data({"step": step, "time/checkpoint_s": ckpt.last_save_s})
         if verdict.stop or step == t.stop_at_step:
             why = (
                 f"stop signal: {guard.stop.received or 'on another rank'}"

@@ -84,14 +84,14 @@ def test_training_loop_hands_the_scheduled_lr_to_the_optimizer(tmp_path, sample_
     from framework.parallel.engine import TorchEngine
 
     applied = []
-    original = TorchEngine.step
+    original = TorchEngine.apply  # the loop's update (step() = grad_norm() + apply())
 
     def spy(self, lr):
         res = original(self, lr)
         applied.append([g["lr"] for g in self.optimizer.param_groups])
         return res
 
-    monkeypatch.setattr(TorchEngine, "step", spy)
+    monkeypatch.setattr(TorchEngine, "apply", spy)
     cfg = make_cfg([*TINY, f"run.dir={tmp_path}", "trainer.max_steps=5", "optim.warmup_steps=2"])
     train(cfg)
     want = [lr_at(s, cfg.optim, 5) for s in range(1, 6)]
