@@ -287,7 +287,9 @@ class ModelTensorReader:
         if name not in self.saved:
             raise CheckpointError(f"{self.dir}: the checkpoint has no tensor model.{name}")
         out = torch.empty_like(self.like[name], device="cpu")
-        dcp.load({"model": {name: out}}, checkpoint_id=str(self.dir), no_dist=True)
+        with warnings.catch_warnings():  # DCP warns that a single process loads without a group
+            warnings.filterwarnings("ignore", message="torch.distributed is disabled")
+            dcp.load({"model": {name: out}}, checkpoint_id=str(self.dir), no_dist=True)
         return out
 
 
