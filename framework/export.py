@@ -10,6 +10,12 @@ an equivalent byte-level BPE without merges; tiktoken encodings are refused unle
 `with_tokenizer=false`. Directory 0777 and files 0666, less the umask. The reverse,
 `load_hf_weights`, initialises our model from such a directory (`model.init_from=<dir>`).
 
+Both directions stream, for models larger than one host's memory: the export reads the
+checkpoint one tensor at a time (DCP reads of single keys, from the shard files of any
+strategy) and, above `max_shard_size` (HF's default 5GB), writes HF's sharded layout
+(`model-0000i-of-0000n.safetensors` + `model.safetensors.index.json`) one file at a time;
+the import reads one tensor at a time (`iter_hf_weights`, safetensors' safe_open).
+
 The name/layout mapping is written here by hand because it is ours: HF GPT-2 keeps fused
 q|k|v in a transposed Conv1D (`c_attn`, shape (C, 3C)); Llama's names differ but its tensors
 match ours one to one (both use the rotate-half RoPE layout).
@@ -398,8 +404,9 @@ class HFWeights:
         from safetensors import safe_open
 
         d, where = Path(path), f"model.init_from={path}"
-        self._files: dict[str, object] = {}  # file -> open safetensors handle (or .bin dict)
-        self._names: dict[str, tuple[str, str]] = {}  # our lookup name -> (file, name in file)
+        self._dir, self._bin = d, None
+        # our lookup name -> (file, name in the file, shape)
+        self._names: dict[str, tuple[str, str, tuple[int, ...]]] = {}
         index = d / INDEX
         if index.is_file():
             weight_map = json.loads(index.read_text()).get("weight_map")
@@ -412,22 +419,22 @@ class HFWeights:
             for name in files:
                 if not (d / name).is_file():
                     raise ConfigError(f"{where}: {index} names {name}, which is missing")
-                # safe_open maps the file and reads a tensor only on get_tensor
-                self._files[name] = handle = safe_open(str(d / name), framework="pt")
-                for k in handle.keys():
-                    self._add(rename(k), name, k, where)
+                with safe_open(str(d / name), framework="pt") as f:  # reads the header only
+                    for k in f.keys():
+                        self._add(rename(k), name, k, tuple(f.get_slice(k).get_shape()), where)
         elif (d / "pytorch_model.bin").is_file():
-            sd = torch.load(d / "pytorch_model.bin", map_location="cpu", weights_only=True, mmap=True)
-            self._files["pytorch_model.bin"] = sd
-            for k in sd:
-                self._add(rename(k), "pytorch_model.bin", k, where)
+            self._bin = torch.load(
+                d / "pytorch_model.bin", map_location="cpu", weights_only=True, mmap=True
+            )
+            for k, v in self._bin.items():
+                self._add(rename(k), "pytorch_model.bin", k, tuple(v.shape), where)
         else:
             raise ConfigError(f"{where}: no {INDEX}, model.safetensors or pytorch_model.bin in {d}")
 
-    def _add(self, name: str, file: str, key: str, where: str) -> None:
+    def _add(self, name: str, file: str, key: str, shape: tuple[int, ...], where: str) -> None:
         if name in self._names:
             raise ConfigError(f"{where}: tensor {key} is in both {self._names[name][0]} and {file}")
-        self._names[name] = (file, key)
+        self._names[name] = (file, key, shape)
 
     def __contains__(self, name: str) -> bool:
         return name in self._names
@@ -436,16 +443,18 @@ class HFWeights:
         return iter(self._names)
 
     def shape(self, name: str) -> tuple[int, ...]:
-        file, key = self._names[name]
-        handle = self._files[file]
-        if isinstance(handle, dict):
-            return tuple(handle[key].shape)
-        return tuple(handle.get_slice(key).get_shape())
+        return self._names[name][2]
 
     def __getitem__(self, name: str) -> torch.Tensor:
-        file, key = self._names[name]
-        handle = self._files[file]
-        return handle[key] if isinstance(handle, dict) else handle.get_tensor(key)
+        from safetensors import safe_open
+
+        file, key, _ = self._names[name]
+        if self._bin is not None:
+            return self._bin[key]
+        # A file opened per read, not kept open: a kept handle keeps the pages it mapped
+        # resident, so host memory would grow to the whole checkpoint while loading.
+        with safe_open(str(self._dir / file), framework="pt") as f:
+            return f.get_tensor(key)
 
     def get(self, name: str) -> torch.Tensor | None:
         return self[name] if name in self else None

@@ -106,6 +106,13 @@ def test_init_from_reads_tensor_by_tensor(tmp_path, monkeypatch):
         def __init__(self, *a, **k):
             self._f = real_open(*a, **k)
 
+        def __enter__(self):
+            self._f.__enter__()
+            return self
+
+        def __exit__(self, *exc):
+            return self._f.__exit__(*exc)
+
         def __getattr__(self, name):
             return getattr(self._f, name)
 
