@@ -26,6 +26,7 @@ from __future__ import annotations
 import json
 import logging
 import os
+import re
 import shutil
 import tempfile
 from collections.abc import Callable, Iterator
@@ -217,18 +218,24 @@ def _llama_names(m: ModelConfig) -> list[tuple[str, str]]:
     return names
 
 
-def parse_max_shard_size(value: int | str) -> int:
-    """max_shard_size: bytes as an int (or a digit string, as Hydra may pass it), or Hugging
-    Face's size strings ("500MB", "5GB": decimal units, as transformers' save_pretrained)."""
-    from huggingface_hub.serialization._base import parse_size_to_int
+# Hugging Face's size strings (transformers' save_pretrained, huggingface_hub): decimal units,
+# and the binary ones transformers also reads. huggingface_hub's parser is private, so ours.
+_SIZE_UNITS = {"KB": 10**3, "MB": 10**6, "GB": 10**9, "TB": 10**12,
+               "KIB": 2**10, "MIB": 2**20, "GIB": 2**30, "TIB": 2**40}  # fmt: skip
 
+
+def parse_max_shard_size(value: int | str) -> int:
+    """max_shard_size in bytes: an int (or a digit string, as Hydra may pass it), or a size
+    such as "500MB", "5GB" (10^9 bytes, HF's default) or "2GiB"."""
     text = str(value).strip()
-    try:
-        size = int(text) if text.isdigit() else parse_size_to_int(text)
-    except ValueError as e:
+    match = re.fullmatch(r"(\d+(?:\.\d+)?)\s*([KMGT]I?B)?", text, re.IGNORECASE)
+    if match is None:
         raise ConfigError(
-            f"max_shard_size={value!r}: {e}; give bytes (e.g. 500000000) or a size such as 500MB or 5GB"
-        ) from e
+            f"max_shard_size={value!r} is not a size: give bytes (e.g. 500000000) or a number with "
+            f"a unit ({', '.join(_SIZE_UNITS)}), such as 500MB or 5GB"
+        )
+    number, unit = match.groups()
+    size = int(float(number) * (_SIZE_UNITS[unit.upper()] if unit else 1))
     if size <= 0:
         raise ConfigError(f"max_shard_size={value!r} must be positive")
     return size

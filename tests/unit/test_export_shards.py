@@ -45,7 +45,7 @@ def test_max_shard_size_accepts_hf_strings_and_bytes(value, expected):
     assert parse_max_shard_size(value) == expected
 
 
-@pytest.mark.parametrize("value", ["5XB", "lots", "0", 0])
+@pytest.mark.parametrize("value", ["5XB", "lots", "0", 0, "-5MB", "5 GB extra"])
 def test_max_shard_size_refuses_what_it_cannot_read(value):
     with pytest.raises(ConfigError, match=r"max_shard_size="):
         parse_max_shard_size(value)
