@@ -10,6 +10,12 @@ an equivalent byte-level BPE without merges; tiktoken encodings are refused unle
 `with_tokenizer=false`. Directory 0777 and files 0666, less the umask. The reverse,
 `load_hf_weights`, initialises our model from such a directory (`model.init_from=<dir>`).
 
+Both directions stream, for models larger than one host's memory: the export reads the
+checkpoint one tensor at a time (DCP reads of single keys, from the shard files of any
+strategy) and, above `max_shard_size` (HF's default 5GB), writes HF's sharded layout
+(`model-0000i-of-0000n.safetensors` + `model.safetensors.index.json`) one file at a time;
+the import reads one tensor at a time (`iter_hf_weights`, safetensors' safe_open).
+
 The name/layout mapping is written here by hand because it is ours: HF GPT-2 keeps fused
 q|k|v in a transposed Conv1D (`c_attn`, shape (C, 3C)); Llama's names differ but its tensors
 match ours one to one (both use the rotate-half RoPE layout).
@@ -20,8 +26,10 @@ from __future__ import annotations
 import json
 import logging
 import os
+import re
 import shutil
 import tempfile
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -48,9 +56,12 @@ class ExportConfig:
     overwrite: bool = False
     with_tokenizer: bool = True
     """Write tokenizer files (tiktoken encodings cannot be: export them with false)."""
+    max_shard_size: str = "5GB"
+    """Above this, shards + model.safetensors.index.json (HF's default; "500MB" or bytes)."""
 
 
 ConfigStore.instance().store(name="export_schema", node=ExportConfig)
+INDEX = "model.safetensors.index.json"
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 
@@ -101,45 +112,76 @@ def hf_config(m: ModelConfig) -> dict:
     }
 
 
-def to_hf(model: GPT) -> dict[str, torch.Tensor]:
-    """Our state dict -> HF tensor names (contiguous, owned copies for safetensors)."""
-    m, sd = model.cfg, model.state_dict()
-    out: dict[str, torch.Tensor] = {}
+# An HF tensor is computed from a few of ours, read through a getter (name -> tensor, or None
+# for a key the model does not have). The getter is a state dict's .get for an in-memory model,
+# or a per-tensor DCP read for a checkpoint: the export then holds one HF tensor at a time.
+Getter = Callable[[str], "torch.Tensor | None"]
+
+
+def hf_recipes(m: ModelConfig) -> dict[str, Callable[[Getter], torch.Tensor]]:
+    """HF tensor name -> how to build it from ours, in HF's usual order."""
+    out: dict[str, Callable[[Getter], torch.Tensor]] = {}
+
+    def one(ours: str, transpose: bool = False) -> Callable[[Getter], torch.Tensor]:
+        return lambda get: get(ours).t() if transpose else get(ours)
+
+    def cat(ours: list[str], transpose: bool = False) -> Callable[[Getter], torch.Tensor]:
+        def build(get: Getter) -> torch.Tensor:
+            # HF GPT-2 always has biases: zeros where we have none (created on the ambient
+            # device, so a plan under `with torch.device("meta")` allocates nothing)
+            parts = [get(k) for k in ours]
+            parts = [torch.zeros(_bias_len(m, k)) if t is None else t for k, t in zip(ours, parts)]
+            w = torch.cat(parts, 0) if len(parts) > 1 else parts[0]
+            return w.t() if transpose else w
+
+        return build
+
     if m.style == "gpt2":
         p = "transformer."
-        out[p + "wte.weight"] = sd["tok_emb.weight"]
-        out[p + "wpe.weight"] = sd["pos_emb.weight"]
+        out[p + "wte.weight"] = one("tok_emb.weight")
+        out[p + "wpe.weight"] = one("pos_emb.weight")
         for i in range(m.n_layer):
             b, h = f"blocks.{i}.", f"{p}h.{i}."
-            qkv = [sd[f"{b}attn.{n}.weight"] for n in ("wq", "wk", "wv")]
-            out[h + "attn.c_attn.weight"] = torch.cat(qkv, 0).t()  # Conv1D: (in, out)
-            out[h + "attn.c_proj.weight"] = sd[b + "attn.wo.weight"].t()
-            out[h + "mlp.c_fc.weight"] = sd[b + "mlp.w1.weight"].t()
-            out[h + "mlp.c_proj.weight"] = sd[b + "mlp.w2.weight"].t()
-            out[h + "ln_1.weight"], out[h + "ln_2.weight"] = (
-                sd[b + "attn_norm.weight"],
-                sd[b + "mlp_norm.weight"],
+            # Conv1D keeps (in, out): fused q|k|v transposed, shape (C, C + 2 kv)
+            out[h + "attn.c_attn.weight"] = cat(
+                [f"{b}attn.{n}.weight" for n in ("wq", "wk", "wv")], True
             )
-            biases = {
-                "attn.c_attn.bias": [b + f"attn.{n}.bias" for n in ("wq", "wk", "wv")],
-                "attn.c_proj.bias": [b + "attn.wo.bias"],
-                "mlp.c_fc.bias": [b + "mlp.w1.bias"],
-                "mlp.c_proj.bias": [b + "mlp.w2.bias"],
-                "ln_1.bias": [b + "attn_norm.bias"],
-                "ln_2.bias": [b + "mlp_norm.bias"],
-            }
-            for hf_name, ours in biases.items():  # HF GPT-2 always has biases: zeros if we have none
-                out[h + hf_name] = torch.cat(
-                    [sd[k] if k in sd else torch.zeros(_bias_len(m, k)) for k in ours]
-                )
-        out[p + "ln_f.weight"] = sd["norm.weight"]
-        out[p + "ln_f.bias"] = sd.get("norm.bias", torch.zeros(m.n_embd))
+            out[h + "attn.c_proj.weight"] = one(b + "attn.wo.weight", True)
+            out[h + "mlp.c_fc.weight"] = one(b + "mlp.w1.weight", True)
+            out[h + "mlp.c_proj.weight"] = one(b + "mlp.w2.weight", True)
+            out[h + "ln_1.weight"] = one(b + "attn_norm.weight")
+            out[h + "ln_2.weight"] = one(b + "mlp_norm.weight")
+            out[h + "attn.c_attn.bias"] = cat([f"{b}attn.{n}.bias" for n in ("wq", "wk", "wv")])
+            for hf_name, ours in (
+                ("attn.c_proj.bias", "attn.wo.bias"),
+                ("mlp.c_fc.bias", "mlp.w1.bias"),
+                ("mlp.c_proj.bias", "mlp.w2.bias"),
+                ("ln_1.bias", "attn_norm.bias"),
+                ("ln_2.bias", "mlp_norm.bias"),
+            ):
+                out[h + hf_name] = cat([b + ours])
+        out[p + "ln_f.weight"] = one("norm.weight")
+        out[p + "ln_f.bias"] = cat(["norm.bias"])
         if not m.tie_embeddings:
-            out["lm_head.weight"] = sd["lm_head.weight"]
+            out["lm_head.weight"] = one("lm_head.weight")
     else:
         for ours, hf in _llama_names(m):
-            out[hf] = sd[ours]
-    return {k: v.detach().contiguous().clone() for k, v in out.items()}
+            out[hf] = one(ours)
+    return out
+
+
+def hf_meta_tensors(m: ModelConfig, dtype: torch.dtype = torch.float32) -> dict[str, torch.Tensor]:
+    """The HF tensors' shapes and dtype, on `meta`: the plan of an export, and what an
+    init_from directory must hold, without allocating a model."""
+    with torch.device("meta"):
+        sd = GPT(m).state_dict()
+        return {k: f(sd.get).to(dtype) for k, f in hf_recipes(m).items()}
+
+
+def to_hf(model: GPT) -> dict[str, torch.Tensor]:
+    """Our state dict -> HF tensor names (contiguous, owned copies for safetensors)."""
+    sd = model.state_dict()
+    return {k: f(sd.get).detach().contiguous().clone() for k, f in hf_recipes(model.cfg).items()}
 
 
 def _bias_len(m: ModelConfig, key: str) -> int:
@@ -176,27 +218,75 @@ def _llama_names(m: ModelConfig) -> list[tuple[str, str]]:
     return names
 
 
+# Hugging Face's size strings (transformers' save_pretrained, huggingface_hub): decimal units,
+# and the binary ones transformers also reads. huggingface_hub's parser is private, so ours.
+_SIZE_UNITS = {"KB": 10**3, "MB": 10**6, "GB": 10**9, "TB": 10**12,
+               "KIB": 2**10, "MIB": 2**20, "GIB": 2**30, "TIB": 2**40}  # fmt: skip
+
+
+def parse_max_shard_size(value: int | str) -> int:
+    """max_shard_size in bytes: an int (or a digit string, as Hydra may pass it), or a size
+    such as "500MB", "5GB" (10^9 bytes, HF's default) or "2GiB"."""
+    text = str(value).strip()
+    match = re.fullmatch(r"(\d+(?:\.\d+)?)\s*([KMGT]I?B)?", text, re.IGNORECASE)
+    if match is None:
+        raise ConfigError(
+            f"max_shard_size={value!r} is not a size: give bytes (e.g. 500000000) or a number with "
+            f"a unit ({', '.join(_SIZE_UNITS)}), such as 500MB or 5GB"
+        )
+    number, unit = match.groups()
+    size = int(float(number) * (_SIZE_UNITS[unit.upper()] if unit else 1))
+    if size <= 0:
+        raise ConfigError(f"max_shard_size={value!r} must be positive")
+    return size
+
+
 def save_hf(
     model: GPT,
     out: str | Path,
     dtype: torch.dtype = torch.float32,
     overwrite: bool = False,
     tokenizer: str | None = None,
+    max_shard_size: int | str = "5GB",
 ) -> Path:
-    """Write config.json, generation_config.json, model.safetensors and (given our tokenizer
-    spec: 'byte' or a tokenizers JSON file) the tokenizer files into `out`, atomically (a temp
-    dir, then a rename), with the modes of any normally created file (umask applies)."""
+    """Export an in-memory model (see write_hf)."""
+    sd = model.state_dict()
+    return write_hf(model.cfg, sd.get, out, dtype, overwrite, tokenizer, max_shard_size)
+
+
+def write_hf(
+    m: ModelConfig,
+    get: Getter,
+    out: str | Path,
+    dtype: torch.dtype = torch.float32,
+    overwrite: bool = False,
+    tokenizer: str | None = None,
+    max_shard_size: int | str = "5GB",
+) -> Path:
+    """Write config.json, generation_config.json, the weights and (given our tokenizer spec:
+    'byte' or a tokenizers JSON file) the tokenizer files into `out`, atomically (a temp dir,
+    then a rename), with the modes of any normally created file (umask applies).
+
+    The weights are one `model.safetensors`, or, above `max_shard_size`, HF's shards
+    `model-0000i-of-0000n.safetensors` with `model.safetensors.index.json` (split as
+    transformers does: in order, a tensor larger than the limit alone in its file). Each HF
+    tensor is built from `get` when its file is written, and a file is released before the
+    next: host memory holds one output file plus the tensor being read."""
+    from huggingface_hub import split_torch_state_dict_into_shards
     from safetensors.torch import save_file
 
+    limit = parse_max_shard_size(max_shard_size)
     out = Path(out)
     if out.exists() and not overwrite:
         raise ConfigError(f"out={out} exists; pass overwrite=true to replace it")
+    recipes = hf_recipes(m)
+    split = split_torch_state_dict_into_shards(hf_meta_tensors(m, dtype), max_shard_size=limit)
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}-", dir=out.parent))
     try:
-        cfg = hf_config(model.cfg) | {"torch_dtype": str(dtype).removeprefix("torch.")}
+        cfg = hf_config(m) | {"torch_dtype": str(dtype).removeprefix("torch.")}
         if tokenizer is not None:
-            eot = write_tokenizer(tokenizer, tmp, model.cfg)
+            eot = write_tokenizer(tokenizer, tmp, m)
             # GPT-2's convention: one end-of-text token opens and ends documents; our shards
             # put it between documents and never prepend one, so a prompt starts bare.
             ids = {"bos_token_id": eot, "eos_token_id": eot}
@@ -205,8 +295,13 @@ def save_hf(
             gen = ids | {"pad_token_id": eot}
             (tmp / "generation_config.json").write_text(json.dumps(gen, indent=2) + "\n")
         (tmp / "config.json").write_text(json.dumps(cfg, indent=2) + "\n")
-        tensors = {k: v.to(dtype) for k, v in to_hf(model).items()}
-        save_file(tensors, str(tmp / "model.safetensors"), metadata={"format": "pt"})
+        for filename, names in split.filename_to_tensors.items():
+            shard = {k: recipes[k](get).detach().to(dtype).contiguous() for k in names}
+            save_file(shard, str(tmp / filename), metadata={"format": "pt"})
+            del shard  # before the next file's tensors are read
+        if split.is_sharded:
+            index = {"metadata": split.metadata, "weight_map": split.tensor_to_filename}
+            (tmp / INDEX).write_text(json.dumps(index, indent=2) + "\n")
         _normal_modes(tmp)
         if out.exists():
             shutil.rmtree(out)
@@ -305,27 +400,80 @@ def write_tokenizer(spec: str, out: Path, m: ModelConfig) -> int:
 
 
 # -- HF -> ours --------------------------------------------------------------------------
-def read_hf_state(path: str | Path) -> tuple[dict, dict[str, torch.Tensor]]:
-    """config.json and all tensors of a local HF directory (safetensors, or a .bin read with
-    weights_only=True)."""
-    from safetensors.torch import load_file
+class HFWeights:
+    """The tensors of a local HF directory, read one at a time: `model.safetensors.index.json`
+    and its shards, else every `*.safetensors`, else `pytorch_model.bin` (memory-mapped,
+    weights_only). Names and shapes come from the headers; a tensor is read when asked for.
+    `rename` maps a file's names to the ones we look up (original GPT-2 files lack the
+    "transformer." prefix)."""
 
+    def __init__(self, path: str | Path, rename: Callable[[str], str] = lambda k: k):
+        from safetensors import safe_open
+
+        d, where = Path(path), f"model.init_from={path}"
+        self._dir, self._bin = d, None
+        # our lookup name -> (file, name in the file, shape)
+        self._names: dict[str, tuple[str, str, tuple[int, ...]]] = {}
+        index = d / INDEX
+        if index.is_file():
+            weight_map = json.loads(index.read_text()).get("weight_map")
+            if not isinstance(weight_map, dict):
+                raise ConfigError(f"{where}: {index} has no weight_map")
+            files = sorted(set(weight_map.values()))
+        else:
+            files = [f.name for f in sorted(d.glob("*.safetensors"))]
+        if files:
+            for name in files:
+                if not (d / name).is_file():
+                    raise ConfigError(f"{where}: {index} names {name}, which is missing")
+                with safe_open(str(d / name), framework="pt") as f:  # reads the header only
+                    for k in f.keys():
+                        self._add(rename(k), name, k, tuple(f.get_slice(k).get_shape()), where)
+        elif (d / "pytorch_model.bin").is_file():
+            self._bin = torch.load(
+                d / "pytorch_model.bin", map_location="cpu", weights_only=True, mmap=True
+            )
+            for k, v in self._bin.items():
+                self._add(rename(k), "pytorch_model.bin", k, tuple(v.shape), where)
+        else:
+            raise ConfigError(f"{where}: no {INDEX}, model.safetensors or pytorch_model.bin in {d}")
+
+    def _add(self, name: str, file: str, key: str, shape: tuple[int, ...], where: str) -> None:
+        if name in self._names:
+            raise ConfigError(f"{where}: tensor {key} is in both {self._names[name][0]} and {file}")
+        self._names[name] = (file, key, shape)
+
+    def __contains__(self, name: str) -> bool:
+        return name in self._names
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(self._names)
+
+    def shape(self, name: str) -> tuple[int, ...]:
+        return self._names[name][2]
+
+    def __getitem__(self, name: str) -> torch.Tensor:
+        from safetensors import safe_open
+
+        file, key, _ = self._names[name]
+        if self._bin is not None:
+            return self._bin[key]
+        # A file opened per read, not kept open: a kept handle keeps the pages it mapped
+        # resident, so host memory would grow to the whole checkpoint while loading.
+        with safe_open(str(self._dir / file), framework="pt") as f:
+            return f.get_tensor(key)
+
+    def get(self, name: str) -> torch.Tensor | None:
+        return self[name] if name in self else None
+
+
+def read_hf_config(path: str | Path) -> dict:
     d = Path(path)
     if not (d / "config.json").is_file():
         raise ConfigError(
             f"model.init_from={path}: no config.json (a local Hugging Face model directory)"
         )
-    hf_cfg = json.loads((d / "config.json").read_text())
-    files = sorted(d.glob("*.safetensors"))
-    tensors: dict[str, torch.Tensor] = {}
-    if files:
-        for f in files:
-            tensors.update(load_file(str(f)))
-    elif (d / "pytorch_model.bin").is_file():
-        tensors = torch.load(d / "pytorch_model.bin", map_location="cpu", weights_only=True)
-    else:
-        raise ConfigError(f"model.init_from={path}: no model.safetensors or pytorch_model.bin")
-    return hf_cfg, tensors
+    return json.loads((d / "config.json").read_text())
 
 
 # Every config.json field we know, per model_type. `model.init_from` refuses any other field
@@ -446,9 +594,10 @@ def check_hf_config(hf_cfg: dict, m: ModelConfig, path: str | Path) -> None:
         )
 
 
-def _check_tensors(path, m: ModelConfig, tensors: dict, hf_cfg: dict, expected: dict) -> None:
+def _check_tensors(path, m: ModelConfig, tensors: HFWeights, hf_cfg: dict, expected: dict) -> None:
     """Every tensor we need is present with our shape; nothing is left over (an extra tensor is
-    a part of the computation we would drop)."""
+    a part of the computation we would drop). Shapes come from the file headers; only biases
+    (for the zero check) and a tied head saved as a copy are read."""
     where = f"model.init_from={path}"
     # buffers (causal masks, RoPE frequencies) that old files saved beside the weights
     buffers = (".attn.bias", ".attn.masked_bias", ".rotary_emb.inv_freq")
@@ -459,19 +608,20 @@ def _check_tensors(path, m: ModelConfig, tensors: dict, hf_cfg: dict, expected: 
         need.pop("lm_head.weight", None)  # tied in the file: the head is a copy of the embedding
     missing = [k for k in need if k not in tensors]
     shapes = [
-        f"{k}: HF {tuple(tensors[k].shape)} vs ours {tuple(v.shape)}"
+        f"{k}: HF {tensors.shape(k)} vs ours {tuple(v.shape)}"
         for k, v in need.items()
-        if k in tensors and tensors[k].shape != v.shape
+        if k in tensors and tensors.shape(k) != tuple(v.shape)
     ]
     extra = [k for k in tensors if k not in expected and not k.endswith(buffers)]
     if m.tie_embeddings and "lm_head.weight" in extra:
-        emb = tensors.get("transformer.wte.weight", tensors.get("model.embed_tokens.weight"))
+        emb = tensors.get("transformer.wte.weight")
+        emb = tensors.get("model.embed_tokens.weight") if emb is None else emb
         if emb is not None and torch.equal(tensors["lm_head.weight"], emb):
             extra.remove("lm_head.weight")  # a tied head saved as a copy
     errors = [f"missing tensor {k}" for k in missing] + [f"shape of {s}" for s in shapes]
     errors += [f"extra tensor {k} (not part of model={m.name})" for k in extra]
     if m.style == "gpt2" and not m.bias:
-        nonzero = [k for k, v in tensors.items() if k.endswith(".bias") and k in expected and v.any()]
+        nonzero = [k for k in tensors if k.endswith(".bias") and k in expected and tensors[k].any()]
         if nonzero:
             errors.append(
                 f"non-zero biases ({nonzero[0]} ...) but model.bias=false: set model.bias=true"
@@ -481,71 +631,92 @@ def _check_tensors(path, m: ModelConfig, tensors: dict, hf_cfg: dict, expected: 
         raise ConfigError(f"{where}: the weights do not fit model={m.name}:\n  " + "\n  ".join(shown))
 
 
-def load_hf_weights(model: GPT, path: str | Path) -> None:
-    """Copy a local HF GPT-2 / Llama directory's weights into `model`. Its config.json must
-    describe our computation (check_hf_config) and its tensors our shapes, all named."""
-    hf_cfg, tensors = read_hf_state(path)
-    m = model.cfg
+def iter_hf_weights(m: ModelConfig, path: str | Path) -> Iterator[tuple[str, torch.Tensor]]:
+    """(our state-dict name, full tensor) for every weight of model `m`, read one HF tensor at
+    a time from a local HF GPT-2 / Llama directory (HFWeights). Its config.json must describe
+    our computation (check_hf_config) and its tensors our shapes, all named; both are checked
+    before the first tensor is yielded. A caller places each tensor where it belongs (a full
+    parameter, or only its local shard)."""
+    hf_cfg = read_hf_config(path)
     check_hf_config(hf_cfg, m, path)
-    if m.style == "gpt2":  # original GPT-2 files have no "transformer." prefix
-        tensors = {
-            k if k.startswith(("transformer.", "lm_head")) else "transformer." + k: v
-            for k, v in tensors.items()
-        }
-    _check_tensors(path, m, tensors, hf_cfg, to_hf(model))
+    # original GPT-2 files have no "transformer." prefix
+    rename = (
+        (lambda k: k if k.startswith(("transformer.", "lm_head")) else "transformer." + k)
+        if m.style == "gpt2"
+        else (lambda k: k)
+    )
+    tensors = HFWeights(path, rename)
+    _check_tensors(path, m, tensors, hf_cfg, hf_meta_tensors(m))
+    if m.style == "gpt2":
+        p = "transformer."
+        yield "tok_emb.weight", tensors[p + "wte.weight"]
+        yield "pos_emb.weight", tensors[p + "wpe.weight"]
+        C, kv = m.n_embd, m.kv_heads * m.head_dim
+        for i in range(m.n_layer):
+            b, h = f"blocks.{i}.", f"{p}h.{i}."
+            w = tensors[h + "attn.c_attn.weight"].t()  # (3C, C)
+            for n, part in zip(("wq", "wk", "wv"), w.split([C, kv, kv], 0)):
+                yield f"{b}attn.{n}.weight", part
+            del w
+            yield b + "attn.wo.weight", tensors[h + "attn.c_proj.weight"].t()
+            yield b + "mlp.w1.weight", tensors[h + "mlp.c_fc.weight"].t()
+            yield b + "mlp.w2.weight", tensors[h + "mlp.c_proj.weight"].t()
+            yield b + "attn_norm.weight", tensors[h + "ln_1.weight"]
+            yield b + "mlp_norm.weight", tensors[h + "ln_2.weight"]
+            if m.bias:
+                qkv_b = tensors[h + "attn.c_attn.bias"].split([C, kv, kv])
+                for n, part in zip(("wq", "wk", "wv"), qkv_b):
+                    yield f"{b}attn.{n}.bias", part
+                for ours_k, hf_k in (
+                    ("attn.wo.bias", "attn.c_proj.bias"),
+                    ("mlp.w1.bias", "mlp.c_fc.bias"),
+                    ("mlp.w2.bias", "mlp.c_proj.bias"),
+                    ("attn_norm.bias", "ln_1.bias"),
+                    ("mlp_norm.bias", "ln_2.bias"),
+                ):
+                    yield b + ours_k, tensors[h + hf_k]
+        yield "norm.weight", tensors[p + "ln_f.weight"]
+        if m.bias:
+            yield "norm.bias", tensors[p + "ln_f.bias"]
+        if not m.tie_embeddings:
+            head = "lm_head.weight" if "lm_head.weight" in tensors else p + "wte.weight"
+            yield "lm_head.weight", tensors[head]
+    else:
+        for ours_k, hf_k in _llama_names(m):
+            if hf_k == "lm_head.weight" and hf_k not in tensors:  # tied in the file, untied here
+                hf_k = "model.embed_tokens.weight"
+            yield ours_k, tensors[hf_k]
+
+
+def load_hf_weights(model: GPT, path: str | Path) -> None:
+    """Copy a local HF GPT-2 / Llama directory's weights into `model`, one tensor at a time
+    (iter_hf_weights: the file's tensors are never all in memory together)."""
     sd = model.state_dict()
     with torch.no_grad():
-        if m.style == "gpt2":
-            p = "transformer."
-            sd["tok_emb.weight"].copy_(tensors[p + "wte.weight"])
-            sd["pos_emb.weight"].copy_(tensors[p + "wpe.weight"])
-            C, kv = m.n_embd, m.kv_heads * m.head_dim
-            for i in range(m.n_layer):
-                b, h = f"blocks.{i}.", f"{p}h.{i}."
-                w = tensors[h + "attn.c_attn.weight"].t()  # (3C, C)
-                for n, part in zip(("wq", "wk", "wv"), w.split([C, kv, kv], 0)):
-                    sd[f"{b}attn.{n}.weight"].copy_(part)
-                sd[b + "attn.wo.weight"].copy_(tensors[h + "attn.c_proj.weight"].t())
-                sd[b + "mlp.w1.weight"].copy_(tensors[h + "mlp.c_fc.weight"].t())
-                sd[b + "mlp.w2.weight"].copy_(tensors[h + "mlp.c_proj.weight"].t())
-                sd[b + "attn_norm.weight"].copy_(tensors[h + "ln_1.weight"])
-                sd[b + "mlp_norm.weight"].copy_(tensors[h + "ln_2.weight"])
-                if m.bias:
-                    qkv_b = tensors[h + "attn.c_attn.bias"].split([C, kv, kv])
-                    for n, part in zip(("wq", "wk", "wv"), qkv_b):
-                        sd[f"{b}attn.{n}.bias"].copy_(part)
-                    for ours_k, hf_k in (
-                        ("attn.wo.bias", "attn.c_proj.bias"),
-                        ("mlp.w1.bias", "mlp.c_fc.bias"),
-                        ("mlp.w2.bias", "mlp.c_proj.bias"),
-                        ("attn_norm.bias", "ln_1.bias"),
-                        ("mlp_norm.bias", "ln_2.bias"),
-                    ):
-                        sd[b + ours_k].copy_(tensors[h + hf_k])
-            sd["norm.weight"].copy_(tensors[p + "ln_f.weight"])
-            if m.bias:
-                sd["norm.bias"].copy_(tensors[p + "ln_f.bias"])
-            if not m.tie_embeddings:
-                sd["lm_head.weight"].copy_(tensors.get("lm_head.weight", tensors[p + "wte.weight"]))
-        else:
-            for ours_k, hf_k in _llama_names(m):
-                src = tensors.get(hf_k)
-                if src is None and hf_k == "lm_head.weight":  # tied in the file, untied here
-                    src = tensors["model.embed_tokens.weight"]
-                sd[ours_k].copy_(src)
-    log.info("initialised %s from %s", m.name, path)
+        for name, tensor in iter_hf_weights(model.cfg, path):
+            sd[name].copy_(tensor)
+    log.info("initialised %s from %s", model.cfg.name, path)
 
 
 def run(cfg: ExportConfig) -> Path:
-    from framework.checkpoint import load_model
+    """Export a checkpoint of any strategy, one tensor at a time (DCP reads only that
+    tensor's pieces from every rank's shard files): no full model is built."""
+    from framework.checkpoint import ModelTensorReader, resolve, verify
 
     if cfg.format != "hf":
         raise ConfigError(f"format={cfg.format!r}: only 'hf' is supported")
     if cfg.dtype not in DTYPES:
         raise ConfigError(f"dtype={cfg.dtype!r} must be one of {', '.join(DTYPES)}")
-    model, state = load_model(cfg.checkpoint)
+    parse_max_shard_size(cfg.max_shard_size)  # refuse a bad value before hashing a checkpoint
+    ckpt = resolve(cfg.checkpoint)
+    state = verify(ckpt)
+    m = ModelConfig(**state["config"]["model"])
+    reader = ModelTensorReader(ckpt / "state", m)
     tok = state["config"]["data"]["tokenizer"] if cfg.with_tokenizer else None
-    out = save_hf(model, cfg.out, DTYPES[cfg.dtype], cfg.overwrite, tokenizer=tok)
+    out = write_hf(
+        m, reader.get, cfg.out, DTYPES[cfg.dtype], cfg.overwrite, tokenizer=tok,
+        max_shard_size=cfg.max_shard_size,
+    )  # fmt: skip
     log.info("wrote %s (step %d)", out, state["step"])
     return out
 

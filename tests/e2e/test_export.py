@@ -90,6 +90,20 @@ def test_init_from_wrong_shape_names_keys(tmp_path):
         load_hf_weights(GPT(wider), tmp_path / "hf")
 
 
+@pytest.mark.parametrize("cfg", [GPT2_STYLE, LLAMA_STYLE])
+def test_sharded_export_matches_transformers(tmp_path, cfg):
+    """Issue 10 item 4: a multi-file export (index + shards) loads in transformers with our
+    logits."""
+    ours = randomized(cfg)
+    out = save_hf(ours, tmp_path / "hf", max_shard_size="40KB")
+    assert len(json.loads((out / "model.safetensors.index.json").read_text())["weight_map"]) > 10
+    assert len(list(out.glob("model-*-of-*.safetensors"))) > 3
+    hf = transformers.AutoModelForCausalLM.from_pretrained(out, attn_implementation="eager").eval()
+    x = torch.randint(0, 257, (2, 40), generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        torch.testing.assert_close(hf(x).logits, ours(x), rtol=0, atol=1e-5)
+
+
 def test_export_refuses_existing_out(tmp_path):
     (tmp_path / "hf").mkdir()
     with pytest.raises(ConfigError, match="overwrite=true"):
@@ -186,6 +200,43 @@ def test_exported_tokenizer_and_model_generate_like_framework_generate(run_fixtu
     assert tok.decode(theirs, skip_special_tokens=True) == ByteTokenizer().decode(expected)
     if expected == ours["ids"]:
         assert ByteTokenizer().decode(expected) == ours["text"]
+
+
+def test_export_streams_a_checkpoint_without_building_the_model(trained_llama, tmp_path, monkeypatch):
+    """Issue 10 item 4: `framework.export` reads the checkpoint one tensor at a time (DCP reads
+    of single keys) instead of loading a whole model; its shards equal the export of the fully
+    loaded model."""
+    import framework.checkpoint as ckpt
+
+    model, _ = ckpt.load_model(trained_llama)
+    reference = save_hf(model, tmp_path / "reference")
+    expected = {k: v for f in reference.glob("*.safetensors") for k, v in _read(f).items()}
+
+    def whole_model(*a, **k):
+        raise AssertionError("export built the whole model")
+
+    monkeypatch.setattr(ckpt, "load_model", whole_model)
+    read: list[str] = []
+    real_get = ckpt.ModelTensorReader.get
+    monkeypatch.setattr(
+        ckpt.ModelTensorReader, "get", lambda self, k: read.append(k) or real_get(self, k)
+    )
+    out = export_run(
+        ExportConfig(checkpoint=str(trained_llama), out=str(tmp_path / "hf"), max_shard_size="40000")
+    )
+    assert len(read) == len(set(read)) == len(model.state_dict())  # untied: each tensor once
+    files = list(out.glob("model-*.safetensors"))
+    assert len(files) > 3 and (out / "model.safetensors.index.json").is_file()
+    got = {k: v for f in files for k, v in _read(f).items()}
+    assert sorted(got) == sorted(expected)
+    for k, v in expected.items():
+        assert torch.equal(got[k], v), k
+
+
+def _read(path) -> dict[str, torch.Tensor]:
+    from safetensors.torch import load_file
+
+    return load_file(str(path))
 
 
 def test_export_file_modes_follow_umask(tmp_path):
