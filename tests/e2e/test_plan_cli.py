@@ -91,4 +91,6 @@ def test_world_size_comes_from_the_launcher_env():
 def test_unknown_key_fails_at_compose_time_naming_it():
     r = fw_plan("plan.bogus_key=1")
     assert r.returncode == EXIT_CONFIG
-    assert "unknown key plan.bogus_key (valid keys under plan: world_size, gpu, mfu, dry_run)" in r.stderr
+    assert (
+        "unknown key plan.bogus_key (valid keys under plan: world_size, gpu, mfu, dry_run)" in r.stderr
+    )

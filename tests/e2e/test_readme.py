@@ -33,7 +33,7 @@ ROOT = Path(__file__).resolve().parents[2]
 README = ROOT / "README.md"
 COMMAND_LANGS = ("", "sh", "bash", "shell", "console")
 ENTRY = ["python", "-m"]  # replaced by sys.executable: the checkout's framework, not an installed one
-CONSOLE_SCRIPTS = {"fw-train": "train", "fw-prepare": "prepare", "fw-plan": "plan", "fw-generate": "generate",
+CONSOLE_SCRIPTS = {"fw-report": "report", "fw-train": "train", "fw-prepare": "prepare", "fw-plan": "plan", "fw-generate": "generate",
                    "fw-export": "export"}  # fmt: skip
 TRAIN_TINY = [*TINY, "trainer.max_steps=2", "trainer.device=cpu"]
 
@@ -247,6 +247,11 @@ def check_outputs(plan: Plan, cwd: Path, out: str) -> str | None:
         return f"{out_dir} lacks {sorted(missing)}" if missing else None
     if plan.entry == "generate":
         return None if json.loads(out.strip().splitlines()[-1]) else "generate printed no JSON result"
+    if plan.entry == "report":
+        last = json.loads(out.strip().splitlines()[-1])
+        return (
+            None if last["steps_run"] == 2 else f"report counted {last['steps_run']} steps, expected 2"
+        )
     if plan.entry == "plan":
         last = json.loads(out.strip().splitlines()[-1])
         want = override(a, "plan.world_size")
