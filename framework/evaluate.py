@@ -207,6 +207,9 @@ def task_specs(tasks: Any) -> list[str]:
     specs = [str(t).strip() for t in (tasks or [])]
     if not specs or not all(specs):
         raise ConfigError(f"tasks={tasks!r}: give a task name or task YAML path, or a list tasks=[a,b]")
+    missing = [s for s in specs if s.endswith((".yaml", ".yml")) and not Path(s).is_file()]
+    if missing:
+        raise ConfigError(f"tasks: no such task YAML file: {', '.join(missing)}")
     return specs
 
 
@@ -217,9 +220,6 @@ def load_tasks(specs: list[str], include_path: str | None) -> tuple[Any, dict]:
 
     if include_path is not None and not Path(include_path).is_dir():
         raise ConfigError(f"include_path={include_path}: not a directory of task YAML files")
-    missing = [s for s in specs if s.endswith((".yaml", ".yml")) and not Path(s).is_file()]
-    if missing:
-        raise ConfigError(f"tasks: no such task YAML file: {', '.join(missing)}")
     tm = TaskManager(include_defaults=False, include_path=include_path)
     local = [s for s in specs if s in tm.all_tasks or _is_yaml_file(s)]
     if len(local) < len(specs):  # a built-in task: index lm-eval's own YAMLs too (slow)
@@ -270,10 +270,11 @@ def run(cfg: EvaluateConfig) -> dict:
     from framework.checkpoint import load_model, resolve
     from framework.data.tokenizer import load_tokenizer
 
+    # The cheap checks first: a missing checkpoint or task file fails before lm-eval is imported.
+    ckpt = resolve(cfg.checkpoint)
     specs = task_specs(cfg.tasks)
     if cfg.batch_size < 1:
         raise ConfigError(f"batch_size={cfg.batch_size} must be >= 1")
-    ckpt = resolve(cfg.checkpoint)  # a missing checkpoint fails before lm-eval is imported
     import lm_eval
     from lm_eval import evaluator
 
@@ -299,7 +300,7 @@ def run(cfg: EvaluateConfig) -> dict:
     step = int(state["step"])
     path = results_path(ckpt, step, cfg.out)
     record = json.loads(path.read_text()) if path.is_file() else {}
-    record.update({"checkpoint": str(ckpt), "step": step})
+    record.update({"checkpoint": str(ckpt.resolve()), "step": step})
     record.setdefault("tasks", {})
     metrics_of = {}
     for name in tasks:
