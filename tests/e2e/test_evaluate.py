@@ -139,11 +139,11 @@ def test_wrapper_scores_with_our_model(ours):
     """FrameworkLM's loglikelihood / rolling / generate_until equal our model's own numbers:
     batched with right padding, an empty context conditioned on end-of-text, a context longer
     than block_size cut on the left, a text longer than block_size scored in windows."""
-    from framework.evaluate import _lm_class
     from framework.generate import sample
+    from framework.lm_eval_model import FrameworkLM
 
     model, tok = ours
-    lm = _lm_class()(model, tok, batch_size=3)
+    lm = FrameworkLM(model, tok, batch_size=3)
     bs = model.cfg.block_size
     long_ctx = "abcdefghij" * 30  # 300 bytes > block_size=256
     pairs = [("12+7=", "19"), ("the cat ", "sat"), ("", "hello"), ("x", "yz!"), (long_ctx, " end")]
