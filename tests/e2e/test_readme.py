@@ -33,8 +33,8 @@ ROOT = Path(__file__).resolve().parents[2]
 README = ROOT / "README.md"
 COMMAND_LANGS = ("", "sh", "bash", "shell", "console")
 ENTRY = ["python", "-m"]  # replaced by sys.executable: the checkout's framework, not an installed one
-CONSOLE_SCRIPTS = {"fw-report": "report", "fw-train": "train", "fw-prepare": "prepare", "fw-plan": "plan", "fw-generate": "generate",
-                   "fw-export": "export"}  # fmt: skip
+CONSOLE_SCRIPTS = {"fw-train": "train", "fw-prepare": "prepare", "fw-plan": "plan", "fw-generate": "generate",
+                   "fw-export": "export", "fw-evaluate": "evaluate", "fw-report": "report"}  # fmt: skip
 TRAIN_TINY = [*TINY, "trainer.max_steps=2", "trainer.device=cpu"]
 
 # Per entry point: README values replaced by tiny ones (whole tokens), and overrides appended.
@@ -215,6 +215,12 @@ def make_inputs(cwd: Path) -> None:
         (cwd / f"books/book{k}.txt").write_text("\n\n".join(docs[k::2]))
     (cwd / "gpt2").mkdir()
     train_bpe(iter(docs), 300, cwd / "gpt2/tokenizer.json")
+    (cwd / "tasks").mkdir()  # the data of the README's local lm-eval task
+    rows = [
+        {"question": f"{a}+{b}=", "choices": [str(a + b), str(a + b + 1)], "answer": 0}
+        for a, b in [(1, 2), (3, 4)]
+    ]
+    (cwd / "tasks/arith_mc.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
     for path, content in readme_files(README.read_text()).items():
         (cwd / path).parent.mkdir(parents=True, exist_ok=True)
         (cwd / path).write_text(content)
@@ -251,6 +257,12 @@ def check_outputs(plan: Plan, cwd: Path, out: str) -> str | None:
         last = json.loads(out.strip().splitlines()[-1])
         return (
             None if last["steps_run"] == 2 else f"report counted {last['steps_run']} steps, expected 2"
+        )
+    if plan.entry == "evaluate":
+        lines = [x for x in out.splitlines() if x.startswith("results: ")]
+        written = lines and json.loads((cwd / lines[-1].removeprefix("results: ")).read_text())
+        return (
+            None if written and written["tasks"] else f"evaluate wrote no results (stdout: {out[-500:]})"
         )
     if plan.entry == "plan":
         last = json.loads(out.strip().splitlines()[-1])
