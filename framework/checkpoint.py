@@ -318,29 +318,25 @@ class ModelTensorReader:
     host's memory. No process group."""
 
     def __init__(self, state_dir: Path, model_cfg):
-        from torch.distributed.checkpoint import FileSystemReader
-
         from framework.model import GPT
+        from framework.safeload import SafeFileSystemReader
 
         self.dir = state_dir
         with torch.device("meta"):  # shapes and dtypes of our full tensors, nothing allocated
             self.like = GPT(model_cfg).state_dict()
-        saved = FileSystemReader(str(state_dir)).read_metadata().state_dict_metadata
+        # DCP's .metadata is a pickle: read through the restricted unpickler like every load
+        saved = SafeFileSystemReader(state_dir).read_metadata().state_dict_metadata
         self.saved = {k.removeprefix("model.") for k in saved if k.startswith("model.")}
 
     def get(self, name: str) -> torch.Tensor | None:
         """The full fp32 tensor `name`, or None if the model has no such tensor (a bias of a
         bias-free model)."""
-        import torch.distributed.checkpoint as dcp
-
         if name not in self.like:
             return None
         if name not in self.saved:
             raise CheckpointError(f"{self.dir}: the checkpoint has no tensor model.{name}")
         out = torch.empty_like(self.like[name], device="cpu")
-        with warnings.catch_warnings():  # DCP warns that a single process loads without a group
-            warnings.filterwarnings("ignore", message="torch.distributed is disabled")
-            dcp.load({"model": {name: out}}, checkpoint_id=str(self.dir), no_dist=True)
+        dcp_load({"model": {name: out}}, self.dir)
         return out
 
 
