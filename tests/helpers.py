@@ -79,3 +79,15 @@ def run_module(
         text=True,
         timeout=timeout,
     )
+
+
+def tiny_model_configs():
+    """(GPT-2 style, Llama style) tiny ModelConfigs for export / import tests (vocab 257)."""
+    from framework.model import ModelConfig
+
+    gpt2 = ModelConfig(style="gpt2", n_layer=2, n_head=4, n_embd=64, vocab_size=257, block_size=64)
+    llama = ModelConfig(
+        style="llama", n_layer=2, n_head=4, n_kv_head=2, n_embd=64, vocab_size=257, block_size=64,
+        multiple_of=32, bias=False, tie_embeddings=False,
+    )  # fmt: skip
+    return gpt2, llama

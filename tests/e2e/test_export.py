@@ -20,23 +20,11 @@ from framework.generate import run as generate_run
 from framework.model import GPT, ModelConfig
 from framework.prepare import train_bpe
 from framework.train import train
-from tests.helpers import TINY, make_cfg, run_module
+from tests.helpers import TINY, make_cfg, run_module, tiny_model_configs
 
 transformers = pytest.importorskip("transformers")
 
-GPT2_STYLE = ModelConfig(style="gpt2", n_layer=2, n_head=4, n_embd=64, vocab_size=257, block_size=64)
-LLAMA_STYLE = ModelConfig(
-    style="llama",
-    n_layer=2,
-    n_head=4,
-    n_kv_head=2,
-    n_embd=64,
-    vocab_size=257,
-    block_size=64,
-    multiple_of=32,
-    bias=False,
-    tie_embeddings=False,
-)
+GPT2_STYLE, LLAMA_STYLE = tiny_model_configs()
 
 
 def randomized(cfg: ModelConfig) -> GPT:

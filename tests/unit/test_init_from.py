@@ -10,23 +10,12 @@ import torch
 from framework.config import ConfigError
 from framework.export import load_hf_weights, save_hf
 from framework.model import GPT, ModelConfig
+from tests.helpers import tiny_model_configs
 
 transformers = pytest.importorskip("transformers")
 from safetensors.torch import load_file, save_file  # noqa: E402
 
-GPT2 = ModelConfig(style="gpt2", n_layer=2, n_head=4, n_embd=64, vocab_size=257, block_size=64)
-LLAMA = ModelConfig(
-    style="llama",
-    n_layer=2,
-    n_head=4,
-    n_kv_head=2,
-    n_embd=64,
-    vocab_size=257,
-    block_size=64,
-    multiple_of=32,
-    bias=False,
-    tie_embeddings=False,
-)
+GPT2, LLAMA = tiny_model_configs()
 GPT2_FIELDS = dict(vocab_size=257, n_positions=64, n_embd=64, n_layer=2, n_head=4)
 LLAMA_FIELDS = dict(
     vocab_size=257,
