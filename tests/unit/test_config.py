@@ -15,7 +15,7 @@ from omegaconf import OmegaConf
 from framework.config import CONF_DIR, ConfigError, load, validate
 from tests.helpers import compose, make_cfg
 
-GROUPS = ("model", "data", "strategy", "precision", "logger")
+GROUPS = ("model", "data", "strategy", "precision", "logger", "task")
 ROOT_CONFIGS = sorted(p.stem for p in Path(CONF_DIR).glob("*.yaml"))
 
 # The full set of training config keys. Adding a knob is a deliberate change: update this list.
@@ -38,6 +38,7 @@ strategy.reshard_after_forward strategy.sequence_parallel strategy.tp strategy.z
 trainer.deterministic trainer.device trainer.eval_batches trainer.eval_every trainer.global_batch_size
 trainer.log_every trainer.max_steps trainer.micro_batch_size trainer.peak_flops trainer.sample_tokens
 trainer.seed trainer.seq_len trainer.stop_at_step
+task.name
 """.split()
 
 
