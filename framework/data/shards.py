@@ -111,7 +111,9 @@ class Manifest:
         verified and packed with the same code as the tokens, in the same document order."""
         if self.kind != "sft":
             return None
-        return replace(self, dtype=MASK_DTYPE, vocab_size=2, shards=self.mask_shards, mask_shards=[])
+        return replace(
+            self, kind="mask", dtype=MASK_DTYPE, vocab_size=2, shards=self.mask_shards, mask_shards=[]
+        )
 
 
 def sha256_file(path: str | Path, chunk: int = 1 << 22) -> str:
