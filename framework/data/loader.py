@@ -246,9 +246,13 @@ class MixtureLoader:
             self.masks.append(
                 None
                 if mm is None
-                else PackedSource(s.name, local, mm, "train", seq_len, seed, shuffle=True, cache_dir=cache_dir)
+                else PackedSource(
+                    s.name, local, mm, "train", seq_len, seed, shuffle=True, cache_dir=cache_dir
+                )
             )
-        self.kinds = {s.name: ("sft" if mk is not None else "pretrain") for s, mk in zip(self.sources, self.masks)}
+        self.kinds = {
+            s.name: ("sft" if mk is not None else "pretrain") for s, mk in zip(self.sources, self.masks)
+        }
         if not self.sources:
             raise DataError("no data source with weight > 0 has training tokens")
         names = [s.name for s in self.sources]
@@ -493,7 +497,9 @@ class MixtureLoader:
             )
         self._drop_prefetch()
         # checkpoints older than the counter were pretraining runs: every seen target trained
-        self.state = LoaderState(position, expected, int(sd.get("trained_tokens", position * self.seq_len)))
+        self.state = LoaderState(
+            position, expected, int(sd.get("trained_tokens", position * self.seq_len))
+        )
         self._next = (position, np.array([expected[s.name] for s in self.sources], dtype=np.int64))
         self._ready.clear()
 

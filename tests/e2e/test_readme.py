@@ -194,7 +194,7 @@ def classify(cmd: Command) -> Plan | None:
 
 def make_inputs(cwd: Path) -> None:
     """What the README's commands read but do not make: a jsonl.zst corpus, a books/ folder of
-    text files and a `gpt2/tokenizer.json` (a small byte-level BPE trained here)."""
+    text files, a `gpt2/tokenizer.json` (a small byte-level BPE trained here) and `chat.jsonl`."""
     import zstandard
 
     from framework.prepare import train_bpe
@@ -212,6 +212,8 @@ def make_inputs(cwd: Path) -> None:
         (cwd / f"books/book{k}.txt").write_text("\n\n".join(docs[k::2]))
     (cwd / "gpt2").mkdir()
     train_bpe(iter(docs), 300, cwd / "gpt2/tokenizer.json")
+    chat = [{"prompt": f"add: {i}+{i % 7}", "completion": str(i + i % 7)} for i in range(100)]
+    (cwd / "chat.jsonl").write_text("".join(json.dumps(c) + "\n" for c in chat))
     for path, content in readme_files(README.read_text()).items():
         (cwd / path).parent.mkdir(parents=True, exist_ok=True)
         (cwd / path).write_text(content)

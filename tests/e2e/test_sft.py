@@ -70,7 +70,9 @@ def test_sft_learns_held_out_exact_answers(tmp_path):
     train(cfg)
     model, _ = load_model(str(tmp_path / "run"))
     tuned = exact_match(model, held_out)
-    print(f"exact match on {len(held_out)} held-out prompts: base {base:.2f}, after {STEPS} SFT steps {tuned:.2f}")
+    print(
+        f"exact match on {len(held_out)} held-out prompts: base {base:.2f}, after {STEPS} SFT steps {tuned:.2f}"
+    )
     assert base == 0.0
     assert tuned >= 0.5
     rec = [r for r in read_metrics(tmp_path / "run") if "loss" in r][-1]

@@ -87,11 +87,23 @@ def test_pretraining_manifest_unchanged(tmp_path):
 @pytest.mark.parametrize(
     ("bad", "match"),
     [
-        ({"messages": [{"content": "hi"}, {"role": "assistant", "content": "x"}]}, "turn 0 has no 'role'"),
-        ({"messages": [{"role": "user", "content": "q"}, {"role": "assistant", "content": " "}]}, "empty assistant"),
-        ({"messages": [{"role": "user", "content": 3}, {"role": "assistant", "content": "x"}]}, "content is int"),
+        (
+            {"messages": [{"content": "hi"}, {"role": "assistant", "content": "x"}]},
+            "turn 0 has no 'role'",
+        ),
+        (
+            {"messages": [{"role": "user", "content": "q"}, {"role": "assistant", "content": " "}]},
+            "empty assistant",
+        ),
+        (
+            {"messages": [{"role": "user", "content": 3}, {"role": "assistant", "content": "x"}]},
+            "content is int",
+        ),
         ({"messages": [{"role": "bot", "content": "q"}]}, "role 'bot'"),
-        ({"messages": [{"role": "assistant", "content": "a"}, {"role": "user", "content": "q"}]}, "last turn"),
+        (
+            {"messages": [{"role": "assistant", "content": "a"}, {"role": "user", "content": "q"}]},
+            "last turn",
+        ),
         ({"text": "plain"}, "no 'messages' field"),
         ("{not json", "not JSON"),
     ],
@@ -107,20 +119,28 @@ def test_bad_record_refused_with_file_and_line_nothing_written(tmp_path, bad, ma
 
 def test_overlong_drop_truncate_error(tmp_path):
     records = [{"prompt": "p", "completion": "c"}, {"prompt": "p" * 50, "completion": "long answer"}]
-    short = len(render([{"role": "user", "content": "p"}, {"role": "assistant", "content": "c"}], TOK)[0])
-    m = read_manifest(prep(tmp_path / "d", records, max_tokens=40, val_fraction=0.0)) if (
-        (tmp_path / "d").mkdir() or True
-    ) else None
+    short = len(
+        render([{"role": "user", "content": "p"}, {"role": "assistant", "content": "c"}], TOK)[0]
+    )
+    m = (
+        read_manifest(prep(tmp_path / "d", records, max_tokens=40, val_fraction=0.0))
+        if ((tmp_path / "d").mkdir() or True)
+        else None
+    )
     assert m.meta["overlong"]["dropped"] == 1 and m.meta["documents"]["train"] == 1
     assert m.shards[0].tokens == short
     (tmp_path / "t").mkdir()
-    m = read_manifest(prep(tmp_path / "t", records, max_tokens=40, overlong="truncate", val_fraction=0.0))
+    m = read_manifest(
+        prep(tmp_path / "t", records, max_tokens=40, overlong="truncate", val_fraction=0.0)
+    )
     # the prompt alone fills the 40 tokens: nothing trained is left, so it is dropped (counted)
     assert m.meta["overlong"] | {"first": None} == {
         "policy": "truncate", "max_tokens": 40, "count": 1, "dropped": 1, "truncated": 0, "first": None,
     }  # fmt: skip
     (tmp_path / "k").mkdir()
-    m = read_manifest(prep(tmp_path / "k", records, max_tokens=80, overlong="truncate", val_fraction=0.0))
+    m = read_manifest(
+        prep(tmp_path / "k", records, max_tokens=80, overlong="truncate", val_fraction=0.0)
+    )
     assert m.meta["overlong"]["truncated"] == 1 and m.shards[0].tokens == short + 80
     (tmp_path / "e").mkdir()
     with pytest.raises(ChatError, match=r"chat.jsonl line 2: \d+ tokens > max_tokens=40"):
@@ -128,7 +148,9 @@ def test_overlong_drop_truncate_error(tmp_path):
 
 
 def test_task_refuses_other_kind_of_source():
-    with pytest.raises(ConfigError, match="task=sft trains on sft sources, but data source 'web' is pretrain"):
+    with pytest.raises(
+        ConfigError, match="task=sft trains on sft sources, but data source 'web' is pretrain"
+    ):
         check_sources(TaskConfig("sft"), {"chat": "sft", "web": "pretrain"})
     with pytest.raises(ConfigError, match="data source 'chat' is sft"):
         check_sources(TaskConfig("pretrain"), {"chat": "sft"})
