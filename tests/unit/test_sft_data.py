@@ -122,11 +122,8 @@ def test_overlong_drop_truncate_error(tmp_path):
     short = len(
         render([{"role": "user", "content": "p"}, {"role": "assistant", "content": "c"}], TOK)[0]
     )
-    m = (
-        read_manifest(prep(tmp_path / "d", records, max_tokens=40, val_fraction=0.0))
-        if ((tmp_path / "d").mkdir() or True)
-        else None
-    )
+    (tmp_path / "d").mkdir()
+    m = read_manifest(prep(tmp_path / "d", records, max_tokens=40, val_fraction=0.0))
     assert m.meta["overlong"]["dropped"] == 1 and m.meta["documents"]["train"] == 1
     assert m.shards[0].tokens == short
     (tmp_path / "t").mkdir()
