@@ -223,10 +223,10 @@ def trainer_state(cfg: C.Config, step: int, loader, engine, tok: Tokenizer, dist
 def build_model(mcfg) -> GPT:
     """The plain model on CPU with initial weights (from the global RNG, or model.init_from)."""
     model = GPT(mcfg)
-    if mcfg.init_from:
-        from framework.export import load_hf_weights
+    if mcfg.init_from:  # a Hugging Face directory or one of our checkpoints
+        from framework.checkpoint import init_weights_from
 
-        load_hf_weights(model, mcfg.init_from)
+        init_weights_from(model, mcfg.init_from)
     return model
 
 

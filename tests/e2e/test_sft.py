@@ -86,3 +86,25 @@ def make_base(cfg):
 
     torch.manual_seed(cfg.trainer.seed)
     return build_model(cfg.model)
+
+
+def test_init_from_our_checkpoint_copies_weights_and_refuses_other_shapes(tmp_path, sample_data):
+    from framework.checkpoint import CheckpointError, init_weights_from
+    from framework.model import GPT
+    from framework.train import train
+    from tests.helpers import TINY
+
+    run = tmp_path / "run"
+    train(make_cfg([*TINY, "trainer.max_steps=2", "trainer.device=cpu", f"run.dir={run}"]))
+    src, _ = load_model(str(run))
+    cfg = make_cfg([*TINY, f"model.init_from={run}"])
+    model = GPT(cfg.model)
+    init_weights_from(model, cfg.model.init_from)
+    assert all(torch.equal(a, b) for a, b in zip(model.state_dict().values(), src.state_dict().values()))
+    wide = GPT(make_cfg([*TINY, "model.n_embd=32"]).model)
+    with pytest.raises(
+        CheckpointError, match=r"tok_emb.weight: \(257, 64\) in the checkpoint, \(257, 32\)"
+    ):
+        init_weights_from(wide, str(run))
+    with pytest.raises(CheckpointError, match="neither a Hugging Face directory"):
+        init_weights_from(wide, str(tmp_path))
