@@ -1,8 +1,9 @@
 """Instruction fine-tuning works (issue 11 item 5): a synthetic task with exact answers is learnt
 on held-out prompts, and the shards' loss mask keeps every prompt token out of the gradient.
 
-The task: "reverse: 381" -> "183" (three digits; 1000 prompts, chance of an exact match 1/1000).
-The held-out prompts never appear in the training data.
+The task: "repeat: 381" -> "381" (three digits; 1000 prompts, chance of an exact match 1/1000),
+on the tiny Llama-style model (RoPE makes "copy the token d positions back" one pattern for every
+position). The held-out prompts never appear in the training data.
 """
 
 from __future__ import annotations
@@ -24,7 +25,7 @@ from tests.helpers import make_cfg, read_metrics
 STEPS = 150
 
 
-def reverse_split(seed: int = 0) -> tuple[list[str], list[str]]:
+def digit_split(seed: int = 0) -> tuple[list[str], list[str]]:
     """(train, held-out) three-digit prompts, disjoint."""
     numbers = [f"{i:03d}" for i in range(1000)]
     random.Random(seed).shuffle(numbers)
@@ -34,19 +35,19 @@ def reverse_split(seed: int = 0) -> tuple[list[str], list[str]]:
 def write_chat_jsonl(path: Path, numbers: list[str]) -> None:
     with open(path, "w") as f:
         for n in numbers:
-            f.write(json.dumps({"prompt": f"reverse: {n}", "completion": n[::-1]}) + "\n")
+            f.write(json.dumps({"prompt": f"repeat: {n}", "completion": n}) + "\n")
 
 
 def exact_match(model, numbers: list[str]) -> float:
-    """Share of greedy chat replies (stopped at end-of-text) equal to the reversed digits."""
+    """Share of greedy chat replies (stopped at end-of-text) equal to the prompt's digits."""
     tok = ByteTokenizer()
     model.eval()
     hits = 0
     for n in numbers:
-        ids = render_prompt(f"reverse: {n}", tok)
+        ids = render_prompt(f"repeat: {n}", tok)
         out = sample(model, ids, 6, model.cfg.block_size, greedy=True, stop_ids=(tok.eot_id,))
         reply = out[len(ids) :]
-        hits += reply == [*tok.encode(n[::-1]), tok.eot_id]
+        hits += reply == [*tok.encode(n), tok.eot_id]
     return hits / len(numbers)
 
 
@@ -54,7 +55,7 @@ def exact_match(model, numbers: list[str]) -> float:
 def test_sft_learns_held_out_exact_answers(tmp_path):
     from framework.train import train
 
-    train_numbers, held_out = reverse_split()
+    train_numbers, held_out = digit_split()
     write_chat_jsonl(tmp_path / "reverse.jsonl", train_numbers)
     prepare(PrepareConfig(input=str(tmp_path / "reverse.jsonl"), output=str(tmp_path / "data"),
                           format="chat", val_fraction=0.0, workers=1))  # fmt: skip
