@@ -111,3 +111,37 @@ def test_init_from_our_checkpoint_copies_weights_and_refuses_other_shapes(tmp_pa
         init_weights_from(wide, str(run))
     with pytest.raises(CheckpointError, match="neither a Hugging Face directory"):
         init_weights_from(wide, str(tmp_path))
+
+
+def test_generate_chat_renders_one_user_turn_and_stops_at_end_of_turn(tmp_path, sample_data):
+    from framework.generate import GenerateConfig, run
+    from framework.train import train
+    from tests.helpers import TINY
+
+    tok = ByteTokenizer()
+    script = [5, 6, tok.eot_id, 7]  # a fake model that says "\x05\x06", ends its turn, then more
+
+    def fake(ctx):
+        n = ctx.size(1) - len(render_prompt("hi", tok))
+        logits = torch.zeros(1, ctx.size(1), 257)
+        logits[0, -1, script[n]] = 1.0
+        return logits
+
+    prompt = render_prompt("hi", tok)
+    assert sample(fake, prompt, 10, 256, greedy=True, stop_ids=(tok.eot_id,)) == [
+        *prompt,
+        5,
+        6,
+        tok.eot_id,
+    ]
+    assert len(sample(fake, prompt, 4, 256, greedy=True)) == len(prompt) + 4  # no stop without chat
+
+    run_dir = tmp_path / "run"
+    train(make_cfg([*TINY, "trainer.max_steps=1", "trainer.device=cpu", f"run.dir={run_dir}"]))
+    out = run(
+        GenerateConfig(checkpoint=str(run_dir), prompt="hi", chat=True, greedy=True, max_new_tokens=5)
+    )
+    assert out["ids"][: len(prompt)] == prompt
+    new = out["ids"][len(prompt) :]
+    assert 1 <= len(new) <= 5 and tok.eot_id not in new[:-1]
+    assert out["reply"] == tok.decode(new[:-1] if new[-1] == tok.eot_id else new)
