@@ -6,12 +6,10 @@ The task: "repeat: 381" -> "381" (three digits; 1000 prompts, chance of an exact
 on the tiny Llama-style model (RoPE makes "copy the token d positions back" one pattern for every
 position). The held-out prompts never appear in the training data.
 
-Measured on this 2-core CPU (2026-11-30, model=debug-llama, 16 conversations per step, lr 3e-3):
-after 60 steps every held-out reply has the trained shape (three digits, end of turn) but the
-digits are not yet the prompt's (loss 1.75-1.8, the digit-uniform 3 ln 10 / 4 = 1.73); after 400
-steps (trainer.seq_len=40) 1/50 held-out prompts are answered exactly (chance 1/1000), replies
-depending on the prompt.
-A clear exact-match majority needs a longer run than this suite's budget: not asserted here.
+Measured on this 2-core CPU (2026-11-30, model=debug-llama, 16 conversations per step, lr 3e-3,
+600 steps, ~25 s when the machine is not shared): exact match on 50 held-out prompts 0.00 for the
+base model, 0.74 after SFT (loss over trained tokens 5.5 -> 0.13). The loss sits on the
+digit-uniform plateau (3 ln 10 / 4 = 1.73) for the first ~400 steps (there 1/50 exact), then drops.
 """
 
 from __future__ import annotations
@@ -30,7 +28,8 @@ from framework.generate import sample
 from framework.prepare import PrepareConfig, prepare
 from tests.helpers import make_cfg, read_metrics
 
-STEPS = 60
+STEPS = 600
+MIN_EXACT_MATCH = 0.5  # measured 0.74; chance 1/1000
 
 
 def digit_split(seed: int = 0) -> tuple[list[str], list[str]]:
@@ -83,9 +82,9 @@ def sft_run(tmp_path: Path, steps: int):
 
 
 @pytest.mark.slow
-def test_sft_learns_the_reply_format_on_answer_tokens_only(tmp_path):
-    """60 steps: the loss over trained tokens falls from ~log(257) to the digits' entropy, and every
-    held-out reply is then three digits and an end of turn (the base model's never is)."""
+def test_sft_learns_held_out_exact_answers(tmp_path):
+    """The base model never answers in shape (three digits, end of turn) nor right; after SFT
+    every held-out reply has the shape and most are exact."""
     cfg, run = sft_run(tmp_path, STEPS)
     _, held_out = digit_split()
     tok = ByteTokenizer()
@@ -99,8 +98,11 @@ def test_sft_learns_the_reply_format_on_answer_tokens_only(tmp_path):
             shapes.append(len(reply) == 4 and reply[-1] == tok.eot_id and bytes(reply[:3]).isdigit())
         assert all(shapes) if want else not any(shapes), shapes
     assert exact_match(base, held_out) == 0.0
+    tuned = exact_match(model, held_out)
+    print(f"exact match on {len(held_out)} held-out prompts after {STEPS} SFT steps: {tuned:.2f}")
+    assert tuned >= MIN_EXACT_MATCH
     losses = [r["loss"] for r in read_metrics(run) if "loss" in r]
-    assert losses[0] > 5.0 and losses[-1] < 2.1  # uniform over 10 digits, EOT known: 3 ln 10 / 4 = 1.73
+    assert losses[0] > 5.0 and losses[-1] < 1.0  # below the digit-uniform plateau, 3 ln 10 / 4 = 1.73
     rec = [r for r in read_metrics(run) if "loss" in r][-1]
     assert rec["tokens"] == STEPS * 16 * cfg.trainer.seq_len
     assert rec["trained_tokens"] == STEPS * 16 * 4  # three digits and end-of-text per window
