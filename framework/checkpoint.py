@@ -361,3 +361,37 @@ def _pause_before_commit(pause_s: float = 0.0) -> None:
     if pause > 0:
         log.warning("pausing %.0fs before commit (FW_TEST_PAUSE_BEFORE_COMMIT)", pause)
         time.sleep(pause)
+
+
+def init_weights_from(model, path: str | Path) -> None:
+    """model.init_from: copy weights into the freshly built plain `model` from a local Hugging Face
+    directory (it holds config.json: export.load_hf_weights checks it) or from one of our
+    checkpoints (a checkpoint, checkpoints/ or run dir, any strategy). Every tensor must exist with
+    the same shape; the refusal names each one that differs."""
+    if (Path(path) / "config.json").is_file():
+        from framework.export import load_hf_weights
+
+        load_hf_weights(model, path)
+        return
+    try:
+        src, _ = load_model(path)
+    except CheckpointError as e:
+        raise CheckpointError(
+            f"model.init_from={path}: neither a Hugging Face directory (no config.json) nor one of "
+            f"our checkpoints ({e})"
+        ) from e
+    ours, theirs = model.state_dict(), src.state_dict()
+    problems = [f"missing {k}" for k in ours if k not in theirs]
+    problems += [f"unexpected {k}" for k in theirs if k not in ours]
+    problems += [
+        f"{k}: {tuple(theirs[k].shape)} in the checkpoint, {tuple(v.shape)} in model.*"
+        for k, v in ours.items()
+        if k in theirs and theirs[k].shape != v.shape
+    ]
+    if problems:
+        raise CheckpointError(
+            f"model.init_from={path} does not fit the configured model: "
+            + "; ".join(problems)
+            + ". Set model=... (and model.vocab_size) to the checkpoint's model"
+        )
+    model.load_state_dict(theirs)

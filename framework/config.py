@@ -228,6 +228,13 @@ class FaultsConfig:
 
 
 @dataclass
+class TaskConfig:
+    name: str = "pretrain"
+    """pretrain (every token is a target) | sft (instruction data from `prepare format=chat`: loss
+    on assistant tokens only); chosen once at build time by framework.task."""
+
+
+@dataclass
 class Config:
     model: ModelConfig = field(default_factory=ModelConfig)
     data: DataConfig = field(default_factory=DataConfig)
@@ -240,6 +247,7 @@ class Config:
     checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
     plan: PlanConfig = field(default_factory=PlanConfig)
     faults: FaultsConfig = field(default_factory=FaultsConfig)
+    task: TaskConfig = field(default_factory=TaskConfig)
 
 
 def register() -> None:
@@ -249,6 +257,7 @@ def register() -> None:
 
 register()
 
+TASKS = ("pretrain", "sft")  # framework/task.py builds each
 STRATEGIES = ("single", "ddp", "zero1", "zero2", "zero3", "fsdp", "tp", "tp_fsdp")
 MULTI_PROCESS = ("ddp", "fsdp", "tp", "tp_fsdp")
 """Strategies whose engine needs a process group of >= 2 ranks (ZeRO makes its own of 1)."""
@@ -309,6 +318,8 @@ def validate(cfg: Config, world_size: int = 1, device: str | None = None) -> Non
         errors.append(f"strategy.name={s.name!r} is not one of {', '.join(STRATEGIES)}")
     if p.name not in PRECISIONS:
         errors.append(f"precision.name={p.name!r} is not one of {', '.join(PRECISIONS)}")
+    if cfg.task.name not in TASKS:
+        errors.append(f"task.name={cfg.task.name!r} is not one of {', '.join(TASKS)}")
     if world_size < 1:
         errors.append(f"world size {world_size} must be >= 1")
     if s.tp < 1:

@@ -12,6 +12,10 @@ removes the double quotes) arrives as "the". Quote the value for Hydra inside sh
 `'prompt="the "'`, to keep leading/trailing spaces; or put the prompt in a file and pass
 `prompt_file=PATH` (read byte for byte as UTF-8; nothing is stripped).
 `temperature=0` is greedy decoding, like `greedy=true`.
+
+`chat=true` (a model fine-tuned with task=sft): the prompt becomes one user turn of the chat
+template the data was prepared with (framework/data/chat.py), decoding stops at the end of the
+assistant's turn (end-of-text), and the JSON line carries the reply as `reply`.
 """
 
 from __future__ import annotations
@@ -50,6 +54,8 @@ class GenerateConfig:
     device: str = "cpu"
     output: str = "json"
     """json: one line {"ids", "text"} | text: the completion's text only, exactly."""
+    chat: bool = False
+    """Render the prompt as one user turn of the sft chat template; stop at the end of the turn."""
 
 
 OUTPUTS = ("json", "text")
@@ -68,10 +74,12 @@ def sample(
     top_k: int | None = None,
     generator: torch.Generator | None = None,
     device: torch.device | str = "cpu",
+    stop_ids: tuple[int, ...] = (),
 ) -> list[int]:
     """Autoregressive decoding without a KV cache (the context is re-run each token; fine for
     the short samples of evals and tests). logits_fn: (1, T) ids -> (1, T, V) logits.
-    A private generator keeps sampling from touching the training RNG stream."""
+    A private generator keeps sampling from touching the training RNG stream. Decoding ends
+    after a token of stop_ids (kept in the output)."""
     out = list(ids)
     for _ in range(max_new_tokens):
         ctx = torch.tensor([out[-block_size:]], dtype=torch.long, device=device)
@@ -86,6 +94,8 @@ def sample(
             probs = torch.softmax(logits, dim=-1).cpu()
             nxt = int(torch.multinomial(probs, 1, generator=generator))
         out.append(nxt)
+        if nxt in stop_ids:
+            break
     return out
 
 
@@ -108,7 +118,16 @@ def run(cfg: GenerateConfig) -> dict:
     model, state = load_model(cfg.checkpoint)
     model.to(cfg.device).eval()
     tok = load_tokenizer(state["config"]["data"]["tokenizer"])
-    ids = list(cfg.prompt_ids) if cfg.prompt_ids is not None else tok.encode(prompt)
+    if cfg.chat and prompt is None:
+        raise ConfigError("chat=true renders a text prompt: give prompt=... or prompt_file=PATH")
+    if cfg.prompt_ids is not None:
+        ids = list(cfg.prompt_ids)
+    elif cfg.chat:
+        from framework.data.chat import render_prompt
+
+        ids = render_prompt(prompt, tok)
+    else:
+        ids = tok.encode(prompt)
     if not ids:
         raise ConfigError("the prompt is empty: give at least one token")
     bad = [i for i in ids if not 0 <= i < model.cfg.vocab_size]
@@ -125,8 +144,13 @@ def run(cfg: GenerateConfig) -> dict:
         top_k=cfg.top_k,
         generator=g,
         device=cfg.device,
+        stop_ids=(tok.eot_id,) if cfg.chat else (),
     )
-    return {"ids": out, "text": tok.decode(out), "completion": tok.decode(out[len(ids) :])}
+    result = {"ids": out, "text": tok.decode(out), "completion": tok.decode(out[len(ids) :])}
+    if cfg.chat:  # the reply without the end-of-turn token
+        new = out[len(ids) :]
+        result["reply"] = tok.decode(new[:-1] if new and new[-1] == tok.eot_id else new)
+    return result
 
 
 def read_prompt_file(path: str) -> str:
@@ -148,10 +172,11 @@ def main(dcfg: DictConfig) -> None:
     cfg = to_object(dcfg, GenerateConfig)
     result = run(cfg)
     if cfg.output == "text":
-        sys.stdout.write(result["completion"])  # exactly the text: no newline of our own
+        sys.stdout.write(result["reply" if cfg.chat else "completion"])  # exactly: no newline added
         sys.stdout.flush()
     else:
-        print(json.dumps({"ids": result["ids"], "text": result["text"]}))
+        keys = ("ids", "text", "reply") if cfg.chat else ("ids", "text")
+        print(json.dumps({k: result[k] for k in keys}))
 
 
 if __name__ == "__main__":

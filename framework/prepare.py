@@ -86,6 +86,13 @@ class PrepareConfig:
     """Documents per worker task (the unit of parallel work)."""
     overwrite: bool = False
     """Replace an existing output made from other input or parameters, or redo the same one."""
+    format: str = "text"
+    """text (pretraining documents) | chat (jsonl instruction records -> an sft source with a
+    per-token loss mask; see framework/data/chat.py for the template)."""
+    max_tokens: int | None = None
+    """chat: longest conversation in tokens (set it to trainer.seq_len); None: no limit."""
+    overlong: str = "drop"
+    """chat: a conversation over max_tokens is dropped | truncated (both counted) | an error."""
 
 
 ConfigStore.instance().store(name="prepare_schema", node=PrepareConfig)
@@ -345,11 +352,17 @@ def input_fingerprint(files: list[InputFile], cfg: PrepareConfig, tok_fingerprin
         "seed": cfg.seed,
         "version": PREPARE_VERSION,
     }
+    if cfg.format != "text":  # text sources keep the fingerprint they had before chat existed
+        desc.update(format=cfg.format, max_tokens=cfg.max_tokens, overlong=cfg.overlong)
     return hashlib.sha256(json.dumps(desc, sort_keys=True).encode()).hexdigest()
 
 
 def prepare(cfg: PrepareConfig) -> Path:
     """Run prepare; returns the output directory. Raises PrepareError/DataError on bad input."""
+    if cfg.format not in ("text", "chat"):
+        raise PrepareError(f"format={cfg.format!r} must be text or chat")
+    if cfg.format == "chat" and cfg.train_tokenizer:
+        raise PrepareError("format=chat with train_tokenizer: train the tokenizer on text first")
     if not 0.0 <= cfg.val_fraction < 1.0:
         raise PrepareError(f"val_fraction={cfg.val_fraction} must be in [0, 1)")
     if is_url(cfg.output):
@@ -390,7 +403,8 @@ def prepare(cfg: PrepareConfig) -> Path:
             tokenizer_spec = str(tmp / "tokenizer.json")
             tok = load_tokenizer(tokenizer_spec)
             tok.name = str(out / "tokenizer.json")
-        stats = _tokenize_and_write(files, cfg, tok, tokenizer_spec, tmp, fingerprint)
+        write = _write_chat if cfg.format == "chat" else _tokenize_and_write
+        stats = write(files, cfg, tok, tokenizer_spec, tmp, fingerprint)
         if out.exists():
             old = out.parent / f".{out.name}.old-{os.getpid()}"
             os.rename(out, old)
@@ -472,6 +486,46 @@ def _tokenize_and_write(
         "seed": cfg.seed,
         "documents": docs,
         "tokens": tokens,
+        "input_fingerprint": fingerprint,
+        "prepare_version": PREPARE_VERSION,
+        "seconds": round(time.perf_counter() - t0, 3),
+    }
+    writer.close(meta=meta)  # manifest last
+    return meta
+
+
+def _write_chat(
+    files: list[InputFile],
+    cfg: PrepareConfig,
+    tok: Tokenizer,
+    tokenizer_spec: str,
+    tmp: Path,
+    fingerprint: str,
+) -> dict:
+    """format=chat: jsonl instruction records -> an sft source (one process: rendering is cheap
+    next to training on it)."""
+    from framework.data.chat import write_chat_source
+
+    bad = [f.url for f in files if f.kind != "jsonl"]
+    if bad:
+        raise PrepareError(f"format=chat reads jsonl records; not jsonl: {bad}")
+    lines = ((f.url, n, line) for f in files for n, line in enumerate(_lines(f.url), 1))
+    writer = SourceWriter(tmp, tok, shard_tokens=cfg.shard_tokens)
+    t0 = time.perf_counter()
+    counts = write_chat_source(
+        lines, tok, writer, cfg.max_tokens, cfg.overlong, cfg.seed, cfg.val_fraction
+    )
+    if sum(counts["documents"].values()) == 0:
+        raise PrepareError(f"input={cfg.input!r}: no conversations kept (records: {counts['records']})")
+    warn_small_splits(counts["documents"], cfg.val_fraction)
+    meta = {
+        "input": cfg.input,
+        "files": [{"url": f.url, "bytes": f.size, "mtime": f.mtime} for f in files],
+        "format": "chat",
+        "template": "default",
+        "val_fraction": cfg.val_fraction,
+        "seed": cfg.seed,
+        **counts,
         "input_fingerprint": fingerprint,
         "prepare_version": PREPARE_VERSION,
         "seconds": round(time.perf_counter() - t0, 3),

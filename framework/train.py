@@ -32,6 +32,7 @@ from framework.optim import lr_at, schedule_change_warning
 from framework.parallel import build_engine
 from framework.parallel.dist import Dist, env_world_size, init_distributed, teardown
 from framework.perf import StepTimer, flops_per_token, host_memory, mfu, peak_flops
+from framework.task import check_sources
 
 log = logging.getLogger("framework")
 
@@ -80,6 +81,7 @@ def _train(cfg: C.Config, dist: Dist, guard: faults.Guard) -> dict:
         cfg.model.vocab_size,
         max_steps=t.max_steps,  # refuses a plan past a source's max_epochs now, not mid-run
     )
+    check_sources(cfg.task, loader.kinds)  # the task trains on its kind of source only
     log.info("data mixture:\n%s", loader.mixture_table(t.max_steps))
     val = val_batches(cfg.data, t.seq_len, t.micro_batch_size, t.eval_batches, dp_rank, dp_size)
     weights = {s.name: s.weight for s in cfg.data.sources}
@@ -146,6 +148,7 @@ def _train(cfg: C.Config, dist: Dist, guard: faults.Guard) -> dict:
             "lr": lr,
             "grad_norm": res.grad_norm,
             "tokens": step * tokens_per_step,
+            "trained_tokens": loader.trained_tokens(),  # targets with loss (sft: assistant tokens)
             "tokens_per_s": tps,
             "mfu": mfu(tps, fpt, peak, dist.world_size),
         }

@@ -56,6 +56,11 @@ class Batch:
     targets: torch.Tensor
     doc_ids: torch.Tensor | None = None
     """(B, T) document index within the window, when data.doc_mask keeps attention per document."""
+    loss_weight: float | None = None
+    """sft: factor on this micro-batch's mean loss (over its trained tokens, targets != -100) that
+    makes the step's loss the mean over the trained tokens of the whole global batch, whatever
+    the accumulation and data-parallel size: trained_here x accum x dp / trained_global. The
+    engine multiplies by it (so does the loss it reports). None: pretraining, a plain mean."""
 
 
 @dataclass
@@ -65,6 +70,8 @@ class Step:
     batches: list[Batch]
     position: int
     counts: np.ndarray
+    trained_tokens: int = 0
+    """Target tokens of the whole global batch that carry loss (all of them when pretraining)."""
     error: str | None = None
     """Set when the step would exceed a source's max_epochs (raised when it is reached)."""
 
@@ -75,26 +82,73 @@ class LoaderState:
     """Global samples consumed (all ranks)."""
     counts: dict[str, int] | None = None
     """Windows consumed per source."""
+    trained_tokens: int = 0
+    """Target tokens with loss so far (all ranks); below `position x seq_len` for sft data."""
 
 
 def to_batches(
-    windows: np.ndarray, doc: np.ndarray | None, micro_batch_size: int, pin: bool
+    windows: np.ndarray,
+    doc: np.ndarray | None,
+    micro_batch_size: int,
+    pin: bool,
+    mask: np.ndarray | None = None,
+    trained_global: int = 0,
+    dp_size: int = 1,
 ) -> list[Batch]:
     """Micro-batches of (n, T+1) windows: inputs are the first T tokens, targets the last T.
     On CPU they are zero-copy views; with CUDA, contiguous page-locked copies, since a strided
-    view would first be copied to pageable memory and the host-to-device copy could not overlap."""
+    view would first be copied to pageable memory and the host-to-device copy could not overlap.
+    mask (n, T+1) uint8, sft: targets of untrained tokens become -100 (ignored by the loss) and
+    each micro-batch gets its loss_weight from trained_global, the trained targets of the global
+    batch these windows belong to (see Batch.loss_weight)."""
     t = torch.from_numpy(windows)
     d = torch.from_numpy(doc)[:, :-1] if doc is not None else None
     parts = [
         (t[i : i + micro_batch_size], None if d is None else d[i : i + micro_batch_size])
         for i in range(0, len(t), micro_batch_size)
     ]
+    if mask is not None:
+        return [
+            masked_batch(x, dx, mask[i * micro_batch_size : (i + 1) * micro_batch_size], w, pin)
+            for i, ((x, dx), w) in enumerate(
+                zip(parts, loss_weights(mask, micro_batch_size, trained_global, dp_size))
+            )
+        ]
     if not pin:
         return [Batch(x[:, :-1], x[:, 1:], dx) for x, dx in parts]
     return [
         Batch(x[:, :-1].pin_memory(), x[:, 1:].pin_memory(), None if dx is None else dx.pin_memory())
         for x, dx in parts
     ]
+
+
+def loss_weights(
+    mask: np.ndarray, micro_batch_size: int, trained_global: int, dp_size: int
+) -> list[float]:
+    """Batch.loss_weight of each micro-batch of this rank's (n, T+1) masks: the engine's mean over
+    a micro-batch's n_m trained targets, divided by accum and averaged over dp ranks, becomes
+    sum / trained_global when weighted by n_m x accum x dp / trained_global."""
+    per_micro = np.array(
+        [int(mask[i : i + micro_batch_size, 1:].sum()) for i in range(0, len(mask), micro_batch_size)]
+    )
+    if trained_global == 0:
+        return [0.0] * len(per_micro)
+    scale = len(per_micro) * dp_size / trained_global
+    return [float(n) * scale for n in per_micro.tolist()]
+
+
+def masked_batch(x: torch.Tensor, dx, mask: np.ndarray, weight: float, pin: bool) -> Batch:
+    """One sft micro-batch: untrained targets are -100. A micro-batch without any trained target
+    keeps its real targets under weight 0, so its loss and gradients are exactly zero rather than
+    the NaN of a mean over nothing (every rank still runs backward: DDP/FSDP need it)."""
+    targets = x[:, 1:]
+    if weight:
+        targets = targets.masked_fill(torch.from_numpy(mask[:, 1:] == 0), -100)
+    b = Batch(x[:, :-1], targets.contiguous(), dx, loss_weight=weight)
+    if pin:
+        b.inputs, b.targets = b.inputs.pin_memory(), b.targets.pin_memory()
+        b.doc_ids = None if dx is None else dx.pin_memory()
+    return b
 
 
 def resolve_cache_dir(cfg: DataConfig) -> str:
@@ -168,6 +222,7 @@ class MixtureLoader:
                 log.info("data source %r has weight 0: disabled", s.name)
         self.sources: list[SourceConfig] = []
         self.packed: list[PackedSource] = []
+        self.masks: list[PackedSource | None] = []  # sft sources' loss masks, in the same order
         for s in enabled:
             local, m = open_source(s, cache_dir, tokenizer, vocab_size)
             if m.tokens("train") == 0:
@@ -187,6 +242,17 @@ class MixtureLoader:
             self.packed.append(
                 PackedSource(s.name, local, m, "train", seq_len, seed, shuffle=True, cache_dir=cache_dir)
             )
+            mm = m.mask_manifest()  # same name, seed and lengths: the same windows, of masks
+            self.masks.append(
+                None
+                if mm is None
+                else PackedSource(
+                    s.name, local, mm, "train", seq_len, seed, shuffle=True, cache_dir=cache_dir
+                )
+            )
+        self.kinds = {
+            s.name: ("sft" if mk is not None else "pretrain") for s, mk in zip(self.sources, self.masks)
+        }
         if not self.sources:
             raise DataError("no data source with weight > 0 has training tokens")
         names = [s.name for s in self.sources]
@@ -215,6 +281,7 @@ class MixtureLoader:
                 for s, p in zip(self.sources, self.packed)
             ]
         )
+        self.masked = any(mk is not None for mk in self.masks)
         self.state = LoaderState(0, {n: 0 for n in names})
         # per-source windows beyond the mixture's count at a position: zero unless a resume on
         # changed data (data.allow_change_on_resume) kept the sources' old positions
@@ -311,6 +378,15 @@ class MixtureLoader:
         for j, packed in enumerate(self.packed):
             rows = np.flatnonzero(src_m == j)
             packed.gather(ks_m[rows], buf, rows, doc)
+        mask, trained = None, np.full(n_steps, G * self.seq_len, dtype=np.int64)
+        if self.masked:  # the masks of every rank's samples: the global trained-token count
+            mask = np.ones((n_steps * G, self.seq_len + 1), dtype=np.uint8)
+            for j, mk in enumerate(self.masks):
+                if mk is not None:
+                    rows = np.flatnonzero(src == j)
+                    mk.gather(ks[rows], mask, rows)
+            trained = mask[:, 1:].reshape(n_steps, -1).sum(axis=1, dtype=np.int64)
+            mask = mask[mine]
         step_counts = np.bincount(np.arange(len(src)) // G * S + src, minlength=n_steps * S)
         after = counts + np.cumsum(
             step_counts.reshape(n_steps, S), axis=0
@@ -327,8 +403,11 @@ class MixtureLoader:
                 None if doc is None else doc[i * R : (i + 1) * R],
                 self.mb,
                 self._pin,
+                None if mask is None else mask[i * R : (i + 1) * R],
+                int(trained[i]),
+                self.dp,
             )
-            steps.append(Step(batches, position + (i + 1) * G, after[i], error))
+            steps.append(Step(batches, position + (i + 1) * G, after[i], int(trained[i]), error))
         return steps
 
     def _plan_next_chunk(self) -> tuple[int, np.ndarray, int]:
@@ -361,7 +440,9 @@ class MixtureLoader:
             # the state moves only when a step's batches are handed out (consumed), never when
             # they are built ahead
             self.state = LoaderState(
-                step.position, {s.name: int(c) for s, c in zip(self.sources, step.counts)}
+                step.position,
+                {s.name: int(c) for s, c in zip(self.sources, step.counts)},
+                self.state.trained_tokens + step.trained_tokens,
             )
             self._ready.extend(step.batches)
         return self._ready.popleft()
@@ -372,6 +453,11 @@ class MixtureLoader:
         out.update({k: v * self.seq_len for k, v in self.state.counts.items()})
         return out
 
+    def trained_tokens(self) -> int:
+        """Target tokens that carried loss so far, all ranks (metrics.jsonl `trained_tokens`, beside
+        `tokens`, which counts every token seen)."""
+        return self.state.trained_tokens
+
     def state_dict(self) -> dict:
         if self._ready:
             raise RuntimeError(
@@ -381,6 +467,7 @@ class MixtureLoader:
             "position": self.state.position,
             "counts": dict(self.state.counts),
             "seq_len": self.seq_len,
+            "trained_tokens": self.state.trained_tokens,
         }
         if self._offset.any():
             sd["offset"] = {s.name: int(o) for s, o in zip(self.sources, self._offset)}
@@ -409,7 +496,10 @@ class MixtureLoader:
                 f"position {position} ({expected}): the data config or manifests changed"
             )
         self._drop_prefetch()
-        self.state = LoaderState(position, expected)
+        # checkpoints older than the counter were pretraining runs: every seen target trained
+        self.state = LoaderState(
+            position, expected, int(sd.get("trained_tokens", position * self.seq_len))
+        )
         self._next = (position, np.array([expected[s.name] for s in self.sources], dtype=np.int64))
         self._ready.clear()
 
@@ -468,5 +558,13 @@ def val_batches(
         buf = np.empty((len(mine), seq_len + 1), dtype=np.int64)
         doc = np.empty((len(mine), seq_len + 1), dtype=np.int32) if cfg.doc_mask else None
         p.gather(mine, buf, np.arange(len(mine)), doc)
-        out[s.name] = to_batches(buf, doc, micro_batch_size, torch.cuda.is_available())
+        mask, trained = None, 0
+        if (mm := m.mask_manifest()) is not None:  # every rank's val masks: the global count
+            every = np.ones((total, seq_len + 1), dtype=np.uint8)
+            pm = PackedSource(s.name, local, mm, "val", seq_len, 0, shuffle=False, cache_dir=cache_dir)
+            pm.gather(np.arange(total), every, np.arange(total))
+            mask, trained = every[mine], int(every[:, 1:].sum())
+        out[s.name] = to_batches(
+            buf, doc, micro_batch_size, torch.cuda.is_available(), mask, trained, dp_size
+        )
     return out

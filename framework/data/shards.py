@@ -31,7 +31,7 @@ import os
 import shutil
 import tempfile
 import threading
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 
 import numpy as np
@@ -46,6 +46,8 @@ log = logging.getLogger(__name__)
 SCHEMA_VERSION = 1
 MANIFEST = "manifest.json"
 COLUMN = "input_ids"
+MASK_DTYPE = "uint8"
+KINDS = ("pretrain", "sft")
 # dtypes a manifest may declare, with the largest vocabulary each can hold
 DTYPE_MAX_VOCAB = {"uint8": 2**8, "uint16": 2**16, "uint32": 2**32, "int32": 2**31, "int64": 2**63}
 
@@ -90,12 +92,29 @@ class Manifest:
     shards: list[ShardInfo] = field(default_factory=list)
     meta: dict = field(default_factory=dict)
     """How the source was made: input description, prepare parameters."""
+    kind: str = "pretrain"
+    """pretrain (every token is a target) | sft (instruction data: `mask_shards` say which tokens
+    are trained). Manifests older than this field are pretraining sources."""
+    mask_shards: list[ShardInfo] = field(default_factory=list)
+    """sft only: per-token loss mask (uint8, 1 = trained), one shard per token shard with the same
+    rows and lengths (`<split>-<NNNNN>.mask.arrow`)."""
+    trained_tokens: dict[str, int] = field(default_factory=dict)
+    """sft only: tokens with mask 1 per split."""
 
     def split(self, split: str) -> list[ShardInfo]:
         return [s for s in self.shards if s.split == split]
 
     def tokens(self, split: str = "train") -> int:
         return sum(s.tokens for s in self.split(split))
+
+    def mask_manifest(self) -> Manifest | None:
+        """The loss-mask shards seen as a source of their own (dtype uint8, ids 0/1): read,
+        verified and packed with the same code as the tokens, in the same document order."""
+        if self.kind != "sft":
+            return None
+        return replace(
+            self, kind="mask", dtype=MASK_DTYPE, vocab_size=2, shards=self.mask_shards, mask_shards=[]
+        )
 
 
 def sha256_file(path: str | Path, chunk: int = 1 << 22) -> str:
@@ -148,12 +167,22 @@ class SourceWriter:
         self.dtype = dtype_for_vocab(tokenizer.vocab_size)
         self.shard_tokens = shard_tokens
         self.pending: dict[str, list[np.ndarray]] = {}
+        self.pending_masks: dict[str, list[np.ndarray]] = {}
         self.pending_tokens: dict[str, int] = {}
         self.shards: list[ShardInfo] = []
+        self.mask_shards: list[ShardInfo] = []
+        self.trained_tokens: dict[str, int] = {}
 
-    def add(self, split: str, doc: np.ndarray) -> None:
+    def add(self, split: str, doc: np.ndarray, mask: np.ndarray | None = None) -> None:
+        """mask (same length as doc, 1 = trained): an sft source; give it for every document
+        or for none."""
         if len(doc) == 0:
             return
+        if mask is not None:
+            if len(mask) != len(doc):
+                raise DataError(f"loss mask of {len(mask)} tokens for a document of {len(doc)}")
+            self.pending_masks.setdefault(split, []).append(mask.astype(MASK_DTYPE))
+            self.trained_tokens[split] = self.trained_tokens.get(split, 0) + int(mask.sum())
         self.pending.setdefault(split, []).append(doc)
         self.pending_tokens[split] = self.pending_tokens.get(split, 0) + len(doc)
         if self.pending_tokens[split] >= self.shard_tokens:
@@ -170,6 +199,16 @@ class SourceWriter:
         rows, tokens = write_shard(path, docs, self.dtype)
         sha, xxh = hash_file(path)
         self.shards.append(ShardInfo(name, split, rows, tokens, path.stat().st_size, sha, xxh))
+        masks = self.pending_masks.pop(split, [])
+        if masks:
+            if len(masks) != len(docs):
+                raise DataError(f"{path}: {len(masks)} loss masks for {len(docs)} documents")
+            mpath = self.out / f"{split}-{n:05d}.mask.arrow"
+            rows, tokens = write_shard(mpath, masks, MASK_DTYPE)
+            sha, xxh = hash_file(mpath)
+            self.mask_shards.append(
+                ShardInfo(mpath.name, split, rows, tokens, mpath.stat().st_size, sha, xxh)
+            )
 
     def close(self, meta: dict | None = None) -> Manifest:
         for split in list(self.pending):
@@ -184,13 +223,20 @@ class SourceWriter:
             shards=self.shards,
             meta=meta or {},
         )
+        if self.mask_shards:
+            m.kind, m.mask_shards = "sft", self.mask_shards
+            m.trained_tokens = {s: self.trained_tokens.get(s, 0) for s in ("train", "val")}
         write_manifest(self.out, m)
         return m
 
 
 def write_manifest(out_dir: Path, m: Manifest) -> None:
+    raw = asdict(m)
+    if m.kind == "pretrain":  # a pretraining manifest stays as it was before sft sources existed
+        for key in ("kind", "mask_shards", "trained_tokens"):
+            raw.pop(key)
     tmp = out_dir / (MANIFEST + ".tmp")
-    tmp.write_text(json.dumps(asdict(m), indent=1))
+    tmp.write_text(json.dumps(raw, indent=1))
     os.replace(tmp, out_dir / MANIFEST)
 
 
@@ -202,13 +248,20 @@ def read_manifest(source_dir: str | Path) -> Manifest:
     try:
         raw = json.loads(p.read_text())
         shards = [ShardInfo(**s) for s in raw.pop("shards")]
-        m = Manifest(shards=shards, **raw)
+        masks = [ShardInfo(**s) for s in raw.pop("mask_shards", [])]
+        m = Manifest(shards=shards, mask_shards=masks, **raw)
     except (json.JSONDecodeError, TypeError, KeyError) as e:
         raise DataError(f"{p}: unreadable manifest ({e})") from e
     if m.schema_version != SCHEMA_VERSION:
         raise DataError(
             f"{p}: schema_version {m.schema_version}, this framework reads {SCHEMA_VERSION}: re-run prepare"
         )
+    if m.kind not in KINDS:
+        raise DataError(f"{p}: kind {m.kind!r} is not one of {KINDS}: a newer prepare wrote it?")
+    if m.kind == "sft" and [(s.split, s.rows, s.tokens) for s in m.mask_shards] != [
+        (s.split, s.rows, s.tokens) for s in m.shards
+    ]:
+        raise DataError(f"{p}: kind sft but its mask_shards do not match its shards row for row")
     if m.dtype not in DTYPE_MAX_VOCAB:
         raise DataError(f"{p}: dtype {m.dtype!r} is not one of {sorted(DTYPE_MAX_VOCAB)}")
     if m.vocab_size > DTYPE_MAX_VOCAB[m.dtype]:
@@ -412,6 +465,8 @@ def verify_source(
             verify_shard(Path(path) / info.file, info, m, vocab_size, cache_dir)
         except DataError as e:
             raise DataError(f"source {name!r}: {e}") from e
+    if (mm := m.mask_manifest()) is not None:
+        verify_source(name, path, mm, 2, cache_dir)
 
 
 def localize(path: str, cache_dir: str) -> Path:
@@ -431,7 +486,7 @@ def localize(path: str, cache_dir: str) -> Path:
         raise DataError(f"no {MANIFEST} at {path}: prepare it with `python -m framework.prepare`") from e
     (local / (MANIFEST + ".remote")).write_bytes(manifest_text)
     m = read_manifest_text(manifest_text, path)
-    for info in m.shards:
+    for info in m.shards + m.mask_shards:
         dst = local / info.file
         if dst.is_file() and dst.stat().st_size == info.bytes:
             continue

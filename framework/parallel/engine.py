@@ -188,6 +188,8 @@ class TorchEngine(Engine):
         with self.grad_sync(self._micro >= accum):
             with self.precision.autocast():
                 loss = self.model(inputs, targets, doc_ids)
+            if batch.loss_weight is not None:  # sft: the global batch's trained-token mean
+                loss = loss * batch.loss_weight
             scaled = loss / accum
             if self.scaler is not None:
                 scaled = self.scaler.scale(scaled)
@@ -282,7 +284,8 @@ class TorchEngine(Engine):
     def eval_loss(self, batch):
         inputs, targets, doc_ids = self._to_device(batch)
         with self.precision.autocast():
-            return self.model(inputs, targets, doc_ids).detach()
+            loss = self.model(inputs, targets, doc_ids).detach()
+        return loss if batch.loss_weight is None else loss * batch.loss_weight
 
     @torch.no_grad()
     def logits(self, idx):

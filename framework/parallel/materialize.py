@@ -54,11 +54,11 @@ def initial_values(cfg: Config) -> Values:
     if not mcfg.init_from:
         seed = cfg.trainer.seed
         return lambda name, shape: initial_value(mcfg, name, shape, seed)
-    from framework.export import load_hf_weights
+    from framework.checkpoint import init_weights_from  # a Hugging Face dir or our checkpoint
 
     plain = meta_model(mcfg)
     plain.to_empty(device="cpu")
-    load_hf_weights(plain, mcfg.init_from)  # whole state dict on the host: not streamed yet
+    init_weights_from(plain, mcfg.init_from)  # the whole model on the host once: not sharded yet
     full = {canonical_name(n): p.detach() for n, p in plain.named_parameters()}
     return lambda name, shape: full[canonical_name(name)]
 

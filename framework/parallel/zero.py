@@ -93,6 +93,8 @@ class DeepSpeedEngine(Engine):
                 f"steps but the loop runs {accum} (trainer.global_batch_size / micro_batch_size / dp)"
             )
         loss = self.ds(*self._to_device(batch))
+        if batch.loss_weight is not None:  # sft: the global batch's trained-token mean
+            loss = loss * batch.loss_weight
         self.ds.backward(loss)
         self._micro += 1
         if self._micro < accum:
@@ -185,7 +187,8 @@ class DeepSpeedEngine(Engine):
 
     @torch.no_grad()
     def eval_loss(self, batch):
-        return self.ds(*self._to_device(batch)).detach().float()
+        loss = self.ds(*self._to_device(batch)).detach().float()
+        return loss if batch.loss_weight is None else loss * batch.loss_weight
 
     @torch.no_grad()
     def logits(self, idx):

@@ -197,7 +197,7 @@ def classify(cmd: Command) -> Plan | None:
 
 def make_inputs(cwd: Path) -> None:
     """What the README's commands read but do not make: a jsonl.zst corpus, a books/ folder of
-    text files and a `gpt2/tokenizer.json` (a small byte-level BPE trained here)."""
+    text files, a `gpt2/tokenizer.json` (a small byte-level BPE trained here) and `chat.jsonl`."""
     import zstandard
 
     from framework.prepare import train_bpe
@@ -221,6 +221,8 @@ def make_inputs(cwd: Path) -> None:
         for a, b in [(1, 2), (3, 4)]
     ]
     (cwd / "tasks/arith_mc.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    chat = [{"prompt": f"add: {i}+{i % 7}", "completion": str(i + i % 7)} for i in range(100)]
+    (cwd / "chat.jsonl").write_text("".join(json.dumps(c) + "\n" for c in chat))
     for path, content in readme_files(README.read_text()).items():
         (cwd / path).parent.mkdir(parents=True, exist_ok=True)
         (cwd / path).write_text(content)

@@ -14,7 +14,7 @@ from omegaconf import OmegaConf
 from framework.config import CONF_DIR, ConfigError, load, validate
 from tests.helpers import ROOT, checkout_env, compose, make_cfg, run_module
 
-GROUPS = ("model", "data", "strategy", "precision", "logger")
+GROUPS = ("model", "data", "strategy", "precision", "logger", "task")
 ROOT_CONFIGS = sorted(p.stem for p in Path(CONF_DIR).glob("*.yaml"))
 
 # The full set of training config keys. Adding a knob is a deliberate change: update this list.
@@ -40,6 +40,7 @@ trainer.deterministic trainer.device trainer.eval_batches trainer.eval_every tra
 trainer.log_every trainer.max_steps trainer.micro_batch_size trainer.peak_flops trainer.sample_tokens
 trainer.seed trainer.seq_len trainer.stop_at_step
 trainer.collective_timeout_s trainer.on_nan trainer.spike_window trainer.spike_zscore
+task.name
 """.split()
 
 
