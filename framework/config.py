@@ -287,6 +287,38 @@ def job_run_dir(run_dir: str) -> str:
     return str(HydraConfig.get().runtime.output_dir)
 
 
+# Keys a resume may change without a word: where and how the run is launched, logged and
+# checkpointed (strategy and world size reshard on load); the LR schedule, the data and the model
+# shape have checks of their own (optim.schedule_change_warning, data.identity, Checkpointer.load).
+RESUME_MAY_CHANGE = (
+    "run.", "checkpoint.", "logger.", "faults.", "plan.", "strategy.", "data.", "model.init_from",
+    "trainer.stop_at_step", "trainer.log_every", "trainer.eval_every", "trainer.eval_batches",
+    "trainer.sample_tokens", "trainer.device", "trainer.collective_timeout_s", "trainer.peak_flops",
+    "optim.lr", "optim.min_lr_ratio", "optim.warmup_steps", "optim.schedule", "optim.decay_fraction",
+    "trainer.max_steps", "model.name",
+)  # fmt: skip
+
+
+def resume_changes(saved: dict | None, cfg: Config) -> list[str]:
+    """`key: old -> new` for every other key whose value differs from the checkpoint's saved
+    config (trainer.json "config"): a resume that changes, e.g., the seed, weight decay, dropout or
+    the batch size continues a different run than the one it names."""
+    if not saved:
+        return []
+
+    def flat(d: Any, prefix: str = "") -> dict:
+        if not isinstance(d, dict):
+            return {prefix[:-1]: d}
+        return {k: v for key, val in d.items() for k, v in flat(val, f"{prefix}{key}.").items()}
+
+    old, new = flat(saved), flat(to_dict(cfg))
+    return [
+        f"{k}: {old.get(k)!r} -> {new.get(k)!r}"
+        for k in sorted(set(old) | set(new))
+        if old.get(k) != new.get(k) and not k.startswith(RESUME_MAY_CHANGE)
+    ]
+
+
 def to_yaml(cfg: Config) -> str:
     return OmegaConf.to_yaml(OmegaConf.structured(cfg))
 

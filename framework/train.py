@@ -208,6 +208,8 @@ def restore(ckpt, path, cfg: C.Config, engine, loader, guard, tok: Tokenizer, ro
     if not rollback and ckpt.dist.is_main:
         if changed := schedule_change_warning(state.get("config"), cfg, state["step"]):
             log.warning(changed)
+        if changed := C.resume_changes(state.get("config"), cfg):
+            log.warning("resuming %s with a changed config: %s", path, "; ".join(changed))
     return state["step"]
 
 
