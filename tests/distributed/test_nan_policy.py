@@ -34,9 +34,10 @@ def test_nan_grad_on_one_rank_aborts_every_rank_before_the_update(tmp_path, samp
     assert proc.returncode == 1, out[-3000:]
     # every rank stops with the same decision; the bad rank names itself. DDP's gradients are
     # replicated (rank 0's copy is finite); DeepSpeed's norm is already global.
-    assert "NonFiniteError: step 3 (rank 1): gradient norm is non-finite on" in out
+    # one clean line per failing rank (framework.cli), tagged with the rank that prints it
+    assert "error: [rank 1] step 3 (rank 1): gradient norm is non-finite on" in out
     peer = "another rank" if strategy == "ddp" else "rank 0"
-    assert f"NonFiniteError: step 3 ({peer}): gradient norm is non-finite on" in out
+    assert f"error: [rank 0] step 3 ({peer}): gradient norm is non-finite on" in out
     assert [r["step"] for r in read_metrics(run_dir) if "loss" in r] == [1, 2]  # step 3 not logged
     assert sorted(p.name for p in (run_dir / "checkpoints").glob("step_*")) == [
         "step_00000001",
