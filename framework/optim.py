@@ -19,7 +19,10 @@ def param_groups(model: nn.Module, weight_decay: float) -> list[dict]:
     for name, p in model.named_parameters():  # shared (tied) parameters appear once
         if not p.requires_grad:
             continue
-        if p.dim() < 2 or any(n in name for n in NO_DECAY_NAMES):
+        # a ZeRO-3 parameter built under deepspeed.zero.Init is an empty 1-D placeholder: its
+        # real shape is ds_shape (without this every matrix lost its weight decay under zero3)
+        ndim = len(getattr(p, "ds_shape", p.shape))
+        if ndim < 2 or any(n in name for n in NO_DECAY_NAMES):
             no_decay.append(p)
         else:
             decay.append(p)

@@ -74,3 +74,20 @@ def test_wsd_decays_to_min_lr_not_zero():
     assert lr_at(90, cfg, 100) == pytest.approx(2.0 - 1.5 * 0.5)  # half way from 2.0 to 0.5
     assert lr_at(100, cfg, 100) == pytest.approx(0.5)
     assert min(lr_at(s, cfg, 100) for s in range(1, 101)) == pytest.approx(0.5)
+
+
+def test_zero3_placeholders_keep_their_weight_decay():
+    """deepspeed.zero.Init leaves each parameter an empty 1-D placeholder with its real shape in
+    `ds_shape`: grouping by the placeholder's dim put every matrix in the no-decay group."""
+    import torch
+    from torch import nn
+
+    from framework.optim import param_groups
+
+    model = nn.Linear(4, 3)
+    for p in model.parameters():
+        p.ds_shape = p.shape
+        p.data = torch.empty(0)
+    decay, no_decay = param_groups(model, 0.1)
+    assert [tuple(p.ds_shape) for p in decay["params"]] == [(3, 4)]
+    assert [tuple(p.ds_shape) for p in no_decay["params"]] == [(3,)]
