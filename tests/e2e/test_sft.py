@@ -110,10 +110,11 @@ def test_sft_learns_held_out_exact_answers(tmp_path):
 
 def make_base(cfg):
     """The model train() starts from (the same seed): the 'base' of this fine-tuning."""
-    from framework.train import build_model
+    from framework.parallel.materialize import initial_values, materialize, meta_model
 
-    torch.manual_seed(cfg.trainer.seed)
-    return build_model(cfg.model)
+    model = meta_model(cfg.model)  # as build_engine does for strategy=single
+    materialize(model, torch.device("cpu"), initial_values(cfg))
+    return model
 
 
 def test_init_from_our_checkpoint_copies_weights_and_refuses_other_shapes(tmp_path, sample_data):
