@@ -287,15 +287,25 @@ def job_run_dir(run_dir: str) -> str:
     return str(HydraConfig.get().runtime.output_dir)
 
 
+SCHEDULE_KEYS = (
+    "trainer.max_steps",
+    "optim.lr",
+    "optim.min_lr_ratio",
+    "optim.warmup_steps",
+    "optim.schedule",
+    "optim.decay_fraction",
+)
+"""The keys the LR schedule depends on (a resume that changes them is warned about by
+framework.optim.schedule_change_warning, with the LR before and after)."""
+
 # Keys a resume may change without a word: where and how the run is launched, logged and
 # checkpointed (strategy and world size reshard on load); the LR schedule, the data and the model
 # shape have checks of their own (optim.schedule_change_warning, data.identity, Checkpointer.load).
 RESUME_MAY_CHANGE = (
     "run.", "checkpoint.", "logger.", "faults.", "plan.", "strategy.", "data.", "model.init_from",
-    "trainer.stop_at_step", "trainer.log_every", "trainer.eval_every", "trainer.eval_batches",
-    "trainer.sample_tokens", "trainer.device", "trainer.collective_timeout_s", "trainer.peak_flops",
-    "optim.lr", "optim.min_lr_ratio", "optim.warmup_steps", "optim.schedule", "optim.decay_fraction",
-    "trainer.max_steps", "model.name",
+    "model.name", "trainer.stop_at_step", "trainer.log_every", "trainer.eval_every",
+    "trainer.eval_batches", "trainer.sample_tokens", "trainer.device", "trainer.collective_timeout_s",
+    "trainer.peak_flops", *SCHEDULE_KEYS,
 )  # fmt: skip
 
 

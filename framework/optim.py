@@ -8,7 +8,7 @@ import math
 import torch
 from torch import nn
 
-from framework.config import OptimConfig
+from framework.config import SCHEDULE_KEYS, OptimConfig
 
 NO_DECAY_NAMES = ("tok_emb", "pos_emb")
 
@@ -61,17 +61,6 @@ def lr_at(step: int, cfg: OptimConfig, max_steps: int) -> float:
     span = max(1, max_steps - cfg.warmup_steps)
     progress = min(1.0, (step - cfg.warmup_steps) / span)
     return min_lr + 0.5 * (lr - min_lr) * (1.0 + math.cos(math.pi * progress))
-
-
-SCHEDULE_KEYS = (
-    "trainer.max_steps",
-    "optim.lr",
-    "optim.min_lr_ratio",
-    "optim.warmup_steps",
-    "optim.schedule",
-    "optim.decay_fraction",
-)
-"""The keys lr_at depends on: changing one on resume moves the LR of the steps still to run."""
 
 
 def schedule_change_warning(saved: dict | None, cfg, step: int) -> str | None:

@@ -118,7 +118,7 @@ def _train(cfg: C.Config, dist: Dist, guard: faults.Guard) -> dict:
     if val and t.eval_every and start == 0:  # the untrained baseline: the curve starts at ~log(vocab)
         metrics.log_eval(*evaluate(engine, val, weights, 0, tokenizer, cfg, dist))
     record: dict = {}
-    step, timer = start, StepTimer()
+    step, timer, save_s = start, StepTimer(), None
     while step < t.max_steps:
         step += 1
         clock = time.perf_counter()  # step time: data + forward/backward + update, not eval/save
@@ -162,8 +162,8 @@ def _train(cfg: C.Config, dist: Dist, guard: faults.Guard) -> dict:
             )
         record.update(guard.counters())
         record.update(timer.record() | host_memory() | engine.device_memory())
-        if ckpt.last_save_s is not None:  # the save after the previous step, between the two
-            record["time/checkpoint_s"], ckpt.last_save_s = ckpt.last_save_s, None
+        if save_s is not None:  # the save after the previous step, between the two
+            record["time/checkpoint_s"], save_s = save_s, None
         last = step == t.max_steps or step == t.stop_at_step or verdict.stop
         if step % t.log_every == 0 or last:
             record.update({f"data/tokens/{k}": v for k, v in loader.tokens_per_source().items()})
@@ -176,6 +176,7 @@ def _train(cfg: C.Config, dist: Dist, guard: faults.Guard) -> dict:
             with guard.saving():
                 state = trainer_state(cfg, step, loader, engine, tokenizer, dist)
                 ckpt.save(step, engine, {**state, "faults": guard.state_dict()})
+            save_s = ckpt.last_save_s
         if verdict.stop or step == t.stop_at_step:
             why = (
                 f"stop signal: {guard.stop.received or 'on another rank'}"
