@@ -74,12 +74,12 @@ def test_deepspeed_hostfile_one_launch_per_node(tmp_path, reference):
     hostfile.write_text("localhost slots=1\n127.0.0.1 slots=1\n")  # two "nodes" on this host
     port, run_dir = str(free_port()), tmp_path / "run"
     cmds = [
-        (["bash", str(ROOT / "launchers/deepspeed.sh"), "1", *PARITY, "strategy=zero2", f"run.dir={run_dir}"],
+        (["bash", str(ROOT / "launchers/deepspeed.sh"), "1", *PARITY, "strategy=ddp", f"run.dir={run_dir}"],
          _env(HOSTFILE=str(hostfile), NODE_RANK=str(node), MASTER_ADDR="127.0.0.1", MASTER_PORT=port))
         for node in (0, 1)
     ]  # fmt: skip
     _run_all(cmds)
-    assert losses(run_dir) == reference("zero2")
+    assert losses(run_dir) == reference("ddp")
 
 
 def test_one_slurm_task_per_rank(tmp_path, reference):
