@@ -382,8 +382,10 @@ def write_tokenizer(spec: str, out: Path, m: ModelConfig) -> int:
             f"data.tokenizer={spec} has {tok.vocab_size} tokens but model.vocab_size={m.vocab_size}"
         )
     eot_token = HFTokenizer.EOT
-    if isinstance(tok, HFTokenizer):
-        shutil.copyfile(spec, out / "tokenizer.json")
+    if isinstance(tok, HFTokenizer):  # a tokenizers file, or a directory's (its eos, its template)
+        src = Path(spec) / "tokenizer.json" if Path(spec).is_dir() else Path(spec)
+        shutil.copyfile(src, out / "tokenizer.json")
+        eot_token = tok.decode_token(tok.eot_id)
     else:
         byte_tokenizer_json(eot_token).save(str(out / "tokenizer.json"))
     tok_cfg = {
@@ -395,6 +397,8 @@ def write_tokenizer(spec: str, out: Path, m: ModelConfig) -> int:
         "model_max_length": m.block_size,
         "clean_up_tokenization_spaces": False,  # decode() must return the bytes we trained on
     }
+    if tok.chat_template is not None:  # what task=sft data was rendered with
+        tok_cfg["chat_template"] = tok.chat_template
     (out / "tokenizer_config.json").write_text(json.dumps(tok_cfg, indent=2) + "\n")
     return tok.eot_id
 

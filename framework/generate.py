@@ -133,6 +133,12 @@ def run(cfg: GenerateConfig) -> dict:
     bad = [i for i in ids if not 0 <= i < model.cfg.vocab_size]
     if bad:
         raise ConfigError(f"prompt_ids {bad} are outside the vocabulary [0, {model.cfg.vocab_size})")
+    if cfg.chat:
+        from framework.data.chat import stop_ids
+
+        stops = stop_ids(tok)
+    else:
+        stops = ()
     g = torch.Generator().manual_seed(cfg.seed)
     out = sample(
         model,
@@ -144,12 +150,12 @@ def run(cfg: GenerateConfig) -> dict:
         top_k=cfg.top_k,
         generator=g,
         device=cfg.device,
-        stop_ids=(tok.eot_id,) if cfg.chat else (),
+        stop_ids=stops,
     )
     result = {"ids": out, "text": tok.decode(out), "completion": tok.decode(out[len(ids) :])}
     if cfg.chat:  # the reply without the end-of-turn token
         new = out[len(ids) :]
-        result["reply"] = tok.decode(new[:-1] if new and new[-1] == tok.eot_id else new)
+        result["reply"] = tok.decode(new[:-1] if new and new[-1] in stops else new)
     return result
 
 

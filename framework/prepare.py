@@ -504,7 +504,7 @@ def _write_chat(
 ) -> dict:
     """format=chat: jsonl instruction records -> an sft source (one process: rendering is cheap
     next to training on it)."""
-    from framework.data.chat import write_chat_source
+    from framework.data.chat import template_name, write_chat_source
 
     bad = [f.url for f in files if f.kind != "jsonl"]
     if bad:
@@ -522,7 +522,7 @@ def _write_chat(
         "input": cfg.input,
         "files": [{"url": f.url, "bytes": f.size, "mtime": f.mtime} for f in files],
         "format": "chat",
-        "template": "default",
+        "template": template_name(tok),
         "val_fraction": cfg.val_fraction,
         "seed": cfg.seed,
         **counts,

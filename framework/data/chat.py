@@ -15,6 +15,14 @@ Only assistant content and its end-of-text are trained (mask 1); `framework.gene
 renders a prompt as one user turn plus the assistant header and stops at end-of-text. Each segment
 is tokenized on its own, so the ids at a turn boundary are the same at training and generation.
 
+A Hugging Face tokenizer directory with a chat template (data.tokenizer=DIR) renders with that
+template instead, through transformers' `apply_chat_template`. The mask comes from rendering the
+conversation prefix by prefix: for assistant turn i, the text of turns[:i] with the generation
+prompt ends where the turn's trained text starts, and the text of turns[:i+1] ends where it stops
+(its content and the template's end-of-turn markup). A template that does not render prefixes as
+prefixes of the whole is refused, naming the record. Generation stops at the first token of that
+end-of-turn markup (e.g. `<|im_end|>`) or at end-of-text.
+
 Bad records are refused with the file and line (prepare writes nothing then). A conversation
 longer than `max_tokens` follows `overlong`: `drop` (default; counted in the manifest's meta and
 logged with file and line), `truncate` (cut to max_tokens; still counted; dropped if no trained
@@ -23,6 +31,7 @@ token remains) or `error`.
 
 from __future__ import annotations
 
+import hashlib
 import json
 import logging
 from collections.abc import Iterator
@@ -81,24 +90,97 @@ def parse_record(raw: object, where: str) -> list[dict]:
     return turns
 
 
-def render(turns: list[dict], tok: Tokenizer) -> tuple[np.ndarray, np.ndarray]:
-    """(ids, mask) int64 / uint8 arrays of one conversation under the default template."""
+def render(turns: list[dict], tok: Tokenizer, where: str = "") -> tuple[np.ndarray, np.ndarray]:
+    """(ids, mask) int64 / uint8 arrays of one conversation under tok's chat template."""
     ids: list[int] = []
     mask: list[int] = []
-    for t in turns:
-        head = tok.encode(header(t["role"]) + ("" if t["role"] == "assistant" else t["content"] + "\n"))
-        ids += head
-        mask += [0] * len(head)
-        if t["role"] == "assistant":
-            body = tok.encode(t["content"]) + [tok.eot_id]
-            ids += body
-            mask += [1] * len(body)
+    for text, trained in segments(turns, tok, where):
+        piece = tok.encode(text) + ([tok.eot_id] if trained and tok.chat_template is None else [])
+        ids += piece
+        mask += [int(trained)] * len(piece)
     return np.asarray(ids, dtype=np.int64), np.asarray(mask, dtype=np.uint8)
+
+
+def segments(turns: list[dict], tok: Tokenizer, where: str = "") -> list[tuple[str, bool]]:
+    """The conversation as (text, trained) pieces, each tokenized on its own."""
+    if tok.chat_template is None:
+        out = []
+        for t in turns:
+            if t["role"] == "assistant":
+                out += [(header("assistant"), False), (t["content"], True)]  # + end-of-text
+            else:
+                out.append((header(t["role"]) + t["content"] + "\n", False))
+        return out
+    hf = _hf_template(tok)
+    out, done = [], ""
+    for i, t in enumerate(turns):
+        if t["role"] != "assistant":
+            continue
+        before = hf.text(turns[:i], generation_prompt=True, where=where)
+        after = hf.text(turns[: i + 1], generation_prompt=False, where=where)
+        if not (before.startswith(done) and after.startswith(before) and len(after) > len(before)):
+            raise ChatError(
+                f"{where}: the chat template of {tok.name} does not render this conversation prefix "
+                f"by prefix (turn {i}), so the assistant's tokens cannot be told apart; use a "
+                "template that does, or data.tokenizer without a chat template (the default one)"
+            )
+        out += [(before[len(done) :], False), (after[len(before) :], True)]
+        done = after
+    return out
 
 
 def render_prompt(prompt: str, tok: Tokenizer) -> list[int]:
     """One user turn and the assistant header: what `generate chat=true` continues."""
-    return tok.encode(header("user") + prompt + "\n") + tok.encode(header("assistant"))
+    user = [{"role": "user", "content": prompt}]
+    if tok.chat_template is None:
+        return tok.encode(header("user") + prompt + "\n") + tok.encode(header("assistant"))
+    return tok.encode(_hf_template(tok).text(user, generation_prompt=True, where="the prompt"))
+
+
+def stop_ids(tok: Tokenizer) -> tuple[int, ...]:
+    """Token ids that end an assistant turn: end-of-text, and under a Hugging Face template the
+    first token of its end-of-turn markup (what follows the content of a rendered reply)."""
+    if tok.chat_template is None:
+        return (tok.eot_id,)
+    probe = [{"role": "user", "content": "q"}, {"role": "assistant", "content": "a"}]
+    trained = segments(probe, tok, "the probe conversation")[-1][0]
+    end = trained[trained.rindex("a") + 1 :]
+    first = tok.encode(end)[:1]
+    return tuple(dict.fromkeys([*first, tok.eot_id]))
+
+
+def template_name(tok: Tokenizer) -> str:
+    """What the manifest records: 'default', or 'hf:' and the template's hash."""
+    if tok.chat_template is None:
+        return "default"
+    return "hf:" + hashlib.sha256(tok.chat_template.encode()).hexdigest()[:16]
+
+
+class _HFTemplate:
+    """transformers' own Jinja rendering of a tokenizer directory's chat template (text only;
+    tokenizing stays ours)."""
+
+    def __init__(self, directory: str):
+        from transformers import AutoTokenizer
+
+        self.hf = AutoTokenizer.from_pretrained(directory)
+
+    def text(self, turns: list[dict], generation_prompt: bool, where: str) -> str:
+        try:
+            return self.hf.apply_chat_template(
+                turns, tokenize=False, add_generation_prompt=generation_prompt
+            )
+        except Exception as e:  # a Jinja error or the template's raise_exception(): name the record
+            raise ChatError(f"{where}: the chat template failed: {type(e).__name__}: {e}") from e
+
+
+_TEMPLATES: dict[str, _HFTemplate] = {}
+
+
+def _hf_template(tok: Tokenizer) -> _HFTemplate:
+    if tok.name not in _TEMPLATES:
+        _TEMPLATES[tok.name] = _HFTemplate(tok.name)
+    return _TEMPLATES[tok.name]
 
 
 @dataclass
@@ -132,7 +214,7 @@ def examples(
             raise ChatError(f"{where}: not JSON ({e})") from e
         turns = parse_record(raw, where)
         stats.records += 1
-        ids, mask = render(turns, tok)
+        ids, mask = render(turns, tok, where)
         if max_tokens is not None and len(ids) > max_tokens:
             stats.overlong += 1
             if overlong == "error":
