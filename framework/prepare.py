@@ -287,10 +287,12 @@ def decode_text_file(data: bytes, url: str) -> str:
 # -- tokenizing ------------------------------------------------------------------------------
 
 _WORKER_TOK: Tokenizer | None = None
+_WORKER_POLICY: DocPolicy | None = None
 
 
-def _init_worker(tokenizer_spec: str) -> None:
-    global _WORKER_TOK
+def _init_worker(tokenizer_spec: str, policy: DocPolicy) -> None:
+    global _WORKER_TOK, _WORKER_POLICY
+    _WORKER_POLICY = policy
     os.environ["TOKENIZERS_PARALLELISM"] = "false"  # parallel across processes, not inside
     _WORKER_TOK = load_tokenizer(tokenizer_spec)
 
@@ -334,8 +336,8 @@ def encode_texts(
     return flat, lengths, flags[source], counts
 
 
-def _encode_chunk(args: tuple[list[str], int, float, None, DocPolicy]):
-    return encode_texts(*args)
+def _encode_chunk(args: tuple[list[str], int, float]):
+    return encode_texts(*args, policy=_WORKER_POLICY)
 
 
 def _chunks(texts: Iterator[str], n: int) -> Iterator[list[str]]:
@@ -501,7 +503,7 @@ def _tokenize_and_write(
     filters = doc_filter.new_counts()
     workers = cfg.workers or os.cpu_count() or 1
     chunks = (
-        (c, cfg.seed, cfg.val_fraction, None, policy)
+        (c, cfg.seed, cfg.val_fraction)
         for c in _chunks(iter_texts(files, cfg.text_key), cfg.docs_per_task)
     )
     t0 = time.perf_counter()
@@ -522,13 +524,13 @@ def _tokenize_and_write(
         bar.set_postfix(tokens=tokens["train"] + tokens["val"], refresh=False)
 
     if workers <= 1:
-        for c, seed, val_fraction, _, pol in chunks:
-            consume(encode_texts(c, seed, val_fraction, tok, pol))
+        for args in chunks:
+            consume(encode_texts(*args, tok=tok, policy=policy))
     else:
         # spawn: a forked child would inherit the tokenizers thread pool (deadlock-prone)
         ctx = multiprocessing.get_context("spawn")
         with ProcessPoolExecutor(
-            workers, ctx, initializer=_init_worker, initargs=(tokenizer_spec,)
+            workers, ctx, initializer=_init_worker, initargs=(tokenizer_spec, policy)
         ) as pool:
             inflight: deque = deque()
             for args in chunks:  # bounded window: memory stays flat on any input size
