@@ -182,3 +182,23 @@ def test_bad_policy_keys_named(tmp_path, kw, message):
     with pytest.raises(PrepareError, match=message):
         run(tmp_path, src, **kw)
     assert not (tmp_path / "out").exists()
+
+
+def test_policy_keys_compose_from_the_command_line():
+    from hydra import compose, initialize_config_dir
+    from omegaconf import OmegaConf
+
+    from framework.prepare import CONF_DIR, PrepareConfig, doc_policy
+
+    overrides = ["input=x", "output=y", "long_docs=drop", "max_doc_tokens=null", "repeat_min_copies=0"]
+    with initialize_config_dir(CONF_DIR, version_base=None):
+        cfg = OmegaConf.to_object(compose("prepare", overrides=overrides))
+    assert isinstance(cfg, PrepareConfig)
+    policy = doc_policy(cfg)
+    assert (policy.long_docs, policy.max_doc_tokens, policy.repeat_min_copies, policy.drop_blank) == (
+        "drop",
+        None,
+        None,
+        True,
+    )
+    assert doc_policy(PrepareConfig(input="x", output="y")).max_doc_tokens == 1 << 20
