@@ -42,6 +42,8 @@ from hydra.core.config_store import ConfigStore
 from omegaconf import MISSING, DictConfig
 
 from framework.cli import entry, to_object
+from framework.data import doc_filter
+from framework.data.doc_filter import DocPolicy
 from framework.data.shards import MANIFEST, DataError, SourceWriter, is_url, read_manifest
 from framework.data.tokenizer import ByteTokenizer, HFTokenizer, Tokenizer, load_tokenizer
 
@@ -93,6 +95,19 @@ class PrepareConfig:
     """chat: longest conversation in tokens (set it to trainer.seq_len); None: no limit."""
     overlong: str = "drop"
     """chat: a conversation over max_tokens is dropped | truncated (both counted) | an error."""
+    long_docs: str = "split"
+    """text: a document over max_doc_tokens is split (into rows of max_doc_tokens, each ending
+    with end-of-text) | truncated | dropped; counted in the manifest's meta.filters."""
+    max_doc_tokens: int | None = 1 << 20
+    """text: longest row in tokens, end-of-text included (1M: longer than nearly any real document,
+    so only dumps and concatenation accidents are cut); None: no limit."""
+    drop_blank: bool = True
+    """text: drop empty and all-whitespace documents (counted)."""
+    repeat_min_copies: int | None = 32
+    """text: drop a document holding this many back-to-back copies of one n-gram of
+    1..repeat_max_ngram tokens (OLMo 2's repetition filter; counted); None or 0: off."""
+    repeat_max_ngram: int = 13
+    """text: longest repeated n-gram (tokens) the repetition filter looks for."""
 
 
 ConfigStore.instance().store(name="prepare_schema", node=PrepareConfig)
@@ -272,10 +287,12 @@ def decode_text_file(data: bytes, url: str) -> str:
 # -- tokenizing ------------------------------------------------------------------------------
 
 _WORKER_TOK: Tokenizer | None = None
+_WORKER_POLICY: DocPolicy | None = None
 
 
-def _init_worker(tokenizer_spec: str) -> None:
-    global _WORKER_TOK
+def _init_worker(tokenizer_spec: str, policy: DocPolicy) -> None:
+    global _WORKER_TOK, _WORKER_POLICY
+    _WORKER_POLICY = policy
     os.environ["TOKENIZERS_PARALLELISM"] = "false"  # parallel across processes, not inside
     _WORKER_TOK = load_tokenizer(tokenizer_spec)
 
@@ -289,26 +306,38 @@ def is_val(text: str, seed: int, val_fraction: float) -> bool:
 
 
 def encode_texts(
-    texts: list[str], seed: int, val_fraction: float, tok: Tokenizer | None = None
-) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """(tokens, lengths, is_val) of a chunk: documents concatenated, each ending with EOT
-    (one flat array pickles far faster than a list of small ones)."""
+    texts: list[str],
+    seed: int,
+    val_fraction: float,
+    tok: Tokenizer | None = None,
+    policy: DocPolicy | None = None,
+) -> tuple[np.ndarray, np.ndarray, np.ndarray, dict[str, int]]:
+    """(tokens, lengths, is_val, filter counters) of a chunk: the rows the document policies keep,
+    concatenated, each ending with EOT (one flat array pickles far faster than a list of small
+    ones). policy None: every document as it is."""
     tok = tok or _WORKER_TOK
-    if isinstance(tok, ByteTokenizer):
-        ids = [np.frombuffer(t.encode("utf-8", errors="replace"), dtype=np.uint8) for t in texts]
-    elif isinstance(tok, HFTokenizer):
-        ids = [np.asarray(x, dtype=np.int64) for x in tok.encode_batch(texts)]
+    policy = policy or DocPolicy(drop_blank=False, repeat_min_copies=None)
+    counts = doc_filter.new_counts()
+    keep = [not policy.drop_blank or not (t.isspace() or not t) for t in texts]
+    if not all(keep):
+        counts["blank_documents"] += keep.count(False)
+        texts_in = [t if k else "" for t, k in zip(texts, keep)]  # not worth tokenizing
     else:
-        ids = [np.asarray(tok.encode(t), dtype=np.int64) for t in texts]
+        texts_in = texts
+    if isinstance(tok, ByteTokenizer):
+        ids = [np.frombuffer(t.encode("utf-8", errors="replace"), dtype=np.uint8) for t in texts_in]
+    elif isinstance(tok, HFTokenizer):
+        ids = [np.asarray(x, dtype=np.int64) for x in tok.encode_batch(texts_in)]
+    else:
+        ids = [np.asarray(tok.encode(t), dtype=np.int64) for t in texts_in]
     dtype = np.uint32 if tok.vocab_size > 2**16 else np.uint16
-    docs = [np.append(x.astype(dtype), dtype(tok.eot_id)) for x in ids]
-    lengths = np.array([len(d) for d in docs], dtype=np.int64)
+    flat, lengths, source = doc_filter.apply_policy(ids, keep, tok.eot_id, dtype, policy, counts)
     flags = np.array([is_val(t, seed, val_fraction) for t in texts], dtype=bool)
-    return (np.concatenate(docs) if docs else np.zeros(0, dtype)), lengths, flags
+    return flat, lengths, flags[source], counts
 
 
 def _encode_chunk(args: tuple[list[str], int, float]):
-    return encode_texts(*args)
+    return encode_texts(*args, policy=_WORKER_POLICY)
 
 
 def _chunks(texts: Iterator[str], n: int) -> Iterator[list[str]]:
@@ -354,7 +383,33 @@ def input_fingerprint(files: list[InputFile], cfg: PrepareConfig, tok_fingerprin
     }
     if cfg.format != "text":  # text sources keep the fingerprint they had before chat existed
         desc.update(format=cfg.format, max_tokens=cfg.max_tokens, overlong=cfg.overlong)
+    else:
+        desc.update(policy=vars(doc_policy(cfg)))
     return hashlib.sha256(json.dumps(desc, sort_keys=True).encode()).hexdigest()
+
+
+def doc_policy(cfg: PrepareConfig) -> DocPolicy:
+    """The text document policies of cfg (RELIABILITY C7, C8); errors name the key."""
+    if cfg.long_docs not in doc_filter.LONG_DOCS:
+        raise PrepareError(
+            f"long_docs={cfg.long_docs!r} must be one of {', '.join(doc_filter.LONG_DOCS)}"
+        )
+    if cfg.max_doc_tokens is not None and cfg.max_doc_tokens < 2:
+        raise PrepareError(
+            f"max_doc_tokens={cfg.max_doc_tokens} must be at least 2 (a token and the end-of-text), "
+            "or null for no limit"
+        )
+    if cfg.repeat_min_copies and cfg.repeat_min_copies < 2:  # 1 copy: every document "repeats"
+        raise PrepareError(f"repeat_min_copies={cfg.repeat_min_copies} must be >= 2, or 0/null (off)")
+    if cfg.repeat_max_ngram < 1:
+        raise PrepareError(f"repeat_max_ngram={cfg.repeat_max_ngram} must be >= 1")
+    return DocPolicy(
+        drop_blank=cfg.drop_blank,
+        repeat_min_copies=cfg.repeat_min_copies or None,
+        repeat_max_ngram=cfg.repeat_max_ngram,
+        long_docs=cfg.long_docs,
+        max_doc_tokens=cfg.max_doc_tokens,
+    )
 
 
 def prepare(cfg: PrepareConfig) -> Path:
@@ -374,15 +429,21 @@ def prepare(cfg: PrepareConfig) -> Path:
     tok = None if cfg.train_tokenizer else load_tokenizer(cfg.tokenizer)
     fingerprint = input_fingerprint(files, cfg, tok.fingerprint if tok else "")
     if (out / MANIFEST).is_file() and not cfg.overwrite:
-        old = read_manifest(out).meta.get("input_fingerprint")
-        if old == fingerprint:
+        old_meta = read_manifest(out).meta
+        if old_meta.get("input_fingerprint") == fingerprint:
             log.info(
                 "%s is already prepared from this input: nothing to do (overwrite=true redoes it)", out
             )
             return out
+        older = cfg.format == "text" and "filters" not in old_meta
         raise PrepareError(
-            f"output={out} holds a source prepared from other input or parameters; "
-            "choose another output or pass overwrite=true"
+            f"output={out} holds a source prepared from other input or parameters"
+            + (
+                " (or by a prepare without the document filters: long_docs, repeat_*, drop_blank)"
+                if older
+                else ""
+            )
+            + "; choose another output or pass overwrite=true"
         )
     if out.exists() and not (out / MANIFEST).is_file() and any(out.iterdir()) and not cfg.overwrite:
         raise PrepareError(
@@ -438,6 +499,8 @@ def _tokenize_and_write(
     writer = SourceWriter(tmp, tok, shard_tokens=cfg.shard_tokens)
     docs = {"train": 0, "val": 0}
     tokens = {"train": 0, "val": 0}
+    policy = doc_policy(cfg)
+    filters = doc_filter.new_counts()
     workers = cfg.workers or os.cpu_count() or 1
     chunks = (
         (c, cfg.seed, cfg.val_fraction)
@@ -447,7 +510,9 @@ def _tokenize_and_write(
     bar = tqdm(desc=f"prepare {Path(cfg.output).name}", unit=" docs", file=sys.stderr, disable=None)
 
     def consume(result) -> None:
-        flat, lengths, flags = result
+        flat, lengths, flags, counts = result
+        for k, v in counts.items():
+            filters[k] += v
         start = 0
         for n, val in zip(lengths.tolist(), flags.tolist()):
             split = "val" if val else "train"
@@ -460,12 +525,12 @@ def _tokenize_and_write(
 
     if workers <= 1:
         for args in chunks:
-            consume(encode_texts(*args, tok=tok))
+            consume(encode_texts(*args, tok=tok, policy=policy))
     else:
         # spawn: a forked child would inherit the tokenizers thread pool (deadlock-prone)
         ctx = multiprocessing.get_context("spawn")
         with ProcessPoolExecutor(
-            workers, ctx, initializer=_init_worker, initargs=(tokenizer_spec,)
+            workers, ctx, initializer=_init_worker, initargs=(tokenizer_spec, policy)
         ) as pool:
             inflight: deque = deque()
             for args in chunks:  # bounded window: memory stays flat on any input size
@@ -475,8 +540,13 @@ def _tokenize_and_write(
             while inflight:
                 consume(inflight.popleft().result())
     bar.close()
+    log.info("%s", doc_filter.summary(filters, policy))
     if docs["train"] + docs["val"] == 0:
-        raise PrepareError(f"input={cfg.input!r}: no documents (files: {[f.url for f in files]})")
+        raise PrepareError(
+            f"input={cfg.input!r}: no documents"
+            + (f" left after the filters ({filters})" if any(filters.values()) else "")
+            + f" (files: {[f.url for f in files]})"
+        )
     warn_small_splits(docs, cfg.val_fraction)
     meta = {
         "input": cfg.input,
@@ -486,6 +556,8 @@ def _tokenize_and_write(
         "seed": cfg.seed,
         "documents": docs,
         "tokens": tokens,
+        "policy": vars(policy),
+        "filters": filters,
         "input_fingerprint": fingerprint,
         "prepare_version": PREPARE_VERSION,
         "seconds": round(time.perf_counter() - t0, 3),

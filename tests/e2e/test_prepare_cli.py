@@ -39,7 +39,11 @@ def test_prepare_cli_then_train_loader_then_noop(tmp_path):
     assert first.returncode == 0, first.stderr
     out = tmp_path / "prepared" / "web"
     m = read_manifest(out)
-    assert m.meta["documents"]["train"] + m.meta["documents"]["val"] == 150 and len(m.split("train")) > 1
+    # documents with j >= 32 back-to-back copies of "abc " are degenerate (repeat_min_copies=32)
+    assert m.meta["filters"]["repetitive_documents"] == 3 * 18
+    assert m.meta["documents"]["train"] + m.meta["documents"]["val"] == 150 - 3 * 18
+    assert len(m.split("train")) > 1
+    assert "filters: dropped 0 blank and 54 repetitive documents" in first.stderr
     assert (
         not (tmp_path / "outputs").exists() and not (tmp_path / ".hydra").exists()
     )  # Hydra writes nothing
