@@ -59,6 +59,7 @@ SHAPE_KEYS = (
     "ffn_dim",
     "bias",
     "tie_embeddings",
+    "num_labels",
 )
 
 
@@ -202,6 +203,7 @@ class Checkpointer:
         """Verify, check compatibility, then load engine state and this rank's RNG state."""
         state = verify(path, self.dist)
         saved_shape = state.get("model", {})
+        saved_shape = {"num_labels": 0, **saved_shape}  # checkpoints older than classifiers: LMs
         diff = {k: (saved_shape.get(k), v) for k, v in expect_shape.items() if saved_shape.get(k) != v}
         if state.get("tokenizer") != tokenizer_fingerprint:
             diff["data.tokenizer"] = (state.get("tokenizer"), tokenizer_fingerprint)
