@@ -477,7 +477,7 @@ def verify_source(
         except DataError as e:
             raise DataError(f"source {name!r}: {e}") from e
     if (mm := m.mask_manifest()) is not None:
-        verify_source(name, path, mm, 2, cache_dir)
+        verify_source(name, path, mm, mm.vocab_size, cache_dir)
 
 
 def localize(path: str, cache_dir: str) -> Path:
