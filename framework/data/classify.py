@@ -85,9 +85,10 @@ def label_set(lines: Iterable[tuple[str, int, str]], text_key: str) -> list[str 
     for where, _, label in records(lines, text_key):
         kinds.setdefault(type(label), where)
         if len(kinds) > 1:
+            other = str if isinstance(label, int) else int
             raise ClassifyError(
-                f"{where}: label {label!r} is a {type(label).__name__}, but {kinds[str if isinstance(label, int) else int]} "
-                "has a label of the other type; use only strings or only ints"
+                f"{where}: label {label!r} ({type(label).__name__}), but {kinds[other]} has a "
+                f"{other.__name__} label; use only strings or only ints"
             )
         seen.setdefault(label, where)
     if len(seen) > MAX_LABELS:
