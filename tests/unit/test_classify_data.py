@@ -163,6 +163,7 @@ def test_loss_is_the_mean_over_examples_of_the_global_batch(tmp_path):
     torch.manual_seed(0)
     model = GPT(cfg.model)
 
+    @torch.no_grad()
     def step_loss(mb: int, dp: int) -> float:
         total = 0.0
         for rank in range(dp):
