@@ -688,7 +688,7 @@ def iter_hf_weights(m: ModelConfig, path: str | Path) -> Iterator[tuple[str, tor
     check_hf_config(hf_cfg, m, path)
     # original GPT-2 files have no "transformer." prefix
     rename = (
-        (lambda k: k if k.startswith(("transformer.", "lm_head")) else "transformer." + k)
+        (lambda k: k if k.startswith(("transformer.", "lm_head", "score.")) else "transformer." + k)
         if m.style == "gpt2"
         else (lambda k: k)
     )

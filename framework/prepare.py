@@ -365,7 +365,9 @@ def prepare(cfg: PrepareConfig) -> Path:
     if cfg.format not in FORMATS:
         raise PrepareError(f"format={cfg.format!r} must be one of {', '.join(FORMATS)}")
     if cfg.format != "text" and cfg.train_tokenizer:
-        raise PrepareError(f"format={cfg.format} with train_tokenizer: train the tokenizer on text first")
+        raise PrepareError(
+            f"format={cfg.format} with train_tokenizer: train the tokenizer on text first"
+        )
     if not 0.0 <= cfg.val_fraction < 1.0:
         raise PrepareError(f"val_fraction={cfg.val_fraction} must be in [0, 1)")
     if is_url(cfg.output):

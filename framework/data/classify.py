@@ -64,7 +64,9 @@ def parse_record(raw: object, where: str, text_key: str = "text") -> tuple[str, 
     return text, label
 
 
-def records(lines: Iterable[tuple[str, int, str]], text_key: str) -> Iterator[tuple[str, str, str | int]]:
+def records(
+    lines: Iterable[tuple[str, int, str]], text_key: str
+) -> Iterator[tuple[str, str, str | int]]:
     """(where, text, label) of every non-blank line of (file, line number, line text)."""
     for url, line_no, line in lines:
         if not line.strip():
@@ -96,7 +98,9 @@ def label_set(lines: Iterable[tuple[str, int, str]], text_key: str) -> list[str 
     return sorted(seen)
 
 
-def encode(text: str, label_id: int, tok: Tokenizer, max_tokens: int) -> tuple[np.ndarray, np.ndarray, bool]:
+def encode(
+    text: str, label_id: int, tok: Tokenizer, max_tokens: int
+) -> tuple[np.ndarray, np.ndarray, bool]:
     """(row ids, targets, truncated) of one example: see the module docstring for the layout."""
     ids = tok.encode(text)
     truncated = len(ids) > max_tokens - 1

@@ -118,7 +118,12 @@ class Manifest:
             return None
         values = len(self.labels) + 1 if self.kind == "classify" else 2  # the id-range check's bound
         return replace(
-            self, kind="mask", dtype=MASK_DTYPE, vocab_size=values, shards=self.mask_shards, mask_shards=[]
+            self,
+            kind="mask",
+            dtype=MASK_DTYPE,
+            vocab_size=values,
+            shards=self.mask_shards,
+            mask_shards=[],
         )
 
 

@@ -50,7 +50,9 @@ def test_classify_losses_and_eval_counts_match_single(classify_runs, strategy):
     assert len(ref) == 8 and all(math.isfinite(x) for x in got)
     assert max_rel_diff(got, ref) <= FP32_RTOL, (strategy, got, ref)
     ev, ref_ev = last_eval(classify_runs(strategy)), last_eval(classify_runs("single"))
-    counts = {k: v for k, v in ev.items() if k.startswith(("val_count/", "val_correct/", "val_predicted/"))}
+    counts = {
+        k: v for k, v in ev.items() if k.startswith(("val_count/", "val_correct/", "val_predicted/"))
+    }
     assert counts == {k: ref_ev[k] for k in counts} and len(counts) == 6
     # eval_batches=60 covers the whole held-out split at either dp size (the same examples)
     assert ev["val_examples"] == ref_ev["val_examples"] > 100

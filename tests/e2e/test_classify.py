@@ -39,7 +39,9 @@ def synthetic_texts(n: int = 600, seed: int = 0) -> list[dict]:
     for _ in range(n):
         label = "digits" if r.random() < 0.6 else "letters"
         main, other = ("0123456789", "abcdefghij")[:: 1 if label == "digits" else -1]
-        text = "".join(r.choice(main) if r.random() < 0.7 else r.choice(other) for _ in range(r.randint(8, 24)))
+        text = "".join(
+            r.choice(main) if r.random() < 0.7 else r.choice(other) for _ in range(r.randint(8, 24))
+        )
         out.append({"text": text, "label": label})
     return out
 
@@ -166,3 +168,26 @@ def test_export_of_llama_style_classifier_matches_hf(tmp_path):
     got = hf_logits(out, rows, "LlamaForSequenceClassification")
     assert got.shape == (len(rows), 3)
     assert torch.allclose(got, want, atol=1e-5, rtol=0), (got, want)
+
+
+def test_init_from_hf_language_model_copies_the_body_and_a_classifier_dir_its_head(tmp_path):
+    from framework.checkpoint import init_weights_from
+    from framework.export import save_hf
+    from framework.model import GPT
+
+    torch.manual_seed(0)
+    lm = GPT(make_cfg(TINY).model)  # tied GPT-2 style
+    save_hf(lm, tmp_path / "lm", tokenizer="byte")
+    cfg = make_cfg([*TINY, "task=classify", "model.num_labels=2"]).model
+    clf = GPT(cfg)
+    head = clf.lm_head.weight.detach().clone()
+    assert init_weights_from(clf, tmp_path / "lm") == {"lm_head.weight"}  # left to the caller
+    assert torch.equal(clf.lm_head.weight, head)
+    theirs = lm.state_dict()
+    for name, p in clf.state_dict().items():
+        if name != "lm_head.weight":
+            assert torch.equal(p, theirs[name]), name
+    save_hf(clf, tmp_path / "clf", tokenizer="byte", labels=["a", "b"])  # and back: the head too
+    again = GPT(cfg)
+    assert init_weights_from(again, tmp_path / "clf") == set()
+    assert all(torch.equal(a, b) for a, b in zip(again.state_dict().values(), clf.state_dict().values()))

@@ -78,10 +78,16 @@ def test_int_labels_sort_numerically_and_truncate_keeps_the_head(tmp_path):
         ({"text": 5, "label": "x"}, "line 2: 'text' is int, not a string"),
         ({"text": "", "label": "x"}, "line 2: 'text' is empty"),
         ({"text": "a"}, "line 2: no 'label' field"),
-        ({"text": "a", "label": 1.5}, r"line 2: 'label' is float \(1.5\); a label is a string or an int"),
+        (
+            {"text": "a", "label": 1.5},
+            r"line 2: 'label' is float \(1.5\); a label is a string or an int",
+        ),
         ({"text": "a", "label": True}, "line 2: 'label' is bool"),
         ({"text": "a", "label": None}, "line 2: 'label' is NoneType"),
-        ({"text": "a", "label": 3}, r"line 2: label 3 \(int\), but .* line 1 has a str label; use only strings or only ints"),
+        (
+            {"text": "a", "label": 3},
+            r"line 2: label 3 \(int\), but .* line 1 has a str label; use only strings or only ints",
+        ),
         (["text"], "line 2: a record must be a JSON object"),
     ],
 )
@@ -107,7 +113,9 @@ def classify_cfg(out: Path, *extra: str):
 
 
 def test_loader_targets_are_label_ids_at_the_last_text_token(tmp_path):
-    out = prep(tmp_path, [{"text": "ab" * (i % 3 + 1), "label": ["a", "b", "c"][i % 3]} for i in range(12)])
+    out = prep(
+        tmp_path, [{"text": "ab" * (i % 3 + 1), "label": ["a", "b", "c"][i % 3]} for i in range(12)]
+    )
     cfg = classify_cfg(out)
     resolve_task(cfg)
     assert cfg.model.num_labels == 3 and cfg.task.labels == ["a", "b", "c"]
@@ -126,11 +134,15 @@ def test_loader_targets_are_label_ids_at_the_last_text_token(tmp_path):
 
 def test_start_up_refuses_mismatched_seq_len_num_labels_and_other_kinds(tmp_path):
     out = prep(tmp_path, [{"text": "ab", "label": "a"}, {"text": "cd", "label": "b"}])
-    with pytest.raises(ConfigError, match=r"max_tokens=8, but trainer.seq_len=16: set trainer.seq_len=8"):
+    with pytest.raises(
+        ConfigError, match=r"max_tokens=8, but trainer.seq_len=16: set trainer.seq_len=8"
+    ):
         resolve_task(classify_cfg(out, "trainer.seq_len=16"))
     with pytest.raises(ConfigError, match=r"model.num_labels=3 but the data has 2 labels"):
         resolve_task(classify_cfg(out, "model.num_labels=3"))
-    with pytest.raises(ConfigError, match="task=classify trains on classify sources, but data source 'w' is sft"):
+    with pytest.raises(
+        ConfigError, match="task=classify trains on classify sources, but data source 'w' is sft"
+    ):
         check_sources(classify_cfg(out).task, {"w": "sft"})
     with pytest.raises(ConfigError, match="data source 'c' is classify: .* or choose task=classify"):
         check_sources(make_cfg([]).task, {"c": "classify"})
