@@ -59,6 +59,7 @@ SHAPE_KEYS = (
     "ffn_dim",
     "bias",
     "tie_embeddings",
+    "num_labels",
 )
 
 
@@ -202,6 +203,7 @@ class Checkpointer:
         """Verify, check compatibility, then load engine state and this rank's RNG state."""
         state = verify(path, self.dist)
         saved_shape = state.get("model", {})
+        saved_shape = {"num_labels": 0, **saved_shape}  # checkpoints older than classifiers: LMs
         diff = {k: (saved_shape.get(k), v) for k, v in expect_shape.items() if saved_shape.get(k) != v}
         if state.get("tokenizer") != tokenizer_fingerprint:
             diff["data.tokenizer"] = (state.get("tokenizer"), tokenizer_fingerprint)
@@ -363,16 +365,17 @@ def _pause_before_commit(pause_s: float = 0.0) -> None:
         time.sleep(pause)
 
 
-def init_weights_from(model, path: str | Path) -> None:
+def init_weights_from(model, path: str | Path) -> set[str]:
     """model.init_from: copy weights into the freshly built plain `model` from a local Hugging Face
     directory (it holds config.json: export.load_hf_weights checks it) or from one of our
     checkpoints (a checkpoint, checkpoints/ or run dir, any strategy). Every tensor must exist with
-    the same shape; the refusal names each one that differs."""
+    the same shape; the refusal names each one that differs. One exception: a classifier
+    (model.num_labels) from a language model keeps its head out of the copy (the LM head has
+    vocab_size rows); the returned names are those not copied, for the caller to initialise."""
     if (Path(path) / "config.json").is_file():
         from framework.export import load_hf_weights
 
-        load_hf_weights(model, path)
-        return
+        return load_hf_weights(model, path)
     try:
         src, _ = load_model(path)
     except CheckpointError as e:
@@ -381,6 +384,11 @@ def init_weights_from(model, path: str | Path) -> None:
             f"our checkpoints ({e})"
         ) from e
     ours, theirs = model.state_dict(), src.state_dict()
+    fresh = set()
+    if model.cfg.num_labels and not src.cfg.num_labels:  # classifier from an LM: a new head
+        fresh = {"lm_head.weight"}
+        theirs = {k: v for k, v in theirs.items() if k not in fresh}
+        ours = {k: v for k, v in ours.items() if k not in fresh}
     problems = [f"missing {k}" for k in ours if k not in theirs]
     problems += [f"unexpected {k}" for k in theirs if k not in ours]
     problems += [
@@ -394,4 +402,5 @@ def init_weights_from(model, path: str | Path) -> None:
             + "; ".join(problems)
             + ". Set model=... (and model.vocab_size) to the checkpoint's model"
         )
-    model.load_state_dict(theirs)
+    model.load_state_dict(theirs, strict=not fresh)
+    return fresh

@@ -231,7 +231,11 @@ class FaultsConfig:
 class TaskConfig:
     name: str = "pretrain"
     """pretrain (every token is a target) | sft (instruction data from `prepare format=chat`: loss
-    on assistant tokens only); chosen once at build time by framework.task."""
+    on assistant tokens only) | classify (labelled text from `prepare format=classify`: a linear
+    head on the last text token); chosen once at build time by framework.task."""
+    labels: list[str] = field(default_factory=list)
+    """classify: the label of each class id, filled at start-up from the sources' manifests
+    (recorded in the run's config, so export writes id2label); empty otherwise."""
 
 
 @dataclass
@@ -257,7 +261,7 @@ def register() -> None:
 
 register()
 
-TASKS = ("pretrain", "sft")  # framework/task.py builds each
+TASKS = ("pretrain", "sft", "classify")  # framework/task.py builds each
 STRATEGIES = ("single", "ddp", "zero1", "zero2", "zero3", "fsdp", "tp", "tp_fsdp")
 MULTI_PROCESS = ("ddp", "fsdp", "tp", "tp_fsdp")
 """Strategies whose engine needs a process group of >= 2 ranks (ZeRO makes its own of 1)."""
@@ -362,6 +366,11 @@ def validate(cfg: Config, world_size: int = 1, device: str | None = None) -> Non
         errors.append(f"precision.name={p.name!r} is not one of {', '.join(PRECISIONS)}")
     if cfg.task.name not in TASKS:
         errors.append(f"task.name={cfg.task.name!r} is not one of {', '.join(TASKS)}")
+    if cfg.model.num_labels and cfg.task.name != "classify":
+        errors.append(
+            f"model.num_labels={cfg.model.num_labels} is a classifier head, but task={cfg.task.name} "
+            "trains a language model: set task=classify or model.num_labels=0"
+        )
     if world_size < 1:
         errors.append(f"world size {world_size} must be >= 1")
     if s.tp < 1:

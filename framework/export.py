@@ -9,6 +9,10 @@ plus AutoTokenizer: a tokenizers JSON file is copied; the built-in byte tokenize
 an equivalent byte-level BPE without merges; tiktoken encodings are refused unless
 `with_tokenizer=false`. Directory 0777 and files 0666, less the umask. The reverse,
 `load_hf_weights`, initialises our model from such a directory (`model.init_from=<dir>`).
+A classifier (model.num_labels > 0, task=classify) is written as GPT2ForSequenceClassification /
+LlamaForSequenceClassification: our output head is their `score`, with id2label/label2id from
+task.labels and pad_token_id = end-of-text, the padding our classify sources use, so HF picks the
+same last text token as we do.
 
 Both directions stream, for models larger than one host's memory: the export reads the
 checkpoint one tensor at a time (DCP reads of single keys, from the shard files of any
@@ -67,6 +71,33 @@ DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch
 
 # -- ours -> HF --------------------------------------------------------------------------
 def hf_config(m: ModelConfig) -> dict:
+    cfg = _hf_config(m)
+    if m.num_labels:
+        kind = "GPT2" if m.style == "gpt2" else "Llama"
+        cfg["architectures"] = [f"{kind}ForSequenceClassification"]
+    return cfg
+
+
+def classifier_fields(m: ModelConfig, labels: list[str] | None, pad_id: int | None) -> dict:
+    """config.json fields of a sequence classifier: its labels, and the pad id by which
+    transformers finds each row's last real token (without it, a batch of more than one row is
+    refused and a single row is read at its very last position)."""
+    if pad_id is None:
+        raise ConfigError(
+            "a classifier export needs the end-of-text id as pad_token_id: the checkpoint's "
+            "data.tokenizer could not be loaded"
+        )
+    labels = list(labels) if labels else [f"LABEL_{i}" for i in range(m.num_labels)]
+    if len(labels) != m.num_labels:
+        raise ConfigError(f"task.labels {labels} do not match model.num_labels={m.num_labels}")
+    return {
+        "id2label": {str(i): str(x) for i, x in enumerate(labels)},
+        "label2id": {str(x): i for i, x in enumerate(labels)},
+        "pad_token_id": pad_id,
+    }
+
+
+def _hf_config(m: ModelConfig) -> dict:
     if m.style == "gpt2":
         if m.kv_heads != m.n_head:
             raise ConfigError(
@@ -163,7 +194,7 @@ def hf_recipes(m: ModelConfig) -> dict[str, Callable[[Getter], torch.Tensor]]:
         out[p + "ln_f.weight"] = one("norm.weight")
         out[p + "ln_f.bias"] = cat(["norm.bias"])
         if not m.tie_embeddings:
-            out["lm_head.weight"] = one("lm_head.weight")
+            out[_head_name(m)] = one("lm_head.weight")
     else:
         for ours, hf in _llama_names(m):
             out[hf] = one(ours)
@@ -214,8 +245,13 @@ def _llama_names(m: ModelConfig) -> list[tuple[str, str]]:
             if m.bias:
                 names.append((f"{b}{ours}.bias", f"{h}{hf}.bias"))
     if not m.tie_embeddings:
-        names.append(("lm_head.weight", "lm_head.weight"))
+        names.append(("lm_head.weight", _head_name(m)))
     return names
+
+
+def _head_name(m: ModelConfig) -> str:
+    """HF's name of our output head: a classifier's is `score` (*ForSequenceClassification)."""
+    return "score.weight" if m.num_labels else "lm_head.weight"
 
 
 # Hugging Face's size strings (transformers' save_pretrained, huggingface_hub): decimal units,
@@ -248,10 +284,12 @@ def save_hf(
     overwrite: bool = False,
     tokenizer: str | None = None,
     max_shard_size: int | str = "5GB",
+    labels: list[str] | None = None,
+    pad_id: int | None = None,
 ) -> Path:
     """Export an in-memory model (see write_hf)."""
     sd = model.state_dict()
-    return write_hf(model.cfg, sd.get, out, dtype, overwrite, tokenizer, max_shard_size)
+    return write_hf(model.cfg, sd.get, out, dtype, overwrite, tokenizer, max_shard_size, labels, pad_id)
 
 
 def write_hf(
@@ -262,6 +300,8 @@ def write_hf(
     overwrite: bool = False,
     tokenizer: str | None = None,
     max_shard_size: int | str = "5GB",
+    labels: list[str] | None = None,
+    pad_id: int | None = None,
 ) -> Path:
     """Write config.json, generation_config.json, the weights and (given our tokenizer spec:
     'byte' or a tokenizers JSON file) the tokenizer files into `out`, atomically (a temp dir,
@@ -271,7 +311,8 @@ def write_hf(
     `model-0000i-of-0000n.safetensors` with `model.safetensors.index.json` (split as
     transformers does: in order, a tensor larger than the limit alone in its file). Each HF
     tensor is built from `get` when its file is written, and a file is released before the
-    next: host memory holds one output file plus the tensor being read."""
+    next: host memory holds one output file plus the tensor being read. A classifier
+    (m.num_labels) also gets `labels` (id order) and `pad_id` (default: the tokenizer's EOT)."""
     from huggingface_hub import split_torch_state_dict_into_shards
     from safetensors.torch import save_file
 
@@ -294,6 +335,9 @@ def write_hf(
             # pad = eos keeps transformers' generate() from warning and guessing one.
             gen = ids | {"pad_token_id": eot}
             (tmp / "generation_config.json").write_text(json.dumps(gen, indent=2) + "\n")
+            pad_id = eot if pad_id is None else pad_id
+        if m.num_labels:
+            cfg |= classifier_fields(m, labels, pad_id)
         (tmp / "config.json").write_text(json.dumps(cfg, indent=2) + "\n")
         for filename, names in split.filename_to_tensors.items():
             shard = {k: recipes[k](get).detach().to(dtype).contiguous() for k in names}
@@ -610,6 +654,9 @@ def _check_tensors(path, m: ModelConfig, tensors: HFWeights, hf_cfg: dict, expec
         need = {k: v for k, v in need.items() if not k.endswith(".bias")}
     if not m.tie_embeddings and hf_cfg.get("tie_word_embeddings", True):
         need.pop("lm_head.weight", None)  # tied in the file: the head is a copy of the embedding
+    if m.num_labels and "score.weight" not in tensors:
+        need.pop("score.weight", None)  # a language model's file: the classifier head starts fresh
+        expected = {**expected, "lm_head.weight": None}  # its LM head is not ours to load
     missing = [k for k in need if k not in tensors]
     shapes = [
         f"{k}: HF {tensors.shape(k)} vs ours {tuple(v.shape)}"
@@ -645,7 +692,7 @@ def iter_hf_weights(m: ModelConfig, path: str | Path) -> Iterator[tuple[str, tor
     check_hf_config(hf_cfg, m, path)
     # original GPT-2 files have no "transformer." prefix
     rename = (
-        (lambda k: k if k.startswith(("transformer.", "lm_head")) else "transformer." + k)
+        (lambda k: k if k.startswith(("transformer.", "lm_head", "score.")) else "transformer." + k)
         if m.style == "gpt2"
         else (lambda k: k)
     )
@@ -682,24 +729,33 @@ def iter_hf_weights(m: ModelConfig, path: str | Path) -> Iterator[tuple[str, tor
         yield "norm.weight", tensors[p + "ln_f.weight"]
         if m.bias:
             yield "norm.bias", tensors[p + "ln_f.bias"]
-        if not m.tie_embeddings:
+        if m.num_labels:
+            if "score.weight" in tensors:
+                yield "lm_head.weight", tensors["score.weight"]
+        elif not m.tie_embeddings:
             head = "lm_head.weight" if "lm_head.weight" in tensors else p + "wte.weight"
             yield "lm_head.weight", tensors[head]
     else:
         for ours_k, hf_k in _llama_names(m):
+            if hf_k == "score.weight" and hf_k not in tensors:  # an LM file: a fresh classifier head
+                continue
             if hf_k == "lm_head.weight" and hf_k not in tensors:  # tied in the file, untied here
                 hf_k = "model.embed_tokens.weight"
             yield ours_k, tensors[hf_k]
 
 
-def load_hf_weights(model: GPT, path: str | Path) -> None:
+def load_hf_weights(model: GPT, path: str | Path) -> set[str]:
     """Copy a local HF GPT-2 / Llama directory's weights into `model`, one tensor at a time
-    (iter_hf_weights: the file's tensors are never all in memory together)."""
+    (iter_hf_weights: the file's tensors are never all in memory together). Returns the names
+    the directory did not provide (a classifier's head from a language model's file)."""
     sd = model.state_dict()
+    loaded = set()
     with torch.no_grad():
         for name, tensor in iter_hf_weights(model.cfg, path):
             sd[name].copy_(tensor)
+            loaded.add(name)
     log.info("initialised %s from %s", model.cfg.name, path)
+    return {n for n, _ in model.named_parameters()} - loaded
 
 
 def run(cfg: ExportConfig) -> Path:
@@ -717,9 +773,18 @@ def run(cfg: ExportConfig) -> Path:
     m = ModelConfig(**state["config"]["model"])
     reader = ModelTensorReader(ckpt / "state", m)
     tok = state["config"]["data"]["tokenizer"] if cfg.with_tokenizer else None
+    labels, pad_id = None, None
+    if m.num_labels:  # a classifier: its labels, and end-of-text (the padding) as pad_token_id
+        from framework.data.tokenizer import load_tokenizer
+
+        labels = state["config"].get("task", {}).get("labels")
+        try:
+            pad_id = load_tokenizer(state["config"]["data"]["tokenizer"]).eot_id
+        except (OSError, ValueError, ImportError) as e:
+            log.warning("cannot load the checkpoint's tokenizer for pad_token_id: %s", e)
     out = write_hf(
         m, reader.get, cfg.out, DTYPES[cfg.dtype], cfg.overwrite, tokenizer=tok,
-        max_shard_size=cfg.max_shard_size,
+        max_shard_size=cfg.max_shard_size, labels=labels, pad_id=pad_id,
     )  # fmt: skip
     log.info("wrote %s (step %d)", out, state["step"])
     return out

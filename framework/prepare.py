@@ -50,6 +50,7 @@ from framework.data.tokenizer import ByteTokenizer, HFTokenizer, Tokenizer, load
 log = logging.getLogger("framework.prepare")
 CONF_DIR = str(Path(__file__).resolve().parent.parent / "conf")
 PREPARE_VERSION = 1
+FORMATS = ("text", "chat", "classify")
 HF_MARKERS = ("state.json", "dataset_info.json", "dataset_dict.json")
 SUFFIXES = (
     ".jsonl",
@@ -90,11 +91,13 @@ class PrepareConfig:
     """Replace an existing output made from other input or parameters, or redo the same one."""
     format: str = "text"
     """text (pretraining documents) | chat (jsonl instruction records -> an sft source with a
-    per-token loss mask; see framework/data/chat.py for the template)."""
+    per-token loss mask; see framework/data/chat.py for the template) | classify (jsonl
+    {text, label} -> a classify source, one example per window; see framework/data/classify.py)."""
     max_tokens: int | None = None
-    """chat: longest conversation in tokens (set it to trainer.seq_len); None: no limit."""
+    """chat: longest conversation in tokens (set it to trainer.seq_len); None: no limit.
+    classify: required, = trainer.seq_len (each example is padded to it; text up to max_tokens-1)."""
     overlong: str = "drop"
-    """chat: a conversation over max_tokens is dropped | truncated (both counted) | an error."""
+    """chat / classify: an example over max_tokens is dropped | truncated (both counted) | an error."""
     long_docs: str = "split"
     """text: a document over max_doc_tokens is split (into rows of max_doc_tokens, each ending
     with end-of-text) | truncated | dropped; counted in the manifest's meta.filters."""
@@ -414,10 +417,12 @@ def doc_policy(cfg: PrepareConfig) -> DocPolicy:
 
 def prepare(cfg: PrepareConfig) -> Path:
     """Run prepare; returns the output directory. Raises PrepareError/DataError on bad input."""
-    if cfg.format not in ("text", "chat"):
-        raise PrepareError(f"format={cfg.format!r} must be text or chat")
-    if cfg.format == "chat" and cfg.train_tokenizer:
-        raise PrepareError("format=chat with train_tokenizer: train the tokenizer on text first")
+    if cfg.format not in FORMATS:
+        raise PrepareError(f"format={cfg.format!r} must be one of {', '.join(FORMATS)}")
+    if cfg.format != "text" and cfg.train_tokenizer:
+        raise PrepareError(
+            f"format={cfg.format} with train_tokenizer: train the tokenizer on text first"
+        )
     if not 0.0 <= cfg.val_fraction < 1.0:
         raise PrepareError(f"val_fraction={cfg.val_fraction} must be in [0, 1)")
     if is_url(cfg.output):
@@ -464,7 +469,7 @@ def prepare(cfg: PrepareConfig) -> Path:
             tokenizer_spec = str(tmp / "tokenizer.json")
             tok = load_tokenizer(tokenizer_spec)
             tok.name = str(out / "tokenizer.json")
-        write = _write_chat if cfg.format == "chat" else _tokenize_and_write
+        write = {"chat": _write_chat, "classify": _write_classify}.get(cfg.format, _tokenize_and_write)
         stats = write(files, cfg, tok, tokenizer_spec, tmp, fingerprint)
         if out.exists():
             old = out.parent / f".{out.name}.old-{os.getpid()}"
@@ -603,6 +608,49 @@ def _write_chat(
         "seconds": round(time.perf_counter() - t0, 3),
     }
     writer.close(meta=meta)  # manifest last
+    return meta
+
+
+def _write_classify(
+    files: list[InputFile],
+    cfg: PrepareConfig,
+    tok: Tokenizer,
+    tokenizer_spec: str,
+    tmp: Path,
+    fingerprint: str,
+) -> dict:
+    """format=classify: jsonl {text, label} records -> a classify source (one process, two passes:
+    the label set is fixed before the first example is written)."""
+    from framework.data.classify import write_classify_source
+
+    bad = [f.url for f in files if f.kind != "jsonl"]
+    if bad:
+        raise PrepareError(f"format=classify reads jsonl records; not jsonl: {bad}")
+
+    def lines():
+        return ((f.url, n, line) for f in files for n, line in enumerate(_lines(f.url), 1))
+
+    writer = SourceWriter(tmp, tok, shard_tokens=cfg.shard_tokens)
+    t0 = time.perf_counter()
+    counts = write_classify_source(
+        lines, tok, writer, cfg.max_tokens, cfg.overlong, cfg.seed, cfg.val_fraction, cfg.text_key
+    )
+    if sum(counts["documents"].values()) == 0:
+        raise PrepareError(f"input={cfg.input!r}: no examples kept (records: {counts['records']})")
+    warn_small_splits(counts["documents"], cfg.val_fraction)
+    meta = {
+        "input": cfg.input,
+        "files": [{"url": f.url, "bytes": f.size, "mtime": f.mtime} for f in files],
+        "format": "classify",
+        "text_key": cfg.text_key,
+        "val_fraction": cfg.val_fraction,
+        "seed": cfg.seed,
+        **counts,
+        "input_fingerprint": fingerprint,
+        "prepare_version": PREPARE_VERSION,
+        "seconds": round(time.perf_counter() - t0, 3),
+    }
+    writer.close(meta=meta, labels=counts["labels"])  # manifest last
     return meta
 
 

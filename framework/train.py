@@ -32,7 +32,7 @@ from framework.optim import lr_at, schedule_change_warning
 from framework.parallel import build_engine
 from framework.parallel.dist import Dist, env_world_size, init_distributed, teardown
 from framework.perf import StepTimer, flops_per_token, host_memory, mfu, peak_flops
-from framework.task import check_sources
+from framework.task import check_sources, eval_metrics, resolve_task
 
 log = logging.getLogger("framework")
 
@@ -40,6 +40,7 @@ log = logging.getLogger("framework")
 def train(cfg: C.Config) -> dict:
     """Run (or resume) training as configured; returns the last step's numbers."""
     resolve_vocab_size(cfg)  # model.vocab_size=auto -> the data's vocabulary, before validation
+    resolve_task(cfg)  # task=classify: task.labels and model.num_labels from the manifests
     C.validate(cfg, env_world_size())  # before any process group or device is touched
     guard = faults.Guard(cfg, faults.StopSignal().install())  # a stop signal only sets a flag
     # steps are watched by guard's watchdog (trainer.collective_timeout_s); the group's own
@@ -229,6 +230,7 @@ def evaluate(engine, val: dict, weights: dict, step: int, tok: Tokenizer, cfg: C
         w = dict.fromkeys(val, 1.0)
     record["val_loss"] = sum(w[n] * record[f"val_loss/{n}"] for n in val) / sum(w.values())
     record["val_ppl"] = perplexity(record["val_loss"])
+    record.update(eval_metrics(cfg.task, engine, val, dist))  # classify: accuracy, per-class counts
     text = None
     if cfg.trainer.sample_tokens:
         g = torch.Generator().manual_seed(cfg.trainer.seed + step)

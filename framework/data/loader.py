@@ -94,13 +94,15 @@ def to_batches(
     mask: np.ndarray | None = None,
     trained_global: int = 0,
     dp_size: int = 1,
+    label_targets: bool = False,
 ) -> list[Batch]:
     """Micro-batches of (n, T+1) windows: inputs are the first T tokens, targets the last T.
     On CPU they are zero-copy views; with CUDA, contiguous page-locked copies, since a strided
     view would first be copied to pageable memory and the host-to-device copy could not overlap.
     mask (n, T+1) uint8, sft: targets of untrained tokens become -100 (ignored by the loss) and
     each micro-batch gets its loss_weight from trained_global, the trained targets of the global
-    batch these windows belong to (see Batch.loss_weight)."""
+    batch these windows belong to (see Batch.loss_weight). label_targets (classify sources): the
+    mask holds label id + 1 where a label is the target, and that id becomes the target."""
     t = torch.from_numpy(windows)
     d = torch.from_numpy(doc)[:, :-1] if doc is not None else None
     parts = [
@@ -109,7 +111,9 @@ def to_batches(
     ]
     if mask is not None:
         return [
-            masked_batch(x, dx, mask[i * micro_batch_size : (i + 1) * micro_batch_size], w, pin)
+            masked_batch(
+                x, dx, mask[i * micro_batch_size : (i + 1) * micro_batch_size], w, pin, label_targets
+            )
             for i, ((x, dx), w) in enumerate(
                 zip(parts, loss_weights(mask, micro_batch_size, trained_global, dp_size))
             )
@@ -129,7 +133,10 @@ def loss_weights(
     a micro-batch's n_m trained targets, divided by accum and averaged over dp ranks, becomes
     sum / trained_global when weighted by n_m x accum x dp / trained_global."""
     per_micro = np.array(
-        [int(mask[i : i + micro_batch_size, 1:].sum()) for i in range(0, len(mask), micro_batch_size)]
+        [
+            int(np.count_nonzero(mask[i : i + micro_batch_size, 1:]))
+            for i in range(0, len(mask), micro_batch_size)
+        ]
     )
     if trained_global == 0:
         return [0.0] * len(per_micro)
@@ -137,12 +144,18 @@ def loss_weights(
     return [float(n) * scale for n in per_micro.tolist()]
 
 
-def masked_batch(x: torch.Tensor, dx, mask: np.ndarray, weight: float, pin: bool) -> Batch:
+def masked_batch(
+    x: torch.Tensor, dx, mask: np.ndarray, weight: float, pin: bool, label_targets: bool = False
+) -> Batch:
     """One sft micro-batch: untrained targets are -100. A micro-batch without any trained target
     keeps its real targets under weight 0, so its loss and gradients are exactly zero rather than
-    the NaN of a mean over nothing (every rank still runs backward: DDP/FSDP need it)."""
+    the NaN of a mean over nothing (every rank still runs backward: DDP/FSDP need it).
+    label_targets (classify): the targets are the mask's label ids (mask - 1), -100 elsewhere."""
     targets = x[:, 1:]
-    if weight:
+    if label_targets:
+        ids = torch.from_numpy(mask[:, 1:].astype(np.int64)) - 1
+        targets = ids.masked_fill(ids < 0, -100)
+    elif weight:
         targets = targets.masked_fill(torch.from_numpy(mask[:, 1:] == 0), -100)
     b = Batch(x[:, :-1], targets.contiguous(), dx, loss_weight=weight)
     if pin:
@@ -250,9 +263,8 @@ class MixtureLoader:
                     s.name, local, mm, "train", seq_len, seed, shuffle=True, cache_dir=cache_dir
                 )
             )
-        self.kinds = {
-            s.name: ("sft" if mk is not None else "pretrain") for s, mk in zip(self.sources, self.masks)
-        }
+        self.kinds = {s.name: p.manifest.kind for s, p in zip(self.sources, self.packed)}
+        self.label_targets = "classify" in self.kinds.values()
         if not self.sources:
             raise DataError("no data source with weight > 0 has training tokens")
         names = [s.name for s in self.sources]
@@ -385,7 +397,7 @@ class MixtureLoader:
                 if mk is not None:
                     rows = np.flatnonzero(src == j)
                     mk.gather(ks[rows], mask, rows)
-            trained = mask[:, 1:].reshape(n_steps, -1).sum(axis=1, dtype=np.int64)
+            trained = np.count_nonzero(mask[:, 1:].reshape(n_steps, -1), axis=1).astype(np.int64)
             mask = mask[mine]
         step_counts = np.bincount(np.arange(len(src)) // G * S + src, minlength=n_steps * S)
         after = counts + np.cumsum(
@@ -406,6 +418,7 @@ class MixtureLoader:
                 None if mask is None else mask[i * R : (i + 1) * R],
                 int(trained[i]),
                 self.dp,
+                self.label_targets,
             )
             steps.append(Step(batches, position + (i + 1) * G, after[i], int(trained[i]), error))
         return steps
@@ -563,8 +576,9 @@ def val_batches(
             every = np.ones((total, seq_len + 1), dtype=np.uint8)
             pm = PackedSource(s.name, local, mm, "val", seq_len, 0, shuffle=False, cache_dir=cache_dir)
             pm.gather(np.arange(total), every, np.arange(total))
-            mask, trained = every[mine], int(every[:, 1:].sum())
+            mask, trained = every[mine], int(np.count_nonzero(every[:, 1:]))
         out[s.name] = to_batches(
-            buf, doc, micro_batch_size, torch.cuda.is_available(), mask, trained, dp_size
-        )
+            buf, doc, micro_batch_size, torch.cuda.is_available(), mask, trained, dp_size,
+            m.kind == "classify",
+        )  # fmt: skip
     return out

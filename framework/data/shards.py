@@ -47,7 +47,7 @@ SCHEMA_VERSION = 1
 MANIFEST = "manifest.json"
 COLUMN = "input_ids"
 MASK_DTYPE = "uint8"
-KINDS = ("pretrain", "sft")
+KINDS = ("pretrain", "sft", "classify")
 # dtypes a manifest may declare, with the largest vocabulary each can hold
 DTYPE_MAX_VOCAB = {"uint8": 2**8, "uint16": 2**16, "uint32": 2**32, "int32": 2**31, "int64": 2**63}
 
@@ -94,12 +94,16 @@ class Manifest:
     """How the source was made: input description, prepare parameters."""
     kind: str = "pretrain"
     """pretrain (every token is a target) | sft (instruction data: `mask_shards` say which tokens
-    are trained). Manifests older than this field are pretraining sources."""
+    are trained) | classify (labelled examples: `mask_shards` hold label id + 1 where a label is
+    the target, see framework/data/classify.py). Manifests older than this field are pretraining
+    sources."""
     mask_shards: list[ShardInfo] = field(default_factory=list)
-    """sft only: per-token loss mask (uint8, 1 = trained), one shard per token shard with the same
-    rows and lengths (`<split>-<NNNNN>.mask.arrow`)."""
+    """sft / classify: per-token loss mask (uint8, 0 = not trained; sft 1, classify label id + 1),
+    one shard per token shard with the same rows and lengths (`<split>-<NNNNN>.mask.arrow`)."""
     trained_tokens: dict[str, int] = field(default_factory=dict)
-    """sft only: tokens with mask 1 per split."""
+    """sft / classify: tokens with a nonzero mask per split (classify: examples)."""
+    labels: list = field(default_factory=list)
+    """classify only: the label of each class id, in id order (sorted, see data/classify.py)."""
 
     def split(self, split: str) -> list[ShardInfo]:
         return [s for s in self.shards if s.split == split]
@@ -110,10 +114,16 @@ class Manifest:
     def mask_manifest(self) -> Manifest | None:
         """The loss-mask shards seen as a source of their own (dtype uint8, ids 0/1): read,
         verified and packed with the same code as the tokens, in the same document order."""
-        if self.kind != "sft":
+        if self.kind not in ("sft", "classify"):
             return None
+        values = len(self.labels) + 1 if self.kind == "classify" else 2  # the id-range check's bound
         return replace(
-            self, kind="mask", dtype=MASK_DTYPE, vocab_size=2, shards=self.mask_shards, mask_shards=[]
+            self,
+            kind="mask",
+            dtype=MASK_DTYPE,
+            vocab_size=values,
+            shards=self.mask_shards,
+            mask_shards=[],
         )
 
 
@@ -182,7 +192,7 @@ class SourceWriter:
             if len(mask) != len(doc):
                 raise DataError(f"loss mask of {len(mask)} tokens for a document of {len(doc)}")
             self.pending_masks.setdefault(split, []).append(mask.astype(MASK_DTYPE))
-            self.trained_tokens[split] = self.trained_tokens.get(split, 0) + int(mask.sum())
+            self.trained_tokens[split] = self.trained_tokens.get(split, 0) + int(np.count_nonzero(mask))
         self.pending.setdefault(split, []).append(doc)
         self.pending_tokens[split] = self.pending_tokens.get(split, 0) + len(doc)
         if self.pending_tokens[split] >= self.shard_tokens:
@@ -210,7 +220,8 @@ class SourceWriter:
                 ShardInfo(mpath.name, split, rows, tokens, mpath.stat().st_size, sha, xxh)
             )
 
-    def close(self, meta: dict | None = None) -> Manifest:
+    def close(self, meta: dict | None = None, labels: list | None = None) -> Manifest:
+        """Flush and write the manifest (last). labels: a classify source's label set (id order)."""
         for split in list(self.pending):
             self.flush(split)
         m = Manifest(
@@ -224,7 +235,8 @@ class SourceWriter:
             meta=meta or {},
         )
         if self.mask_shards:
-            m.kind, m.mask_shards = "sft", self.mask_shards
+            m.kind, m.mask_shards = ("classify" if labels else "sft"), self.mask_shards
+            m.labels = list(labels or [])
             m.trained_tokens = {s: self.trained_tokens.get(s, 0) for s in ("train", "val")}
         write_manifest(self.out, m)
         return m
@@ -235,6 +247,8 @@ def write_manifest(out_dir: Path, m: Manifest) -> None:
     if m.kind == "pretrain":  # a pretraining manifest stays as it was before sft sources existed
         for key in ("kind", "mask_shards", "trained_tokens"):
             raw.pop(key)
+    if m.kind != "classify":  # nor does an sft one
+        raw.pop("labels")
     tmp = out_dir / (MANIFEST + ".tmp")
     tmp.write_text(json.dumps(raw, indent=1))
     os.replace(tmp, out_dir / MANIFEST)
@@ -258,10 +272,12 @@ def read_manifest(source_dir: str | Path) -> Manifest:
         )
     if m.kind not in KINDS:
         raise DataError(f"{p}: kind {m.kind!r} is not one of {KINDS}: a newer prepare wrote it?")
-    if m.kind == "sft" and [(s.split, s.rows, s.tokens) for s in m.mask_shards] != [
+    if m.kind == "classify" and not m.labels:
+        raise DataError(f"{p}: kind classify but no labels")
+    if m.kind in ("sft", "classify") and [(s.split, s.rows, s.tokens) for s in m.mask_shards] != [
         (s.split, s.rows, s.tokens) for s in m.shards
     ]:
-        raise DataError(f"{p}: kind sft but its mask_shards do not match its shards row for row")
+        raise DataError(f"{p}: kind {m.kind} but its mask_shards do not match its shards row for row")
     if m.dtype not in DTYPE_MAX_VOCAB:
         raise DataError(f"{p}: dtype {m.dtype!r} is not one of {sorted(DTYPE_MAX_VOCAB)}")
     if m.vocab_size > DTYPE_MAX_VOCAB[m.dtype]:
@@ -466,7 +482,7 @@ def verify_source(
         except DataError as e:
             raise DataError(f"source {name!r}: {e}") from e
     if (mm := m.mask_manifest()) is not None:
-        verify_source(name, path, mm, 2, cache_dir)
+        verify_source(name, path, mm, mm.vocab_size, cache_dir)
 
 
 def localize(path: str, cache_dir: str) -> Path:

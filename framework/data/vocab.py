@@ -27,11 +27,17 @@ def round_vocab(n: int) -> int:
 def _manifest_vocab(path: str) -> int | None:
     """The source's vocabulary, or None where it is not prepared yet (a sample source that
     start-up generates)."""
+    m = manifest_of(path)
+    return None if m is None else m.vocab_size
+
+
+def manifest_of(path: str):
+    """The source's manifest (local or fsspec URL), or None where it is not prepared yet."""
     try:
         if is_url(path):
             with fsspec.open(f"{path.rstrip('/')}/{MANIFEST}", "rb") as fh:
-                return read_manifest_text(fh.read(), path).vocab_size
-        return read_manifest(path).vocab_size
+                return read_manifest_text(fh.read(), path)
+        return read_manifest(path)
     except FileNotFoundError:
         return None
     except DataError:

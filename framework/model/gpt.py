@@ -55,6 +55,9 @@ class ModelConfig:
     init_std: float = 0.02
     init_from: str | None = None
     """A local Hugging Face GPT-2/Llama directory whose weights initialise the model."""
+    num_labels: int = 0
+    """0: a language model (output head of vocab_size rows). >0: a sequence classifier, the
+    output head `lm_head` has num_labels rows (HF's `score`, no bias); task=classify sets it."""
 
     @property
     def kv_heads(self) -> int:
@@ -97,6 +100,13 @@ class ModelConfig:
             )
         if self.style == "llama" and self.n_head > 0 and (self.n_embd // self.n_head) % 2:
             errors.append(f"RoPE needs an even head size; n_embd/n_head={self.n_embd // self.n_head}")
+        if self.num_labels < 0:
+            errors.append(f"model.num_labels={self.num_labels} must be >= 0")
+        if self.num_labels and self.tie_embeddings:
+            errors.append(
+                f"model.num_labels={self.num_labels} (a classifier head) needs model.tie_embeddings=false: "
+                "its head cannot share the token embedding"
+            )
         if not 0.0 <= self.dropout < 1.0:
             errors.append(f"model.dropout={self.dropout} must be in [0, 1)")
         if errors:
@@ -121,7 +131,7 @@ def num_params(cfg: ModelConfig, non_embedding: bool = False) -> int:
         norm = C
     blocks = L * (attn + mlp + 2 * norm) + norm  # + final norm
     embed = V * C + (cfg.block_size * C if cfg.style == "gpt2" else 0)
-    head = 0 if cfg.tie_embeddings else V * C
+    head = 0 if cfg.tie_embeddings else (cfg.num_labels or V) * C
     return blocks if non_embedding else blocks + embed + head
 
 
@@ -293,7 +303,9 @@ class GPT(nn.Module):
         # A ModuleDict keyed by index keeps FQNs stable when parallel code wraps blocks.
         self.blocks = nn.ModuleDict({str(i): Block(cfg) for i in range(cfg.n_layer)})
         self.norm = make_norm(cfg)
-        self.lm_head = nn.Linear(cfg.n_embd, cfg.vocab_size, bias=False)
+        # a classifier (num_labels > 0) scores every position like an LM head does; the task
+        # trains and reads only the last text token's row
+        self.lm_head = nn.Linear(cfg.n_embd, cfg.num_labels or cfg.vocab_size, bias=False)
         if cfg.tie_embeddings:
             self.lm_head.weight = self.tok_emb.weight
         if cfg.style == "llama":
@@ -332,7 +344,8 @@ class GPT(nn.Module):
         targets: torch.Tensor | None = None,
         doc_ids: torch.Tensor | None = None,
     ) -> torch.Tensor:
-        """idx (B, T) token ids -> logits (B, T, V), or the mean cross-entropy if targets (B, T)
+        """idx (B, T) token ids -> logits (B, T, V) (V: num_labels for a classifier), or the mean
+        cross-entropy if targets (B, T)
         are given (ignore_index -100). doc_ids (B, T) optional: attention stays inside a document."""
         B, T = idx.shape
         if T > self.cfg.block_size:

@@ -58,8 +58,10 @@ def initial_values(cfg: Config) -> Values:
 
     plain = meta_model(mcfg)
     plain.to_empty(device="cpu")
-    init_weights_from(plain, mcfg.init_from)  # the whole model on the host once: not sharded yet
+    fresh = init_weights_from(plain, mcfg.init_from)  # the whole model on the host once: not sharded yet
     full = {canonical_name(n): p.detach() for n, p in plain.named_parameters()}
+    for name in fresh:  # a classifier head over a language model: seeded like a fresh run's
+        full[name] = initial_value(mcfg, name, full[name].shape, cfg.trainer.seed)
     return lambda name, shape: full[canonical_name(name)]
 
 

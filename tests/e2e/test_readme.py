@@ -39,7 +39,12 @@ TRAIN_TINY = [*TINY, "trainer.max_steps=2", "trainer.device=cpu"]
 
 # Per entry point: README values replaced by tiny ones (whole tokens), and overrides appended.
 SUBS: dict[str, dict[str, str]] = {
-    "prepare": {"workers=8": "workers=1", "train_tokenizer=32000": "train_tokenizer=320"},
+    # max_tokens=256: the classify example's, which must equal TINY's trainer.seq_len=32
+    "prepare": {
+        "workers=8": "workers=1",
+        "train_tokenizer=32000": "train_tokenizer=320",
+        "max_tokens=256": "max_tokens=32",
+    },
     "generate": {"max_new_tokens=64": "max_new_tokens=8"},
 }
 APPEND: dict[str, list[str]] = {
@@ -197,7 +202,8 @@ def classify(cmd: Command) -> Plan | None:
 
 def make_inputs(cwd: Path) -> None:
     """What the README's commands read but do not make: a jsonl.zst corpus, a books/ folder of
-    text files, a `gpt2/tokenizer.json` (a small byte-level BPE trained here) and `chat.jsonl`."""
+    text files, a `gpt2/tokenizer.json` (a small byte-level BPE trained here), `chat.jsonl` and
+    `labelled.jsonl`."""
     import zstandard
 
     from framework.prepare import train_bpe
@@ -223,6 +229,10 @@ def make_inputs(cwd: Path) -> None:
     (cwd / "tasks/arith_mc.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
     chat = [{"prompt": f"add: {i}+{i % 7}", "completion": str(i + i % 7)} for i in range(100)]
     (cwd / "chat.jsonl").write_text("".join(json.dumps(c) + "\n" for c in chat))
+    labelled = [
+        {"text": f"message {i}" + "!" * (i % 3), "label": ["ham", "spam"][i % 2]} for i in range(100)
+    ]
+    (cwd / "labelled.jsonl").write_text("".join(json.dumps(x) + "\n" for x in labelled))
     for path, content in readme_files(README.read_text()).items():
         (cwd / path).parent.mkdir(parents=True, exist_ok=True)
         (cwd / path).write_text(content)

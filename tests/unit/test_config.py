@@ -26,8 +26,8 @@ faults.hang_at_step faults.nan_grad_at_step faults.nan_loss_at_step faults.rank 
 faults.sleep_in_step_s faults.spike_at_step faults.spike_factor
 logger.entity logger.mode logger.name logger.project logger.tags
 model.bias model.block_size model.dropout model.ffn_hidden model.init_from model.init_std model.multiple_of
-model.n_embd model.n_head model.n_kv_head model.n_layer model.name model.norm_eps model.rope_theta model.style
-model.tie_embeddings model.vocab_size
+model.n_embd model.n_head model.n_kv_head model.n_layer model.name model.norm_eps model.num_labels model.rope_theta
+model.style model.tie_embeddings model.vocab_size
 optim.beta1 optim.beta2 optim.decay_fraction optim.eps optim.fused optim.grad_clip optim.lr optim.min_lr_ratio
 optim.schedule optim.warmup_steps optim.weight_decay
 plan.dry_run plan.gpu plan.mfu plan.world_size
@@ -40,7 +40,7 @@ trainer.deterministic trainer.device trainer.eval_batches trainer.eval_every tra
 trainer.log_every trainer.max_steps trainer.micro_batch_size trainer.peak_flops trainer.sample_tokens
 trainer.seed trainer.seq_len trainer.stop_at_step
 trainer.collective_timeout_s trainer.on_nan trainer.spike_window trainer.spike_zscore
-task.name
+task.labels task.name
 """.split()
 
 
