@@ -18,9 +18,10 @@ no extra pass, and every rank of a 1024-GPU run gets the values of a 1-GPU run. 
 rank draws every full parameter (about 5e8 numbers/s per CPU core), and the host peak is the
 largest parameter, not the rank's shard of it.
 
-model.init_from (Hugging Face weights) goes through the same writer, from a full CPU state
-dict of the plain model: the import is not streamed yet (the whole checkpoint is on the host
-once per rank).
+model.init_from (a Hugging Face directory or one of our checkpoints) goes through the same
+writer, streamed: each parameter's full tensor is read when its turn comes (safetensors'
+safe_open, or a DCP read of that one key), its local part written, and the tensor dropped, so
+a rank holds its shards plus one full tensor, never the whole model.
 """
 
 from __future__ import annotations
@@ -49,18 +50,16 @@ def meta_model(mcfg: ModelConfig) -> GPT:
 
 
 def initial_values(cfg: Config) -> Values:
-    """Seeded per-parameter values, or model.init_from's weights."""
+    """Seeded per-parameter values, or model.init_from's weights read one tensor per call."""
     mcfg = cfg.model
     if not mcfg.init_from:
         seed = cfg.trainer.seed
         return lambda name, shape: initial_value(mcfg, name, shape, seed)
-    from framework.checkpoint import init_weights_from  # a Hugging Face dir or our checkpoint
+    from framework.checkpoint import init_readers  # a Hugging Face dir or our checkpoint
 
-    plain = meta_model(mcfg)
-    plain.to_empty(device="cpu")
-    init_weights_from(plain, mcfg.init_from)  # the whole model on the host once: not sharded yet
-    full = {canonical_name(n): p.detach() for n, p in plain.named_parameters()}
-    return lambda name, shape: full[canonical_name(name)]
+    # checked (config fields; missing / extra / misshaped tensors named) before any is read
+    readers = init_readers(mcfg, mcfg.init_from)
+    return lambda name, shape: readers[canonical_name(name)]()
 
 
 @torch.no_grad()
@@ -116,8 +115,14 @@ def write_zero3_partition(p: nn.Parameter, full: torch.Tensor) -> None:
     part = p.ds_tensor
     n = part.numel()
     start = n * tdist.get_rank(group=getattr(p, "ds_process_group", None))
-    flat = full.reshape(-1)
-    end = min(start + n, flat.numel())
+    end = min(start + n, full.numel())
     part.zero_()  # the padding of the last partition
-    if end > start:
-        part[: end - start].copy_(flat[start:end].to(dtype=part.dtype, device=part.device))
+    if end <= start:
+        return
+    # Only the rows that hold [start, end) are flattened: reshape(-1) of the whole of a
+    # non-contiguous tensor (an HF Conv1D weight, transposed) would copy all of it.
+    row = full[0].numel() if full.dim() > 1 else 1
+    first, last = start // row, -(-end // row)
+    flat = full[first:last].reshape(-1) if full.dim() > 1 else full
+    lo = start - first * row
+    part[: end - start].copy_(flat[lo : lo + end - start].to(dtype=part.dtype, device=part.device))
