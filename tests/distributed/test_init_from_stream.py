@@ -97,3 +97,38 @@ def test_init_from_a_multi_gb_hf_dir_keeps_each_rank_below_half_the_model(tmp_pa
     for rank, r in enumerate(rows):
         assert r["weights"] <= full_bytes / 4 * 1.01, (rank, r)
         assert r["peak_rss_bytes"] < full_bytes * 0.5, (rank, r, full_bytes)
+
+
+def test_init_from_reads_one_tensor_per_parameter_when_asked(hf_dirs, monkeypatch):
+    """The values the meta build writes from are read when each parameter's turn comes, one
+    file tensor per call (before: the whole plain model was loaded up front, on every rank)."""
+    from framework.export import HFWeights
+    from framework.parallel.materialize import initial_values
+
+    root, sd = hf_dirs
+    reads: list[str] = []
+    real = HFWeights.__getitem__
+    monkeypatch.setattr(HFWeights, "__getitem__", lambda self, k: reads.append(k) or real(self, k))
+    values = initial_values(make_cfg(over(root / "one")))
+    assert reads == []  # the checks read the headers only
+    w2 = values("blocks.0.mlp.w2.weight", torch.Size([64, 256]))
+    assert reads == ["transformer.h.0.mlp.c_proj.weight"]
+    assert torch.equal(w2, sd["transformer.h.0.mlp.c_proj.weight"].t())
+
+
+def test_init_from_our_checkpoint_on_two_fsdp_ranks(tmp_path):
+    """One of our checkpoints (DCP, read one key at a time by ModelTensorReader) as init_from
+    on 2 fsdp ranks: the gathered weights are the checkpoint's. The ranks share the checkpoint's
+    verification through the process group (a Dist of the real world size)."""
+    from framework.checkpoint import Checkpointer
+
+    src_cfg = make_cfg([*SMALL, "trainer.seed=5"])
+    engine = build_engine(None, src_cfg, Dist())
+    want = gathered_weights(engine, zero3=False)
+    ckpt = Checkpointer(tmp_path / "ckpt", keep=1, dist=Dist()).save(1, engine, {"step": 1})
+    out = tmp_path / "w.pt"
+    harness("weights", out, 2, "strategy=fsdp", *SMALL, f"model.init_from={ckpt}")
+    got = torch.load(out, weights_only=True)
+    assert sorted(got) == sorted(want)
+    differ = [k for k, v in want.items() if not torch.equal(got[k], v)]
+    assert not differ, differ
