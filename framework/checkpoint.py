@@ -328,7 +328,13 @@ class ModelTensorReader:
             self.like = GPT(model_cfg).state_dict()
         # DCP's .metadata is a pickle: read through the restricted unpickler like every load
         saved = SafeFileSystemReader(state_dir).read_metadata().state_dict_metadata
-        self.saved = {k.removeprefix("model.") for k in saved if k.startswith("model.")}
+        # name -> the saved full shape (the refusals of a misfit init_from name both shapes)
+        self.shapes = {
+            k.removeprefix("model."): tuple(getattr(v, "size", ()))
+            for k, v in saved.items()
+            if k.startswith("model.")
+        }
+        self.saved = set(self.shapes)
 
     def get(self, name: str) -> torch.Tensor | None:
         """The full fp32 tensor `name`, or None if the model has no such tensor (a bias of a
@@ -365,36 +371,45 @@ def _pause_before_commit(pause_s: float = 0.0) -> None:
         time.sleep(pause)
 
 
-def init_weights_from(model, path: str | Path) -> set[str]:
-    """model.init_from: copy weights into the freshly built plain `model` from a local Hugging Face
-    directory (it holds config.json: export.load_hf_weights checks it) or from one of our
-    checkpoints (a checkpoint, checkpoints/ or run dir, any strategy). Every tensor must exist with
-    the same shape; the refusal names each one that differs. One exception: a classifier
-    (model.num_labels) from a language model keeps its head out of the copy (the LM head has
-    vocab_size rows); the returned names are those not copied, for the caller to initialise."""
+def init_readers(model_cfg, path: str | Path, dist: Dist | None = None) -> dict:
+    """model.init_from: our state-dict name -> a reader of that full tensor (fp32, CPU), from a
+    local Hugging Face directory (it holds config.json: export.hf_import_readers checks it and
+    maps the names) or from one of our checkpoints (a checkpoint, checkpoints/ or run dir, any
+    strategy: ModelTensorReader, one DCP read per tensor). Everything that can be refused is
+    checked here, before any tensor is read: every tensor must exist with our shape, and the
+    refusal names each one that differs. Nothing is held but what the caller keeps of each
+    tensor (the meta build keeps only its shard). One exception: a classifier (model.num_labels)
+    from a language model gets None for its head (the LM head has vocab_size rows): the caller
+    initialises it. `dist`: the ranks that share the checksum work of the checkpoint's
+    verification (default: the current process group, if any)."""
     if (Path(path) / "config.json").is_file():
-        from framework.export import load_hf_weights
+        from framework.export import hf_import_readers
 
-        return load_hf_weights(model, path)
+        return hf_import_readers(model_cfg, path)
+    if dist is None and torch.distributed.is_available() and torch.distributed.is_initialized():
+        # every rank calls this: each hashes its share of the files (verify gathers them)
+        dist = Dist(rank=torch.distributed.get_rank(), world_size=torch.distributed.get_world_size())
     try:
-        src, _ = load_model(path)
+        ckpt = resolve(path)
+        state = verify(ckpt, dist)
     except CheckpointError as e:
         raise CheckpointError(
             f"model.init_from={path}: neither a Hugging Face directory (no config.json) nor one of "
             f"our checkpoints ({e})"
         ) from e
-    ours, theirs = model.state_dict(), src.state_dict()
+    reader = ModelTensorReader(ckpt / "state", model_cfg)
+    ours, theirs = reader.like, reader.shapes
     fresh = set()
-    if model.cfg.num_labels and not src.cfg.num_labels:  # classifier from an LM: a new head
-        fresh = {"lm_head.weight"}
-        theirs = {k: v for k, v in theirs.items() if k not in fresh}
+    if model_cfg.num_labels and not state["config"]["model"].get("num_labels"):
+        fresh = {"lm_head.weight"}  # a classifier from a language model: a new head
         ours = {k: v for k, v in ours.items() if k not in fresh}
+        theirs = {k: v for k, v in theirs.items() if k not in fresh}
     problems = [f"missing {k}" for k in ours if k not in theirs]
     problems += [f"unexpected {k}" for k in theirs if k not in ours]
     problems += [
-        f"{k}: {tuple(theirs[k].shape)} in the checkpoint, {tuple(v.shape)} in model.*"
+        f"{k}: {tuple(theirs[k])} in the checkpoint, {tuple(v.shape)} in model.*"
         for k, v in ours.items()
-        if k in theirs and theirs[k].shape != v.shape
+        if k in theirs and tuple(theirs[k]) != tuple(v.shape)
     ]
     if problems:
         raise CheckpointError(
@@ -402,5 +417,21 @@ def init_weights_from(model, path: str | Path) -> set[str]:
             + "; ".join(problems)
             + ". Set model=... (and model.vocab_size) to the checkpoint's model"
         )
-    model.load_state_dict(theirs, strict=not fresh)
+    readers = {k: (lambda k=k: reader.get(k)) for k in ours}
+    return readers | dict.fromkeys(fresh)
+
+
+def init_weights_from(model, path: str | Path) -> set[str]:
+    """model.init_from into a materialised plain `model` (one process, whole tensors), one
+    tensor at a time through init_readers. Returns the names not copied (a classifier's head
+    over a language model), for the caller to initialise."""
+    sd = model.state_dict()
+    fresh = set()
+    with torch.no_grad():
+        for name, read in init_readers(model.cfg, path).items():
+            if read is None:
+                fresh.add(name)
+            else:
+                sd[name].copy_(read())
+    log.info("initialised %s from %s", model.cfg.name, path)
     return fresh

@@ -18,7 +18,8 @@ Both directions stream, for models larger than one host's memory: the export rea
 checkpoint one tensor at a time (DCP reads of single keys, from the shard files of any
 strategy) and, above `max_shard_size` (HF's default 5GB), writes HF's sharded layout
 (`model-0000i-of-0000n.safetensors` + `model.safetensors.index.json`) one file at a time;
-the import reads one tensor at a time (`iter_hf_weights`, safetensors' safe_open).
+the import reads one tensor at a time (`hf_import_readers`, safetensors' safe_open), which
+the meta build writes straight into each rank's shard (framework/parallel/materialize.py).
 
 The name/layout mapping is written here by hand because it is ours: HF GPT-2 keeps fused
 q|k|v in a transposed Conv1D (`c_attn`, shape (C, 3C)); Llama's names differ but its tensors
@@ -682,12 +683,18 @@ def _check_tensors(path, m: ModelConfig, tensors: HFWeights, hf_cfg: dict, expec
         raise ConfigError(f"{where}: the weights do not fit model={m.name}:\n  " + "\n  ".join(shown))
 
 
-def iter_hf_weights(m: ModelConfig, path: str | Path) -> Iterator[tuple[str, torch.Tensor]]:
-    """(our state-dict name, full tensor) for every weight of model `m`, read one HF tensor at
-    a time from a local HF GPT-2 / Llama directory (HFWeights). Its config.json must describe
-    our computation (check_hf_config) and its tensors our shapes, all named; both are checked
-    before the first tensor is yielded. A caller places each tensor where it belongs (a full
-    parameter, or only its local shard)."""
+# (our state-dict name) -> a reader of its full tensor, called when the tensor is wanted; None
+# for a classifier head that the source (a language model) does not have: it starts fresh
+Readers = dict[str, Callable[[], torch.Tensor] | None]
+
+
+def hf_import_readers(m: ModelConfig, path: str | Path) -> Readers:
+    """Our state-dict name -> a reader of that full tensor from a local HF GPT-2 / Llama
+    directory (HFWeights: each call reads one HF tensor through safe_open). Its config.json must
+    describe our computation (check_hf_config) and its tensors our shapes, all named; both are
+    checked here, before any tensor is read. A caller asks for one tensor at a time and places
+    it where it belongs (a whole parameter, or only this rank's shard of it), so the import
+    holds at most one full tensor beyond what the caller keeps."""
     hf_cfg = read_hf_config(path)
     check_hf_config(hf_cfg, m, path)
     # original GPT-2 files have no "transformer." prefix
@@ -698,26 +705,45 @@ def iter_hf_weights(m: ModelConfig, path: str | Path) -> Iterator[tuple[str, tor
     )
     tensors = HFWeights(path, rename)
     _check_tensors(path, m, tensors, hf_cfg, hf_meta_tensors(m))
+
+    def one(hf: str, transpose: bool = False) -> Callable[[], torch.Tensor]:
+        return lambda: tensors[hf].t() if transpose else tensors[hf]
+
+    # GPT-2's fused c_attn feeds q, k and v, asked for one after another: the last fused
+    # tensor read is kept (one slot) so the file's tensor is read once, not three times
+    held: dict[str, torch.Tensor] = {}
+
+    def part(hf: str, i: int, sizes: list[int], transpose: bool = False) -> Callable[[], torch.Tensor]:
+        # Conv1D keeps (in, out): the weight is transposed
+        def read() -> torch.Tensor:
+            if hf not in held:
+                held.clear()
+                held[hf] = tensors[hf]
+            t = held[hf]
+            if i == len(sizes) - 1:
+                held.clear()
+            return (t.t() if transpose else t).split(sizes, 0)[i]
+
+        return read
+
+    out: Readers = {}
     if m.style == "gpt2":
         p = "transformer."
-        yield "tok_emb.weight", tensors[p + "wte.weight"]
-        yield "pos_emb.weight", tensors[p + "wpe.weight"]
-        C, kv = m.n_embd, m.kv_heads * m.head_dim
+        out["tok_emb.weight"] = one(p + "wte.weight")
+        out["pos_emb.weight"] = one(p + "wpe.weight")
+        sizes = [m.n_embd, m.kv_heads * m.head_dim, m.kv_heads * m.head_dim]
         for i in range(m.n_layer):
             b, h = f"blocks.{i}.", f"{p}h.{i}."
-            w = tensors[h + "attn.c_attn.weight"].t()  # (3C, C)
-            for n, part in zip(("wq", "wk", "wv"), w.split([C, kv, kv], 0)):
-                yield f"{b}attn.{n}.weight", part
-            del w
-            yield b + "attn.wo.weight", tensors[h + "attn.c_proj.weight"].t()
-            yield b + "mlp.w1.weight", tensors[h + "mlp.c_fc.weight"].t()
-            yield b + "mlp.w2.weight", tensors[h + "mlp.c_proj.weight"].t()
-            yield b + "attn_norm.weight", tensors[h + "ln_1.weight"]
-            yield b + "mlp_norm.weight", tensors[h + "ln_2.weight"]
+            for j, n in enumerate(("wq", "wk", "wv")):
+                out[f"{b}attn.{n}.weight"] = part(h + "attn.c_attn.weight", j, sizes, True)
+            out[b + "attn.wo.weight"] = one(h + "attn.c_proj.weight", True)
+            out[b + "mlp.w1.weight"] = one(h + "mlp.c_fc.weight", True)
+            out[b + "mlp.w2.weight"] = one(h + "mlp.c_proj.weight", True)
+            out[b + "attn_norm.weight"] = one(h + "ln_1.weight")
+            out[b + "mlp_norm.weight"] = one(h + "ln_2.weight")
             if m.bias:
-                qkv_b = tensors[h + "attn.c_attn.bias"].split([C, kv, kv])
-                for n, part in zip(("wq", "wk", "wv"), qkv_b):
-                    yield f"{b}attn.{n}.bias", part
+                for j, n in enumerate(("wq", "wk", "wv")):
+                    out[f"{b}attn.{n}.bias"] = part(h + "attn.c_attn.bias", j, sizes)
                 for ours_k, hf_k in (
                     ("attn.wo.bias", "attn.c_proj.bias"),
                     ("mlp.w1.bias", "mlp.c_fc.bias"),
@@ -725,23 +751,33 @@ def iter_hf_weights(m: ModelConfig, path: str | Path) -> Iterator[tuple[str, tor
                     ("attn_norm.bias", "ln_1.bias"),
                     ("mlp_norm.bias", "ln_2.bias"),
                 ):
-                    yield b + ours_k, tensors[h + hf_k]
-        yield "norm.weight", tensors[p + "ln_f.weight"]
+                    out[b + ours_k] = one(h + hf_k)
+        out["norm.weight"] = one(p + "ln_f.weight")
         if m.bias:
-            yield "norm.bias", tensors[p + "ln_f.bias"]
+            out["norm.bias"] = one(p + "ln_f.bias")
         if m.num_labels:
-            if "score.weight" in tensors:
-                yield "lm_head.weight", tensors["score.weight"]
+            # a classifier's file; a language model's: the head starts fresh (None)
+            out["lm_head.weight"] = one("score.weight") if "score.weight" in tensors else None
         elif not m.tie_embeddings:
             head = "lm_head.weight" if "lm_head.weight" in tensors else p + "wte.weight"
-            yield "lm_head.weight", tensors[head]
+            out["lm_head.weight"] = one(head)
     else:
         for ours_k, hf_k in _llama_names(m):
             if hf_k == "score.weight" and hf_k not in tensors:  # an LM file: a fresh classifier head
+                out[ours_k] = None
                 continue
             if hf_k == "lm_head.weight" and hf_k not in tensors:  # tied in the file, untied here
                 hf_k = "model.embed_tokens.weight"
-            yield ours_k, tensors[hf_k]
+            out[ours_k] = one(hf_k)
+    return out
+
+
+def iter_hf_weights(m: ModelConfig, path: str | Path) -> Iterator[tuple[str, torch.Tensor]]:
+    """(our state-dict name, full tensor) for every weight of model `m`, one HF tensor read at
+    a time (hf_import_readers, which checks the directory first)."""
+    for name, read in hf_import_readers(m, path).items():
+        if read is not None:  # None: a classifier head the file does not have
+            yield name, read()
 
 
 def load_hf_weights(model: GPT, path: str | Path) -> set[str]:

@@ -18,13 +18,15 @@ no extra pass, and every rank of a 1024-GPU run gets the values of a 1-GPU run. 
 rank draws every full parameter (about 5e8 numbers/s per CPU core), and the host peak is the
 largest parameter, not the rank's shard of it.
 
-model.init_from (Hugging Face weights) goes through the same writer, from a full CPU state
-dict of the plain model: the import is not streamed yet (the whole checkpoint is on the host
-once per rank).
+model.init_from (a Hugging Face directory or one of our checkpoints) goes through the same
+writer, streamed: each parameter's full tensor is read when its turn comes (safetensors'
+safe_open, or a DCP read of that one key), its local part written, and the tensor dropped, so
+a rank holds its shards plus one full tensor, never the whole model.
 """
 
 from __future__ import annotations
 
+import contextlib
 import logging
 from collections.abc import Callable
 
@@ -49,20 +51,24 @@ def meta_model(mcfg: ModelConfig) -> GPT:
 
 
 def initial_values(cfg: Config) -> Values:
-    """Seeded per-parameter values, or model.init_from's weights."""
+    """Seeded per-parameter values, or model.init_from's weights read one tensor per call."""
     mcfg = cfg.model
     if not mcfg.init_from:
         seed = cfg.trainer.seed
         return lambda name, shape: initial_value(mcfg, name, shape, seed)
-    from framework.checkpoint import init_weights_from  # a Hugging Face dir or our checkpoint
+    from framework.checkpoint import init_readers  # a Hugging Face dir or our checkpoint
 
-    plain = meta_model(mcfg)
-    plain.to_empty(device="cpu")
-    fresh = init_weights_from(plain, mcfg.init_from)  # the whole model on the host once: not sharded yet
-    full = {canonical_name(n): p.detach() for n, p in plain.named_parameters()}
-    for name in fresh:  # a classifier head over a language model: seeded like a fresh run's
-        full[name] = initial_value(mcfg, name, full[name].shape, cfg.trainer.seed)
-    return lambda name, shape: full[canonical_name(name)]
+    # checked (config fields; missing / extra / misshaped tensors named) before any is read
+    readers = init_readers(mcfg, mcfg.init_from)
+    seed = cfg.trainer.seed
+
+    def value(name: str, shape) -> torch.Tensor:
+        read = readers[canonical_name(name)]
+        if read is None:  # a classifier head over a language model: seeded like a fresh run's
+            return initial_value(mcfg, name, shape, seed)
+        return read()
+
+    return value
 
 
 @torch.no_grad()
@@ -100,13 +106,53 @@ def zero3_model(mcfg: ModelConfig, ds_config: dict, values: Values) -> GPT:
     # adopt our process group first: zero.Init checks the batch sizes in ds_config against
     # DeepSpeed's own world size, which is 1 until its comm layer is initialised
     deepspeed.init_distributed(dist_backend=tdist.get_backend())
-    with deepspeed.zero.Init(config_dict_or_path=ds_config):
-        model = GPT(mcfg, init=False)
-    with torch.no_grad():
+    with large_allocations_returned(), torch.no_grad():
+        with deepspeed.zero.Init(config_dict_or_path=ds_config):
+            model = GPT(mcfg, init=False)
         for name, p in model.named_parameters():
             write_zero3_partition(p, values(name, p.ds_shape))
     model.init_buffers()
     return model
+
+
+# glibc's mallopt parameter (malloc.h); the threshold 1 MiB is above any small-object churn
+_M_MMAP_THRESHOLD, _BUILD_MMAP_THRESHOLD, _GLIBC_MAX_THRESHOLD = -3, 1 << 20, 32 << 20
+
+
+@contextlib.contextmanager
+def large_allocations_returned():
+    """Every allocation of 1 MiB or more gets its own mmap while the ZeRO-3 model is built, so
+    a freed whole tensor goes back to the OS at once.
+
+    Why: zero.Init allocates each module's whole parameters, then keeps a 1/W partition and frees
+    the rest. glibc raises its mmap threshold to the size of each freed mapping (up to 32 MiB),
+    so from the first freed 16 MiB weight on, whole tensors come from the heap, between the
+    partitions that stay: the freed space is fragmented and never returned. Measured on
+    gpt2-1.3b, 4 ranks: the build's peak RSS went from 2.7-2.9 GiB (0.55-0.59 of the full
+    model) to 2.04 GiB (0.42) on every rank, the rest being one whole embedding (0.4 GiB) plus
+    the runtime. Afterwards the threshold is set to glibc's own dynamic maximum (32 MiB) rather
+    than left at 1 MiB, so the training step's allocations do not each become an mmap. No-op
+    where mallopt is not glibc's."""
+    mallopt = _glibc_mallopt()
+    if mallopt is not None:
+        mallopt(_M_MMAP_THRESHOLD, _BUILD_MMAP_THRESHOLD)
+    try:
+        yield
+    finally:
+        if mallopt is not None:
+            mallopt(_M_MMAP_THRESHOLD, _GLIBC_MAX_THRESHOLD)
+
+
+def _glibc_mallopt():
+    import ctypes
+    import platform
+
+    if platform.system() != "Linux" or platform.libc_ver()[0] != "glibc":
+        return None
+    try:
+        return ctypes.CDLL(None).mallopt
+    except (OSError, AttributeError):
+        return None
 
 
 def write_zero3_partition(p: nn.Parameter, full: torch.Tensor) -> None:
@@ -118,8 +164,16 @@ def write_zero3_partition(p: nn.Parameter, full: torch.Tensor) -> None:
     part = p.ds_tensor
     n = part.numel()
     start = n * tdist.get_rank(group=getattr(p, "ds_process_group", None))
-    flat = full.reshape(-1)
-    end = min(start + n, flat.numel())
+    end = min(start + n, full.numel())
     part.zero_()  # the padding of the last partition
-    if end > start:
-        part[: end - start].copy_(flat[start:end].to(dtype=part.dtype, device=part.device))
+    if end <= start:
+        return
+    # Only the rows that hold [start, end) are flattened: reshape(-1) of the whole of a
+    # non-contiguous tensor (an HF Conv1D weight, transposed) would copy all of it.
+    if full.dim() > 1:
+        row = full[0].numel()
+        first, last = start // row, -(-end // row)
+        flat, lo = full[first:last].reshape(-1), start - first * row
+    else:
+        flat, lo = full, start
+    part[: end - start].copy_(flat[lo : lo + end - start].to(dtype=part.dtype, device=part.device))
