@@ -41,7 +41,9 @@ def _submit(run_dir: Path, *overrides: str, wait: bool) -> str:
 
 
 def _scontrol(*args: str) -> None:
-    p = subprocess.run(["scontrol", *args], capture_output=True, text=True, env=dict(os.environ), cwd="/")
+    p = subprocess.run(
+        ["scontrol", *args], capture_output=True, text=True, env=dict(os.environ), cwd="/"
+    )
     assert p.returncode == 0, f"scontrol {' '.join(args)}: {p.stderr}"
 
 
