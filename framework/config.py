@@ -469,8 +469,9 @@ def validate(cfg: Config, world_size: int = 1, device: str | None = None) -> Non
     if c.every < 0:
         errors.append(f"checkpoint.every={c.every} must be >= 0")
     if c.async_save and s.name.startswith("zero"):
-        # ZeRO's state dict is gathered into fresh host tensors by DeepSpeed's helpers at every
-        # save (not the live tensors DCP's stager copies), so async would overlap nothing
+        # not built for ZeRO: its save first gathers whole fp32 tensors into fresh host memory on
+        # every rank (collectives under ZeRO-3), which the loop would wait for anyway, and the
+        # stager would hold one more whole copy per rank; refused rather than left untested
         errors.append(
             f"checkpoint.async_save=true is not supported with strategy={s.name} (DeepSpeed): set "
             "checkpoint.async_save=false, or use strategy=ddp|fsdp|tp|tp_fsdp"
