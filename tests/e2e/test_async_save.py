@@ -4,6 +4,8 @@ checkpoint, keep-k spares it and a resume from it continues bitwise like a synch
 
 from __future__ import annotations
 
+import pytest
+
 from framework.checkpoint import CRASH_EXIT_CODE, verify
 from framework.train import train
 from tests.helpers import TINY, make_cfg, run_module, train_losses
@@ -12,6 +14,7 @@ EVERY = ["trainer.max_steps=8", "checkpoint.every=2", "checkpoint.keep=2"]
 ASYNC = [*EVERY, "checkpoint.async_save=true"]
 
 
+@pytest.mark.slow  # three runs, one of them a subprocess
 def test_crash_before_async_commit_keeps_latest_and_resumes_bitwise(tmp_path, sample_data):
     sync, d = tmp_path / "sync", tmp_path / "run"
     train(make_cfg([*TINY, *EVERY, f"run.dir={sync}"]))  # the reference: synchronous saves
