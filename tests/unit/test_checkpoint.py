@@ -254,3 +254,15 @@ def test_failed_async_write_names_the_folder_and_commits_nothing(tmp_path):
     ):
         ck.finish()
     assert not (tmp_path / "latest").exists() and not list(tmp_path.glob("step_*"))
+
+
+def test_latest_commits_the_async_save_in_flight_first(tmp_path):
+    """on_nan=rollback asks for latest() while step N's save may still be in flight: that save
+    (taken before the bad step) is committed and named, not the one before it."""
+    ck = Checkpointer(tmp_path, keep=0, dist=Dist(), async_save=True)
+    engine = AsyncFakeEngine()
+    ck.save(2, engine, {"step": 2, "model": {}, "tokenizer": "t"})
+    engine.write.set_result(None)
+    assert not (tmp_path / "latest").exists()
+    assert ck.latest() == tmp_path / "step_00000002"
+    assert (tmp_path / "latest").read_text().strip() == "step_00000002"
