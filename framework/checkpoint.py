@@ -7,7 +7,7 @@ Layout of one checkpoint (DESIGN "Run-directory contract"):
                             sharded by the writing strategy, one layout for all strategies
         rng/rank_<r>.pt     each rank's torch (and CUDA) RNG state
         trainer.json        step, data-loader position, engine extras (loss scale), model shape
-        manifest.json       size and sha256 of every file above
+        manifest.json       size and xxh3_128 of every file above (older ones: sha256)
         COMMITTED           written last: a directory without it is not a checkpoint
     checkpoints/latest      name of the newest committed checkpoint, replaced atomically
 
@@ -15,7 +15,17 @@ Why our own manifest: DCP has no checksums (flipped bytes load silently) and rea
 `.metadata` with pickle, so nothing is loaded before every file's hash matches what we wrote.
 Hashing is spread over the ranks (rank r hashes files r, r+W, ...) so it scales with them.
 The manifest proves integrity, not authorship (whoever can plant a file can re-hash it): loading
-goes through framework/safeload.py, which unpickles nothing but what our saves contain.
+goes through framework/safeload.py, which unpickles nothing but what our saves contain. So the
+hash need not resist an attacker, only rot and truncation: xxh3_128 (any changed byte changes it
+but with probability 2^-128) reads at memory speed, where sha256 took as long as half of DCP's
+write (issue 8 item 8). Manifests with sha256 entries, written before, still verify.
+
+checkpoint.async_save: save() copies the state into reused CPU buffers (DCP's stager) and
+returns; a background thread writes the files and hashes this rank's share. The commit (manifest,
+COMMITTED, `latest`, pruning) waits for every rank's write: finish() gathers the hashes and
+commits, and runs at the next save, before a load and at the end of the run. A crash before then
+leaves `latest` on the previous checkpoint; pruning runs only after a commit, so it never deletes
+the last committed checkpoint; the uncommitted .tmp-* folder is removed at the next start.
 
 Resharding (another strategy or world size on resume) happens on load, in one path: every
 engine, DeepSpeed ZeRO included, saves the keys torch's get_state_dict gives (parameter FQNs,
@@ -33,9 +43,12 @@ import logging
 import os
 import shutil
 import time
+from concurrent.futures import Future, ThreadPoolExecutor
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
+import xxhash
 
 from framework.data.shards import sha256_file
 from framework.errors import CheckpointErrorBase
@@ -45,6 +58,7 @@ from framework.safeload import dcp_load, load_pt
 log = logging.getLogger("framework")
 
 COMMIT = "COMMITTED"
+CRASH_EXIT_CODE = 86  # faults.crash_in_async_save: a distinctive status for the test to expect
 MANIFEST = "manifest.json"
 LATEST = "latest"
 TRAINER = "trainer.json"
@@ -86,15 +100,70 @@ def _files(root: Path) -> list[str]:
     )
 
 
+def xxh3_file(path: Path, chunk_bytes: int = 1 << 24) -> str:
+    h = xxhash.xxh3_128()
+    buf = bytearray(chunk_bytes)  # one buffer, refilled: no allocation per chunk
+    view = memoryview(buf)
+    with open(path, "rb", buffering=0) as f:
+        while n := f.readinto(buf):
+            h.update(view[:n])
+    return h.hexdigest()
+
+
+def _entry(path: Path) -> dict:
+    return {"bytes": path.stat().st_size, "xxh3_128": xxh3_file(path)}
+
+
+def _hash_share(root: Path, files: list[str], rank: int, world_size: int) -> dict:
+    return {f: _entry(root / f) for f in files[rank::world_size]}
+
+
+@dataclass
+class _Pending:
+    """An async save dispatched but not committed."""
+
+    step: int
+    tmp: Path
+    hashed: Future  # resolves to this rank's manifest share once every rank's files are written
+    t0: float
+
+
 def model_shape(model_cfg) -> dict:
     return {k: getattr(model_cfg, k) for k in SHAPE_KEYS}
 
 
 class Checkpointer:
-    def __init__(self, root: Path, keep: int, dist: Dist, pause_before_commit_s: float = 0.0):
+    _pending: _Pending | None = None  # the async save dispatched and not yet committed
+
+    def __init__(
+        self,
+        root: Path,
+        keep: int,
+        dist: Dist,
+        pause_before_commit_s: float = 0.0,
+        async_save: bool = False,
+        crash_before_commit_step: int | None = None,
+    ):
         self.root, self.keep, self.dist = root, keep, dist
-        self.last_save_s: float | None = None  # duration of the last save (metrics)
+        self.last_save_s: float | None = None  # time the caller was blocked by the last save
         self.pause_s = pause_before_commit_s  # fault injection (faults.sleep_in_save_s)
+        self.crash_step = crash_before_commit_step  # fault injection (faults.crash_in_async_save)
+        self.async_save = async_save
+        self._group = self._stager = None
+        if async_save:
+            from torch.distributed.checkpoint.staging import DefaultStager, StagingOptions
+
+            # DCP's background thread runs collectives (plans, write results) while the loop
+            # runs its own: on one group they could interleave differently on each rank, so
+            # DCP gets a gloo group of its own (also the CPU backend async_save needs under nccl)
+            if dist.initialized:
+                import torch.distributed as tdist
+
+                self._group = tdist.new_group(backend="gloo")
+            # one stager for the run: its CPU buffers are allocated at the first save and
+            # reused (a copy, not an allocation, blocks the loop); pinned on CUDA for speed
+            cuda = dist.device.type == "cuda"
+            self._stager = DefaultStager(StagingOptions(cuda, False, False, False))
         if dist.is_main:
             root.mkdir(parents=True, exist_ok=True)
             for stale in root.glob(".tmp-*"):  # partial saves of a crashed run: never loadable
@@ -108,7 +177,8 @@ class Checkpointer:
 
     def latest(self) -> Path | None:
         """The checkpoint `latest` names; if it is missing or uncommitted, the newest committed
-        one (logged), else None."""
+        one (logged), else None. A save still in flight is committed first (all ranks call it)."""
+        self.finish()
         marker = self.root / LATEST
         if marker.is_file():
             target = self.root / marker.read_text().strip()
@@ -141,7 +211,9 @@ class Checkpointer:
 
     # -- saving --------------------------------------------------------------------------
     def save(self, step: int, engine, trainer_state: dict) -> Path:
-        """All ranks call this. The checkpoint appears under its final name only when complete."""
+        """All ranks call this. The checkpoint appears under its final name only when complete:
+        here (synchronous) or at finish() (checkpoint.async_save; returns once staged)."""
+        self.finish()  # one save in flight at most: the previous one commits first
         d = self.dist
         t0 = time.perf_counter()
         name = step_dir_name(step)
@@ -151,13 +223,74 @@ class Checkpointer:
             (tmp / "rng").mkdir(parents=True)
         d.barrier()
         with _naming_write_errors(tmp, self.root):
-            engine.save(tmp / "state")
+            # rng and trainer.json before the state: DCP's first collective then proves them
+            # written on every rank, so the background hashing may list the whole folder
             torch.save(rng_state(), tmp / "rng" / f"rank_{d.rank:05d}.pt")
             if d.is_main:
                 _fsync_write(tmp / TRAINER, json.dumps(trainer_state, indent=1))
+            if self.async_save:
+                written = engine.save_async(tmp / "state", self._group, self._stager)
+            else:
+                engine.save(tmp / "state")
+        if self.async_save:
+            hasher = ThreadPoolExecutor(1, thread_name_prefix="checkpoint-hash")
+            hashed = hasher.submit(self._hash_when_written, written, tmp)
+            hasher.shutdown(wait=False)  # the thread ends with its one task
+            self._pending = _Pending(step, tmp, hashed, t0)
+            self.last_save_s = time.perf_counter() - t0
+            log.info("save of step %d staged in %.2f s; writing %s", step, self.last_save_s, tmp)
+            return self.root / name
         d.barrier()
         manifest = self._hash_all(tmp)
-        if d.is_main:
+        self._commit(step, tmp, manifest)
+        self.last_save_s = time.perf_counter() - t0
+        self._log_saved(step, manifest, f"in {self.last_save_s:.1f} s")
+        return self.root / name
+
+    def finish(self) -> None:
+        """Commit the async save in flight, if any, once every rank's write finished (all ranks
+        call it). A failed write on any rank raises on every rank; nothing is committed."""
+        p, self._pending = self._pending, None
+        if p is None:
+            return
+        t0 = time.perf_counter()
+        error, share = None, {}
+        try:
+            with _naming_write_errors(p.tmp, self.root):
+                share = p.hashed.result()
+        except CheckpointError as e:
+            error = e
+        parts = self.dist.all_gather_object(str(error) if error else share)
+        failed = [f"rank {r}: {x}" for r, x in enumerate(parts) if isinstance(x, str)]
+        if error is not None:
+            raise error
+        if failed:
+            raise CheckpointError("async checkpoint write failed on " + "; ".join(failed))
+        if self.crash_step == p.step:
+            log.error("faults.crash_in_async_save=%d: exiting before the commit of %s", p.step, p.tmp)
+            logging.shutdown()
+            os._exit(CRASH_EXIT_CODE)
+        merged: dict = {}
+        for part in parts:
+            merged.update(part)
+        manifest = {"files": dict(sorted(merged.items()))}
+        self._commit(p.step, p.tmp, manifest)
+        waited = time.perf_counter() - t0
+        self._log_saved(
+            p.step,
+            manifest,
+            f"{time.perf_counter() - p.t0:.1f} s after dispatch ({waited:.2f} s waited)",
+        )
+
+    def _hash_when_written(self, written: Future, tmp: Path) -> dict:
+        """Background: this rank's share of the manifest, once DCP's write finished. DCP's last
+        collective returns only after every rank wrote its files and rank 0 the metadata."""
+        written.result()
+        return _hash_share(tmp, _files(tmp), self.dist.rank, self.dist.world_size)
+
+    def _commit(self, step: int, tmp: Path, manifest: dict) -> None:
+        if self.dist.is_main:
+            name = step_dir_name(step)
             _fsync_write(tmp / MANIFEST, json.dumps(manifest, indent=1))
             _pause_before_commit(self.pause_s)
             _fsync_write(tmp / COMMIT, f"{step}\n")
@@ -168,21 +301,19 @@ class Checkpointer:
             _fsync_write(self.root / (LATEST + ".tmp"), name + "\n")
             os.replace(self.root / (LATEST + ".tmp"), self.root / LATEST)
             self._prune(keep_name=name)
-        d.barrier()
-        self.last_save_s = time.perf_counter() - t0
+        self.dist.barrier()
+
+    def _log_saved(self, step: int, manifest: dict, how: str) -> None:
         size = sum(f["bytes"] for f in manifest["files"].values())
-        log.info("saved %s (%.1f MB) in %.1f s", self.root / name, size / 1e6, self.last_save_s)
-        return self.root / name
+        log.info("saved %s (%.1f MB) %s", self.root / step_dir_name(step), size / 1e6, how)
 
     def _hash_all(self, root: Path) -> dict:
         files = _files(root) if self.dist.is_main else None
         files = self.dist.broadcast_object(files)
-        mine = {
-            f: {"bytes": (root / f).stat().st_size, "sha256": sha256_file(root / f)}
-            for f in files[self.dist.rank :: self.dist.world_size]
-        }
         merged: dict = {}
-        for part in self.dist.all_gather_object(mine):
+        for part in self.dist.all_gather_object(
+            _hash_share(root, files, self.dist.rank, self.dist.world_size)
+        ):
             merged.update(part)
         return {"files": dict(sorted(merged.items()))}
 
@@ -201,6 +332,7 @@ class Checkpointer:
     # -- loading -------------------------------------------------------------------------
     def load(self, path: Path, engine, expect_shape: dict, tokenizer_fingerprint: str) -> dict:
         """Verify, check compatibility, then load engine state and this rank's RNG state."""
+        self.finish()
         state = verify(path, self.dist)
         saved_shape = state.get("model", {})
         saved_shape = {"num_labels": 0, **saved_shape}  # checkpoints older than classifiers: LMs
@@ -275,8 +407,11 @@ def verify(path: Path, dist: Dist | None = None) -> dict:
             problems.append(f"{p}: missing")
         elif p.stat().st_size != want["bytes"]:
             problems.append(f"{p}: {p.stat().st_size} bytes, expected {want['bytes']}")
-        elif (got := sha256_file(p)) != want["sha256"]:
-            problems.append(f"{p}: sha256 {got}, expected {want['sha256']}")
+        else:  # xxh3_128 since async_save; sha256 in manifests written before
+            kind = "xxh3_128" if "xxh3_128" in want else "sha256"
+            got = xxh3_file(p) if kind == "xxh3_128" else sha256_file(p)
+            if got != want[kind]:
+                problems.append(f"{p}: {kind} {got}, expected {want[kind]}")
     extra = sorted(set(_files(path)) - set(names)) if dist.is_main else []
     problems += [f"{path / f}: not in the manifest" for f in extra]
     problems = [x for part in dist.all_gather_object(problems) for x in part]

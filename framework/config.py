@@ -191,6 +191,11 @@ class CheckpointConfig:
     save_timeout_s: float = 1800.0
     """Hang limit for a save and for the first step (compilation, first allocations); also the
     process group's collective timeout, so save barriers outlive slow writers."""
+    async_save: bool = False
+    """Write checkpoints in the background (DCP async_save): the loop waits only for a copy of the
+    state to CPU memory (kept between saves: host memory of one more state per rank); the commit
+    and `latest` follow once every rank's write finished (at the next save or the run's end).
+    Torch strategies only (single, ddp, fsdp, tp, tp_fsdp)."""
 
 
 @dataclass
@@ -225,6 +230,8 @@ class FaultsConfig:
     """Sleep this long in every step (gives a test time to send a signal mid-run)."""
     sleep_in_save_s: float = 0.0
     """Sleep this long inside every save, before the commit."""
+    crash_in_async_save: int | None = None
+    """Every rank exits (status 86) once the async save of this step is written, before its commit."""
 
 
 @dataclass
@@ -470,6 +477,14 @@ def validate(cfg: Config, world_size: int = 1, device: str | None = None) -> Non
         )
     if c.every < 0:
         errors.append(f"checkpoint.every={c.every} must be >= 0")
+    if c.async_save and s.name.startswith("zero"):
+        # not built for ZeRO: its save first gathers whole fp32 tensors into fresh host memory on
+        # every rank (collectives under ZeRO-3), which the loop would wait for anyway, and the
+        # stager would hold one more whole copy per rank; refused rather than left untested
+        errors.append(
+            f"checkpoint.async_save=true is not supported with strategy={s.name} (DeepSpeed): set "
+            "checkpoint.async_save=false, or use strategy=ddp|fsdp|tp|tp_fsdp"
+        )
 
     if cfg.logger.name not in ("none", "wandb", "tensorboard"):
         errors.append(f"logger.name={cfg.logger.name!r} must be none|wandb|tensorboard")
@@ -530,12 +545,22 @@ def _validate_faults(cfg: Config, world_size: int) -> list[str]:
     ):
         if not (value > 0 and math.isfinite(value)):
             errors.append(f"{key}={value} must be a positive number of seconds")
-    for key in ("nan_loss_at_step", "nan_grad_at_step", "spike_at_step", "hang_at_step"):
+    for key in (
+        "nan_loss_at_step",
+        "nan_grad_at_step",
+        "spike_at_step",
+        "hang_at_step",
+        "crash_in_async_save",
+    ):
         step = getattr(f, key)
         if step is not None and not 1 <= step <= t.max_steps:
             errors.append(f"faults.{key}={step} must be in [1, trainer.max_steps={t.max_steps}]")
     if f.rank is not None and not 0 <= f.rank < world_size:
         errors.append(f"faults.rank={f.rank} must be in [0, world size {world_size})")
+    if f.crash_in_async_save is not None and not cfg.checkpoint.async_save:
+        errors.append(
+            f"faults.crash_in_async_save={f.crash_in_async_save} needs checkpoint.async_save=true"
+        )
     for key in ("sleep_in_step_s", "sleep_in_save_s"):
         if not getattr(f, key) >= 0:
             errors.append(f"faults.{key}={getattr(f, key)} must be >= 0")

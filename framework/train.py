@@ -87,7 +87,14 @@ def _train(cfg: C.Config, dist: Dist, guard: faults.Guard) -> dict:
     val = val_batches(cfg.data, t.seq_len, t.micro_batch_size, t.eval_batches, dp_rank, dp_size)
     weights = {s.name: s.weight for s in cfg.data.sources}
 
-    ckpt = Checkpointer(run_dir / "checkpoints", cfg.checkpoint.keep, dist, cfg.faults.sleep_in_save_s)
+    ckpt = Checkpointer(
+        run_dir / "checkpoints",
+        cfg.checkpoint.keep,
+        dist,
+        cfg.faults.sleep_in_save_s,
+        cfg.checkpoint.async_save,
+        cfg.faults.crash_in_async_save,
+    )
     torch.manual_seed(seed + 1 + engine.rng_rank)  # dropout stream (Engine.rng_rank says who shares it)
     guard.start(run_dir, dist, engine)
     resume_from = ckpt.find_resume(cfg.checkpoint.resume, cfg.checkpoint.path)
@@ -189,6 +196,8 @@ def _train(cfg: C.Config, dist: Dist, guard: faults.Guard) -> dict:
                 "stopping after step %d (%s); resume continues from here", step, why
             )
             break
+    with guard.saving():  # checkpoint.async_save: the last save commits before the run ends
+        ckpt.finish()
     loader.close()
     metrics.close()
     metrics.print_summary()

@@ -11,6 +11,7 @@ import contextlib
 import math
 import warnings
 from collections.abc import Callable
+from concurrent.futures import Future
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -88,6 +89,12 @@ class Engine:
 
     def save(self, path: Path) -> None:
         """Write model + optimizer (+ scaler) state under `path` (all ranks call it)."""
+        raise NotImplementedError
+
+    def save_async(self, path: Path, group, stager) -> Future:
+        """Copy this rank's state into `stager`'s CPU buffers, then write it under `path` in a
+        background thread (checkpoint.async_save). The Future resolves when every rank's files
+        are written; `group` carries DCP's own collectives (None without a process group)."""
         raise NotImplementedError
 
     def load(self, path: Path) -> None:
@@ -325,6 +332,18 @@ class TorchEngine(Engine):
         with warnings.catch_warnings():  # DCP warns that a single process saves without a group
             warnings.filterwarnings("ignore", message="torch.distributed is disabled")
             dcp.save(self._state(), checkpoint_id=str(path))
+
+    def save_async(self, path: Path, group, stager) -> Future:
+        import torch.distributed.checkpoint as dcp
+
+        # DCP's writer thread warns when there is no group; a catch_warnings here would be gone
+        # by then, so the filter is process-wide (this one message only)
+        warnings.filterwarnings("ignore", message="torch.distributed is disabled")
+        # the stager stages synchronously (a CPU copy the loop may then overwrite), so DCP
+        # returns the upload's Future, not an AsyncSaveResponse
+        return dcp.async_save(
+            self._state(), checkpoint_id=str(path), process_group=group, async_stager=stager
+        )
 
     def load(self, path: Path) -> None:
         from torch.distributed.checkpoint.state_dict import set_state_dict

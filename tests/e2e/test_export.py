@@ -340,11 +340,11 @@ def test_flipped_byte_makes_generate_and_export_fail_naming_the_file(trained, tm
     data[len(data) // 2] ^= 0xFF  # same size: only the hash can tell
     shard.write_bytes(bytes(data))
     with pytest.raises(
-        CheckpointError, match=re.escape(str(shard)) + r": sha256 [0-9a-f]{64}, expected"
+        CheckpointError, match=re.escape(str(shard)) + r": xxh3_128 [0-9a-f]{32}, expected"
     ):
         export.run(export.ExportConfig(checkpoint=str(run), out=str(tmp_path / "hf")))
     assert not (tmp_path / "hf").exists()
-    with pytest.raises(CheckpointError, match=re.escape(f"{shard}: sha256")):
+    with pytest.raises(CheckpointError, match=re.escape(f"{shard}: xxh3_128")):
         generate.run(generate.GenerateConfig(checkpoint=str(run), prompt_ids=[104], max_new_tokens=2))
     out = _cli(
         "framework.generate", f"checkpoint={run}", "prompt_ids=[104]", "max_new_tokens=2", cwd=tmp_path

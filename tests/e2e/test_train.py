@@ -109,7 +109,7 @@ def test_corrupt_checkpoint_is_refused_before_loading(tmp_path, sample_data):
     data = bytearray(shard.read_bytes())
     data[len(data) // 2] ^= 0xFF  # still parseable: DCP alone would load it silently
     shard.write_bytes(bytes(data))
-    with pytest.raises(CheckpointError, match=rf"{shard.name}: sha256 \w+, expected \w+"):
+    with pytest.raises(CheckpointError, match=rf"{shard.name}: xxh3_128 \w+, expected \w+"):
         run(tmp_path, "bad")
 
 

@@ -4,11 +4,14 @@ from __future__ import annotations
 
 import json
 import shutil
+import threading
+from concurrent.futures import Future
 from pathlib import Path
 
 import pytest
 
 from framework.checkpoint import Checkpointer, CheckpointError, resolve, verify
+from framework.data.shards import sha256_file
 from framework.metrics import JsonlSink
 from framework.parallel.dist import Dist
 
@@ -168,3 +171,98 @@ def test_deepspeed_format_checkpoint_is_refused_before_anything_is_unpickled(tmp
     with pytest.raises(CheckpointError, match="state/zero: DeepSpeed's own checkpoint files"):
         ck.load(p, engine, expect_shape={}, tokenizer_fingerprint="t")
     assert engine.loaded is None
+
+
+def flip_middle_byte(path: Path) -> None:
+    data = bytearray(path.read_bytes())
+    data[len(data) // 2] ^= 0x01
+    path.write_bytes(bytes(data))
+
+
+def test_manifest_xxh3_detects_one_flipped_byte(tmp_path):
+    """Issue 8 item 8: the faster manifest hash (xxh3_128) still catches any flipped byte."""
+    p = save(Checkpointer(tmp_path, keep=0, dist=Dist()), 1)
+    entry = json.loads((p / "manifest.json").read_text())["files"]["state/weights.bin"]
+    assert set(entry) == {"bytes", "xxh3_128"}
+    verify(p)
+    flip_middle_byte(p / "state" / "weights.bin")  # same size: only the hash can tell
+    with pytest.raises(CheckpointError, match=r"state/weights.bin: xxh3_128 [0-9a-f]{32}, expected"):
+        verify(p)
+
+
+def test_sha256_manifest_of_an_older_checkpoint_still_verifies(tmp_path):
+    p = save(Checkpointer(tmp_path, keep=0, dist=Dist()), 1)
+    mf = p / "manifest.json"
+    files = json.loads(mf.read_text())["files"]
+    old = {f: {"bytes": e["bytes"], "sha256": sha256_file(p / f)} for f, e in files.items()}
+    mf.write_text(json.dumps({"files": old}))
+    verify(p)
+    flip_middle_byte(p / "trainer.json")
+    with pytest.raises(CheckpointError, match=r"trainer.json: sha256 [0-9a-f]{64}, expected"):
+        verify(p)
+
+
+class AsyncFakeEngine(FakeEngine):
+    """save_async returns a Future the test resolves: the write 'finishes' when it says so."""
+
+    def __init__(self):
+        super().__init__()
+        self.write: Future | None = None
+
+    def save_async(self, path: Path, group, stager) -> Future:
+        path.mkdir(parents=True, exist_ok=True)
+        (path / "weights.bin").write_bytes(b"w" * 100)
+        self.write = Future()
+        return self.write
+
+
+def test_async_save_commits_only_after_the_write_and_prunes_after_commit(tmp_path):
+    """RELIABILITY A6 (protocol): until the write finished nothing is committed, `latest` and
+    keep-k's checkpoints stay as they were; finish() waits for the write, then commits and prunes."""
+    ck = Checkpointer(tmp_path, keep=2, dist=Dist(), async_save=True)
+    engine = AsyncFakeEngine()
+    for step in (2, 4):
+        ck.save(step, engine, {"step": step, "model": {}, "tokenizer": "t"})
+        engine.write.set_result(None)
+    ck.save(6, engine, {"step": 6, "model": {}, "tokenizer": "t"})  # commits 4, dispatches 6
+    assert sorted(p.name for p in tmp_path.glob("step_*")) == ["step_00000002", "step_00000004"]
+    assert (tmp_path / "latest").read_text().strip() == "step_00000004"
+    assert (tmp_path / ".tmp-step_00000006").is_dir()
+
+    def late_write():  # a file that appears just before the write completes is in the manifest
+        (tmp_path / ".tmp-step_00000006" / "state" / "late.bin").write_bytes(b"late")
+        engine.write.set_result(None)
+
+    threading.Timer(0.2, late_write).start()
+    ck.finish()  # blocks until the write resolved
+    assert sorted(p.name for p in tmp_path.glob("step_*")) == ["step_00000004", "step_00000006"]
+    assert (tmp_path / "latest").read_text().strip() == "step_00000006"
+    assert (
+        "state/late.bin" in json.loads((tmp_path / "step_00000006/manifest.json").read_text())["files"]
+    )
+    assert verify(tmp_path / "step_00000006")["step"] == 6
+    ck.finish()  # nothing pending: a no-op
+
+
+def test_failed_async_write_names_the_folder_and_commits_nothing(tmp_path):
+    ck = Checkpointer(tmp_path, keep=0, dist=Dist(), async_save=True)
+    engine = AsyncFakeEngine()
+    ck.save(2, engine, {"step": 2, "model": {}, "tokenizer": "t"})
+    engine.write.set_exception(OSError(28, "No space left on device"))
+    with pytest.raises(
+        CheckpointError, match=r"could not write checkpoint .*\.tmp-step_00000002.*No space"
+    ):
+        ck.finish()
+    assert not (tmp_path / "latest").exists() and not list(tmp_path.glob("step_*"))
+
+
+def test_latest_commits_the_async_save_in_flight_first(tmp_path):
+    """on_nan=rollback asks for latest() while step N's save may still be in flight: that save
+    (taken before the bad step) is committed and named, not the one before it."""
+    ck = Checkpointer(tmp_path, keep=0, dist=Dist(), async_save=True)
+    engine = AsyncFakeEngine()
+    ck.save(2, engine, {"step": 2, "model": {}, "tokenizer": "t"})
+    engine.write.set_result(None)
+    assert not (tmp_path / "latest").exists()
+    assert ck.latest() == tmp_path / "step_00000002"
+    assert (tmp_path / "latest").read_text().strip() == "step_00000002"

@@ -19,10 +19,10 @@ ROOT_CONFIGS = sorted(p.stem for p in Path(CONF_DIR).glob("*.yaml"))
 
 # The full set of training config keys. Adding a knob is a deliberate change: update this list.
 FROZEN_KEYS = """
-checkpoint.every checkpoint.keep checkpoint.path checkpoint.resume checkpoint.save_timeout_s
+checkpoint.async_save checkpoint.every checkpoint.keep checkpoint.path checkpoint.resume checkpoint.save_timeout_s
 data.allow_change_on_resume data.allow_empty_source data.cache_dir data.doc_mask data.name data.num_workers data.root data.schedule
 data.sources data.tokenizer
-faults.hang_at_step faults.nan_grad_at_step faults.nan_loss_at_step faults.rank faults.sleep_in_save_s
+faults.crash_in_async_save faults.hang_at_step faults.nan_grad_at_step faults.nan_loss_at_step faults.rank faults.sleep_in_save_s
 faults.sleep_in_step_s faults.spike_at_step faults.spike_factor
 logger.entity logger.mode logger.name logger.project logger.tags
 model.bias model.block_size model.dropout model.ffn_hidden model.init_from model.init_std model.multiple_of
@@ -155,6 +155,21 @@ def test_unknown_key_fails_at_compose():
         (["faults.nan_loss_at_step=0"], 1, r"faults.nan_loss_at_step=0 must be in \[1, "),
         (["faults.rank=2"], 2, r"faults.rank=2 must be in \[0, world size 2\)"),
         (["faults.sleep_in_save_s=-1"], 1, r"faults.sleep_in_save_s=-1.0 must be >= 0"),
+        (
+            ["strategy=zero2", "checkpoint.async_save=true"],
+            2,
+            r"checkpoint.async_save=true is not supported with strategy=zero2",
+        ),
+        (
+            ["faults.crash_in_async_save=3"],
+            1,
+            r"faults.crash_in_async_save=3 needs checkpoint.async_save",
+        ),
+        (
+            ["checkpoint.async_save=true", "faults.crash_in_async_save=0"],
+            1,
+            r"faults.crash_in_async_save=0 must be in \[1, trainer.max_steps",
+        ),
     ],
 )
 def test_cross_field_errors_name_keys(overrides, world, expected):
