@@ -85,6 +85,9 @@ class StrategyConfig:
     """torch.compile each block."""
     zero_offload: bool = False
     """DeepSpeed: offload optimizer state to CPU."""
+    overlap_comm: bool | None = None
+    """DeepSpeed: overlap gradient reduction with the backward pass. None: on for CUDA (faster),
+    off on CPU (the reduction order then matches the other strategies bitwise)."""
 
 
 @dataclass
@@ -606,6 +609,11 @@ def _validate_targets(cfg: Config) -> list[str]:
         errors.append(f"plan.world_size={pl.world_size} must be >= 1")
     if s.zero_offload and s.name not in ("zero1", "zero2", "zero3"):
         errors.append(f"strategy.zero_offload=true needs strategy=zero1|zero2|zero3 (got {s.name})")
+    if s.overlap_comm is not None and s.name not in ("zero1", "zero2", "zero3"):
+        errors.append(
+            f"strategy.overlap_comm={s.overlap_comm} is a DeepSpeed setting: it needs "
+            f"strategy=zero1|zero2|zero3 (got {s.name})"
+        )
     return errors
 
 

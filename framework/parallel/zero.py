@@ -35,7 +35,12 @@ def deepspeed_config(cfg: Config, dp_size: int, precision: Precision) -> dict:
     zero: dict = {
         "stage": ZERO_STAGES[cfg.strategy.name],
         "contiguous_gradients": True,
-        "overlap_comm": False,  # on: faster on GPUs, but reorders reductions (not bitwise)
+        # on: faster on GPUs, but it reorders the reductions (not bitwise with the torch engines)
+        "overlap_comm": (
+            precision.device_type == "cuda"
+            if cfg.strategy.overlap_comm is None
+            else cfg.strategy.overlap_comm
+        ),
     }
     if cfg.strategy.zero_offload:
         zero["offload_optimizer"] = {"device": "cpu", "pin_memory": True}

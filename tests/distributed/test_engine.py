@@ -186,6 +186,18 @@ def test_deepspeed_config_is_generated_from_ours():
     assert "offload_optimizer" not in bf["zero_optimization"]
 
 
+def test_overlap_comm_is_on_for_cuda_off_for_cpu_unless_set():
+    """It was hard-coded off (for bitwise CPU parity), costing the overlap on GPUs."""
+    from framework.parallel.zero import deepspeed_config
+
+    auto, off, on = (make_cfg([*TINY, "strategy=zero2", *o]) for o in
+                     ([], ["strategy.overlap_comm=false"], ["strategy.overlap_comm=true"]))  # fmt: skip
+    cpu, cuda = Precision("fp32", "cpu", None), Precision("bf16", "cuda", torch.bfloat16)
+    got = [deepspeed_config(c, 2, p)["zero_optimization"]["overlap_comm"] for c in (auto, off, on)
+           for p in (cpu, cuda)]  # fmt: skip
+    assert got == [False, True, False, False, True, True]
+
+
 # -- errors that name the keys -------------------------------------------------------------
 
 

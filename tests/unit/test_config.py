@@ -35,7 +35,7 @@ precision.fp8_min_dim precision.initial_loss_scale precision.loss_scale_window p
 precision.max_overflows_at_min precision.name
 run.dir run.name
 strategy.activation_checkpointing strategy.compile strategy.hsdp_replicas strategy.name
-strategy.reshard_after_forward strategy.sequence_parallel strategy.tp strategy.zero_offload
+strategy.overlap_comm strategy.reshard_after_forward strategy.sequence_parallel strategy.tp strategy.zero_offload
 trainer.deterministic trainer.device trainer.eval_batches trainer.eval_every trainer.global_batch_size
 trainer.log_every trainer.max_steps trainer.micro_batch_size trainer.peak_flops trainer.sample_tokens
 trainer.seed trainer.seq_len trainer.stop_at_step
@@ -143,6 +143,11 @@ def test_unknown_key_fails_at_compose():
             r"trainer.seq_len=33 is not divisible",
         ),
         (["strategy=zero2", "precision=fp8"], 2, r"fp8 is not supported with DeepSpeed ZeRO"),
+        (
+            ["strategy=fsdp", "strategy.overlap_comm=true"],
+            2,
+            r"overlap_comm=True is a DeepSpeed setting",
+        ),
         (["strategy=ddp", "strategy.hsdp_replicas=2"], 4, r"hsdp_replicas=2 needs strategy=fsdp"),
         (["strategy=fsdp", "strategy.hsdp_replicas=3"], 4, r"hsdp_replicas=3 does not divide"),
         (["trainer.on_nan=ignore"], 1, r"trainer.on_nan='ignore' must be abort\|skip\|rollback"),
