@@ -147,11 +147,13 @@ def run(cfg: EvaluateConfig) -> dict:
     import lm_eval
     from lm_eval import evaluator
 
+    from framework.generate import require_language_model
     from framework.lm_eval_model import FrameworkLM
 
     logging.getLogger("lm_eval").setLevel(logging.WARNING)  # its INFO lines drown ours
     tm, tasks = load_tasks(specs, cfg.include_path)
     model, state = load_model(ckpt)
+    require_language_model(model, ckpt, "evaluate (lm-eval)")
     tok = load_tokenizer(state["config"]["data"]["tokenizer"])
     lm = FrameworkLM(model, tok, cfg.batch_size, cfg.max_gen_tokens, cfg.device)
     res = evaluator.simple_evaluate(

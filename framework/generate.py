@@ -116,6 +116,7 @@ def run(cfg: GenerateConfig) -> dict:
         raise ConfigError(f"output={cfg.output!r} must be one of {', '.join(OUTPUTS)}")
     prompt = read_prompt_file(cfg.prompt_file) if cfg.prompt_file is not None else cfg.prompt
     model, state = load_model(cfg.checkpoint)
+    require_language_model(model, cfg.checkpoint, "generate")
     model.to(cfg.device).eval()
     tok = load_tokenizer(state["config"]["data"]["tokenizer"])
     if cfg.chat and prompt is None:
@@ -157,6 +158,16 @@ def run(cfg: GenerateConfig) -> dict:
         new = out[len(ids) :]
         result["reply"] = tok.decode(new[:-1] if new and new[-1] in stops else new)
     return result
+
+
+def require_language_model(model, checkpoint, entry: str) -> None:
+    """A classifier's head scores labels, not next tokens: sampling from it would print noise."""
+    if model.cfg.num_labels:
+        raise ConfigError(
+            f"checkpoint={checkpoint} is a classifier (task=classify, model.num_labels="
+            f"{model.cfg.num_labels}): {entry} needs a language model; score texts with its "
+            "Hugging Face export (framework.export format=hf: a *ForSequenceClassification)"
+        )
 
 
 def read_prompt_file(path: str) -> str:

@@ -191,3 +191,17 @@ def test_init_from_hf_language_model_copies_the_body_and_a_classifier_dir_its_he
     again = GPT(cfg)
     assert init_weights_from(again, tmp_path / "clf") == set()
     assert all(torch.equal(a, b) for a, b in zip(again.state_dict().values(), clf.state_dict().values()))
+
+
+@pytest.mark.slow
+def test_generate_refuses_a_classifier_checkpoint(classify_run):
+    """Sampling from a 2-row label head printed noise instead of an error."""
+    from framework.config import ConfigError
+    from framework.generate import GenerateConfig
+    from framework.generate import run as generate
+
+    root, _ = classify_run
+    with pytest.raises(
+        ConfigError, match=r"is a classifier \(task=classify, model.num_labels=2\): generate"
+    ):
+        generate(GenerateConfig(checkpoint=str(root / "run"), prompt="12345"))
