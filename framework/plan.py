@@ -31,6 +31,7 @@ from framework.config import Config, ConfigError, dp_degree, grad_accum_steps, l
 from framework.data.vocab import resolve_vocab_size
 from framework.model.gpt import num_params
 from framework.perf import flops_per_token, peak_flops
+from framework.task import resolve_task
 
 GIB = memory.GIB
 
@@ -135,6 +136,7 @@ class Plan:
 def make_plan(cfg: Config, world_size: int) -> Plan:
     """Validate `cfg` for `world_size` GPUs (ConfigError naming the keys) and size one GPU."""
     resolve_vocab_size(cfg)  # model.vocab_size=auto: from the data's manifests or tokenizer
+    resolve_task(cfg)  # task=classify: model.num_labels (the head's rows) from the manifests
     validate(cfg, world_size, device="cuda")  # the plan sizes GPUs, whatever this machine has
     m, s, t = cfg.model, cfg.strategy, cfg.trainer
     gpu = memory.GPUS[cfg.plan.gpu]

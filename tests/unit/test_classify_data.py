@@ -19,6 +19,7 @@ from framework.data.loader import MixtureLoader
 from framework.data.packing import PackedSource
 from framework.data.shards import read_manifest
 from framework.data.tokenizer import ByteTokenizer
+from framework.model.gpt import num_params
 from framework.prepare import PrepareConfig, prepare
 from framework.task import check_sources, resolve_task
 from tests.helpers import make_cfg
@@ -190,3 +191,16 @@ def test_loss_is_the_mean_over_examples_of_the_global_batch(tmp_path):
     one = step_loss(8, 1)
     assert abs(step_loss(2, 1) - one) < 1e-6 and abs(step_loss(1, 2) - one) < 1e-6
     assert np.isfinite(one) and one > 0
+
+
+def test_plan_sizes_the_classifier_head_from_the_data(tmp_path):
+    """framework.plan counted a vocabulary-sized head for task=classify."""
+    from framework.plan import make_plan
+
+    out = prep(tmp_path, [{"text": "ab", "label": x} for x in ("a", "b", "c")])
+    cfg = classify_cfg(out, "model.tie_embeddings=false")
+    p = make_plan(cfg, 1)
+    assert cfg.model.num_labels == 3
+    assert p.params == num_params(cfg.model) and num_params(cfg.model) < num_params(
+        make_cfg(["model.tie_embeddings=false"]).model
+    )
