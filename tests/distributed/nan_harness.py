@@ -3,8 +3,8 @@ process group: for each strategy an engine is built, trained one clean step, the
 in rank FAULT_RANK's reduced gradient (faults.nan_grad_at_step / faults.rank, through the
 Guard's injector and engine.poison_grad) and judged twice: by an on_nan=abort Guard (must raise
 on every rank, nothing changed) and by an on_nan=skip Guard on the same gradients (engine.skip():
-every local weight and optimizer tensor bitwise unchanged). A third, clean step must apply
-again. Usage:
+every local weight and optimizer tensor bitwise unchanged). Step 3's finite gradients are
+skipped too (a loss spike); a fourth, clean step must apply again. Usage:
 
     torchrun --nproc_per_node N tests/distributed/nan_harness.py OUT_DIR STRATEGY[,STRATEGY...] key=value ...
 
@@ -132,10 +132,18 @@ def run_strategy(strategy: str, overrides: list[str], dist, out_dir: Path) -> di
         }
         if hasattr(engine, "ds"):
             res["skip"]["ds_skipped_steps"] = engine.ds.skipped_steps
-        # step 3, clean again: the dropped gradients are gone and the update applies
-        v3 = guards["skip"].decide(3, forward_backward(3), engine, None)
+        # step 3: finite gradients dropped by engine.skip() (as the loss-spike detector does):
+        # DeepSpeed (bf16/fp32) also refuses a NaN step by itself, so only this case shows that
+        # skip() drops an update that would otherwise apply
+        forward_backward(3)
+        res["skip_finite"] = {
+            "skipped": engine.skip().skipped,
+            "changed": unchanged(before, local_state(engine)),
+        }
+        # step 4, clean again: the dropped gradients are gone and the update applies
+        v3 = guards["skip"].decide(4, forward_backward(4), engine, None)
         r3 = engine.apply(lr)
-        res["step3"] = {
+        res["step4"] = {
             "action": v3.action,
             "norm": r3.grad_norm,
             "finite": math.isfinite(r3.grad_norm) and math.isfinite(v3.loss),

@@ -54,11 +54,13 @@ def check_policy(per_rank: list[list[dict]], strategies: list[str]) -> None:
             assert s["skip"]["counters"] == {"skipped_nonfinite": 1}, where
             if strategy.startswith("zero"):  # DeepSpeed's own counter agrees: no half-taken step
                 assert s["skip"]["ds_skipped_steps"] == 1, where
+            # engine.skip() of finite gradients (the spike detector's skip): nothing applied
+            assert s["skip_finite"] == {"skipped": True, "changed": []}, where
             # negative control: the next clean step trains again (the NaN gradients were dropped)
-            step3 = s["step3"]
-            assert step3["action"] == "apply" and step3["finite"], where
-            assert step3["changed"] >= step3["of"] // 2, where
-            assert step3["counters"] == {"skipped_nonfinite": 1}, where  # a running count
+            step4 = s["step4"]
+            assert step4["action"] == "apply" and step4["finite"], where
+            assert step4["changed"] >= step4["of"] // 2, where
+            assert step4["counters"] == {"skipped_nonfinite": 1}, where  # a running count
         # one decision, taken from the all-reduced flags: identical on every rank
         for key in ("abort", "skip"):
             assert len({s[key]["what"] for s in seen}) == 1, (strategy, key, [s[key] for s in seen])
