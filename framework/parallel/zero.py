@@ -138,7 +138,7 @@ class DeepSpeedEngine(Engine):
         if not grads:
             raise NotImplementedError(
                 "faults.nan_grad_at_step: this DeepSpeed optimizer keeps no averaged_gradients "
-                "(zero1 or offload): use faults.nan_loss_at_step"
+                "(optimizer offload: the gradients go to the CPU copy): use faults.nan_loss_at_step"
             )
         grads[0].view(-1)[0] = float("nan")
 
