@@ -1,6 +1,6 @@
 """RELIABILITY A7 (retention: exactly k remain despite a failed delete; latest's target always
 exists) and A10 (a mistyped checkpoint.path fails fast naming it, for every resume mode that
-reads it)."""
+reads it); A11 for the tokenizer."""
 
 from __future__ import annotations
 
@@ -11,7 +11,7 @@ import pytest
 
 from framework.checkpoint import Checkpointer, CheckpointError
 from framework.parallel.dist import Dist
-from tests.unit.test_checkpoint import save
+from tests.unit.test_checkpoint import FakeEngine, save
 
 
 def test_keep_2_over_10_saves_with_a_failed_delete_leaves_exactly_2(tmp_path, monkeypatch):
@@ -43,3 +43,16 @@ def test_mistyped_checkpoint_path_fails_naming_it(tmp_path, mode):
     typo = tmp_path / "checkpoints" / "step_0000002"
     with pytest.raises(CheckpointError, match=rf"checkpoint.path={typo} is not a committed checkpoint"):
         ck.find_resume(mode, str(typo))
+
+
+def test_changed_tokenizer_refused_on_resume_before_loading(tmp_path):
+    """A11: a checkpoint saved with one tokenizer does not load under another: the error names
+    data.tokenizer with the old and new fingerprints, and no engine state is read."""
+    ck = Checkpointer(tmp_path, keep=0, dist=Dist())
+    p = ck.save(2, FakeEngine(), {"step": 2, "model": {"n_layer": 2}, "tokenizer": "byte-v1"})
+    engine = FakeEngine()
+    with pytest.raises(
+        CheckpointError, match=r"data.tokenizer: checkpoint 'byte-v1' vs config 'bpe-v2'"
+    ):
+        ck.load(p, engine, expect_shape={"n_layer": 2}, tokenizer_fingerprint="bpe-v2")
+    assert engine.loaded is None
