@@ -87,7 +87,8 @@ MAP: dict[str, list[str]] = {
         "tests/distributed/test_faults.py::test_sigusr1_to_one_worker_stops_every_rank_and_a_second_signal_spares_the_save"
     ],
     "B7": [
-        "tests/distributed/test_faults.py::test_sigterm_to_the_launcher_saves_once_and_resumes_bitwise"
+        "tests/distributed/test_kill_restart.py::test_sigusr1_to_the_launcher_leaves_no_worker_behind",
+        "tests/distributed/test_faults.py::test_sigterm_to_the_launcher_saves_once_and_resumes_bitwise",
     ],
     # -- C. data path (C7, C8: long-document and degenerate-content policies, added by the
     # integrator with the prepare-policy branch) ------------------------------------------------
