@@ -33,7 +33,7 @@ MAP: dict[str, list[str]] = {
         "tests/unit/test_checkpoint.py::test_uncommitted_directory_is_not_a_checkpoint",
     ],
     "A5": [
-        "tests/distributed/test_kill_restart.py::test_kill_9_of_one_rank_restarts_from_latest_and_ends_bitwise"
+        "tests/distributed/test_faults.py::test_kill_9_of_one_rank_restarts_from_latest_and_ends_bitwise"
     ],
     # A6 (async save crash) is added by the integrator with the async-save branch.
     "A7": [
@@ -68,6 +68,7 @@ MAP: dict[str, list[str]] = {
     "B1": [
         "tests/e2e/test_train.py::test_nan_loss_stops_before_the_update_and_saves_nothing",
         "tests/distributed/test_nan_policy.py::test_nan_grad_on_one_rank_aborts_every_rank_before_the_update",
+        "tests/distributed/test_nan_policy.py::test_nan_grad_on_one_rank_skipped_leaves_weights_bitwise",
     ],
     "B2": [
         "tests/e2e/test_nan_policy.py::test_loss_spike_is_skipped_and_the_detector_survives_a_resume"
@@ -87,7 +88,7 @@ MAP: dict[str, list[str]] = {
         "tests/distributed/test_faults.py::test_sigusr1_to_one_worker_stops_every_rank_and_a_second_signal_spares_the_save"
     ],
     "B7": [
-        "tests/distributed/test_kill_restart.py::test_sigusr1_to_the_launcher_leaves_no_worker_behind",
+        "tests/distributed/test_faults.py::test_sigusr1_to_the_launcher_leaves_no_worker_behind",
         "tests/distributed/test_faults.py::test_sigterm_to_the_launcher_saves_once_and_resumes_bitwise",
     ],
     # -- C. data path (C7, C8: long-document and degenerate-content policies, added by the
