@@ -141,14 +141,29 @@ def init_distributed(device: str, timeout_s: float = 1800.0) -> Dist:
         )  # fmt: skip
     if world > 1 and not tdist.is_initialized():
         backend = "nccl" if dev.type == "cuda" else "gloo"
+        timeout = datetime.timedelta(seconds=timeout_s)
         tdist.init_process_group(
             backend=backend,
             rank=rank,
             world_size=world,
-            timeout=datetime.timedelta(seconds=timeout_s),
+            timeout=timeout,
             device_id=dev if dev.type == "cuda" else None,
+            store=restart_store(rank, world, timeout),
         )
     return Dist(rank, world, local_rank, dev)
+
+
+def restart_store(rank: int, world: int, timeout: datetime.timedelta):
+    """None (env:// as usual) on a first start. After a torchrun restart (--max-restarts), the
+    launcher's store under a per-attempt prefix: torchrun's static rendezvous hands every attempt
+    the same agent store, which still holds the addresses the killed attempt's ranks published;
+    a rank that reads a stale one connects to a dead peer ("Gloo connectFullMesh failed ...
+    Connection refused") until the timeout, so the restart fails or hangs."""
+    attempt = os.environ.get("TORCHELASTIC_RESTART_COUNT", "0")
+    if attempt == "0":
+        return None
+    store, _, _ = next(tdist.rendezvous("env://", rank=rank, world_size=world, timeout=timeout))
+    return tdist.PrefixStore(f"framework/attempt_{attempt}", store)
 
 
 def teardown(clean: bool = True) -> None:

@@ -5,17 +5,29 @@ from __future__ import annotations
 
 import json
 import math
+import os
+import signal
+import subprocess
+import sys
+import time
 
 import pytest
 import torch
 
 from framework import checkpoint as ckpt_mod
+from framework import train as train_mod
 from framework.checkpoint import CheckpointError, load_model
 from framework.config import ConfigError
 from framework.data.loader import MixtureLoader
 from framework.parallel import NonFiniteError
 from framework.train import train
-from tests.helpers import TINY, make_cfg, read_metrics, train_losses
+from tests.helpers import ROOT, TINY, checkout_env, make_cfg, read_metrics, train_losses
+
+FINAL = "checkpoints/step_00000010"
+
+
+def file_hashes(ckpt) -> dict[str, str]:
+    return {k: v["sha256"] for k, v in json.loads((ckpt / "manifest.json").read_text())["files"].items()}
 
 
 def run(tmp_path, name: str, *extra: str):
@@ -63,6 +75,28 @@ def test_resume_is_bitwise_exact(tmp_path, reference):
     b, _ = load_model(reference)
     for (k, x), (_, y) in zip(a.state_dict().items(), b.state_dict().items()):
         assert torch.equal(x, y), k
+    # A1 asks for every piece of state: the DCP data files (model and optimizer tensors) and each
+    # rank's RNG file are byte-identical; the data position, the step (the LR schedule is a
+    # function of it) and the NaN/spike detector window are equal.
+    got, want = file_hashes(d / FINAL), file_hashes(reference / FINAL)
+    tensors = [f for f in want if f.endswith(".distcp") or f.startswith("rng/")]
+    assert tensors and all(got[f] == want[f] for f in tensors), (got, want)
+    a, b = (json.loads((p / FINAL / "trainer.json").read_text()) for p in (d, reference))
+    for key in ("step", "loader", "engine", "faults"):
+        assert a[key] == b[key], key
+    assert a["loader"]["position"] == 80  # 10 steps x 8 sequences
+
+
+def test_resume_with_a_restarted_lr_schedule_diverges(tmp_path, reference, monkeypatch):
+    """A2 (b), negative control: the scheduler's state is the resumed step; a resume that
+    restarted the schedule at 0 (warmup again) must fail the equality the test above asserts."""
+    run(tmp_path, "nosched", "trainer.stop_at_step=6")
+    real = train_mod.lr_at
+    monkeypatch.setattr(train_mod, "lr_at", lambda step, o, n: real(step - 6, o, n))
+    d = run(tmp_path, "nosched")
+    got, want = train_losses(d), train_losses(reference)
+    assert all(got[s] == want[s] for s in range(1, 8))  # step 7's loss precedes its update
+    assert any(got[s] != want[s] for s in range(8, 11))
 
 
 def test_resume_without_rng_state_diverges(tmp_path, reference, monkeypatch):
@@ -81,6 +115,40 @@ def test_resume_without_data_position_diverges(tmp_path, reference, monkeypatch)
     d = run(tmp_path, "nodata")
     got, want = train_losses(d), train_losses(reference)
     assert any(got[s] != want[s] for s in range(7, 11))
+
+
+@pytest.mark.slow  # a train subprocess to kill (~15 s idle)
+def test_kill_9_between_data_files_and_commit_resumes_from_the_previous(tmp_path, reference):
+    """A4: a process killed while its step-8 checkpoint has data files and a manifest but no
+    commit marker: no COMMITTED and no `latest` update; the next start removes the partial
+    folder, resumes from step 6 and reproduces the reference losses bitwise."""
+    d = run(tmp_path, "kill", "trainer.stop_at_step=6")
+    partial = d / "checkpoints/.tmp-step_00000008"
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "framework.train", *TINY, f"run.dir={d}", "checkpoint.every=8"],
+        cwd=ROOT,
+        env=checkout_env(FW_TEST_PAUSE_BEFORE_COMMIT="120"),
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    deadline = time.monotonic() + 120
+    while not (partial / "manifest.json").is_file():
+        if proc.poll() is not None:
+            pytest.fail(f"train exited {proc.returncode} before the save:\n{proc.stderr.read()[-3000:]}")
+        if time.monotonic() > deadline:
+            proc.kill()
+            pytest.fail("no step-8 save within 120 s")
+        time.sleep(0.05)
+    os.kill(proc.pid, signal.SIGKILL)
+    proc.wait(timeout=30)
+    assert proc.returncode == -signal.SIGKILL
+    assert not (partial / "COMMITTED").exists() and not (d / "checkpoints/step_00000008").exists()
+    assert (d / "checkpoints/latest").read_text().strip() == "step_00000006"
+    run(tmp_path, "kill")
+    assert not partial.exists()
+    assert train_losses(d) == train_losses(reference)
+    assert json.loads((d / FINAL / "trainer.json").read_text())["step"] == 10
 
 
 def test_resume_required_without_checkpoint_fails_naming_path(tmp_path, sample_data):
