@@ -27,7 +27,10 @@ FINAL = "checkpoints/step_00000010"
 
 
 def file_hashes(ckpt) -> dict[str, str]:
-    return {k: v["sha256"] for k, v in json.loads((ckpt / "manifest.json").read_text())["files"].items()}
+    """Each file's content hash as the manifest records it (xxh3_128)."""
+    return {
+        k: v["xxh3_128"] for k, v in json.loads((ckpt / "manifest.json").read_text())["files"].items()
+    }
 
 
 def run(tmp_path, name: str, *extra: str):
