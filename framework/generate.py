@@ -101,6 +101,7 @@ def sample(
 
 def run(cfg: GenerateConfig) -> dict:
     from framework.checkpoint import load_model
+    from framework.data.chat import render_prompt, stop_ids
     from framework.data.tokenizer import load_tokenizer
 
     given = [k for k in ("prompt", "prompt_ids", "prompt_file") if getattr(cfg, k) is not None]
@@ -124,8 +125,6 @@ def run(cfg: GenerateConfig) -> dict:
     if cfg.prompt_ids is not None:
         ids = list(cfg.prompt_ids)
     elif cfg.chat:
-        from framework.data.chat import render_prompt
-
         ids = render_prompt(prompt, tok)
     else:
         ids = tok.encode(prompt)
@@ -134,12 +133,7 @@ def run(cfg: GenerateConfig) -> dict:
     bad = [i for i in ids if not 0 <= i < model.cfg.vocab_size]
     if bad:
         raise ConfigError(f"prompt_ids {bad} are outside the vocabulary [0, {model.cfg.vocab_size})")
-    if cfg.chat:
-        from framework.data.chat import stop_ids
-
-        stops = stop_ids(tok)
-    else:
-        stops = ()
+    stops = stop_ids(tok) if cfg.chat else ()  # the end of the assistant's turn
     g = torch.Generator().manual_seed(cfg.seed)
     out = sample(
         model,

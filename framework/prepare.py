@@ -583,32 +583,13 @@ def _write_chat(
     next to training on it)."""
     from framework.data.chat import template_name, write_chat_source
 
-    bad = [f.url for f in files if f.kind != "jsonl"]
-    if bad:
-        raise PrepareError(f"format=chat reads jsonl records; not jsonl: {bad}")
-    lines = ((f.url, n, line) for f in files for n, line in enumerate(_lines(f.url), 1))
-    writer = SourceWriter(tmp, tok, shard_tokens=cfg.shard_tokens)
-    t0 = time.perf_counter()
-    counts = write_chat_source(
-        lines, tok, writer, cfg.max_tokens, cfg.overlong, cfg.seed, cfg.val_fraction
-    )
-    if sum(counts["documents"].values()) == 0:
-        raise PrepareError(f"input={cfg.input!r}: no conversations kept (records: {counts['records']})")
-    warn_small_splits(counts["documents"], cfg.val_fraction)
-    meta = {
-        "input": cfg.input,
-        "files": [{"url": f.url, "bytes": f.size, "mtime": f.mtime} for f in files],
-        "format": "chat",
-        "template": template_name(tok),
-        "val_fraction": cfg.val_fraction,
-        "seed": cfg.seed,
-        **counts,
-        "input_fingerprint": fingerprint,
-        "prepare_version": PREPARE_VERSION,
-        "seconds": round(time.perf_counter() - t0, 3),
-    }
-    writer.close(meta=meta)  # manifest last
-    return meta
+    def write(lines, writer):
+        return write_chat_source(
+            lines(), tok, writer, cfg.max_tokens, cfg.overlong, cfg.seed, cfg.val_fraction
+        )
+
+    return _write_records(files, cfg, tok, tmp, fingerprint, "conversations", write,
+                          {"template": template_name(tok)})  # fmt: skip
 
 
 def _write_classify(
@@ -623,26 +604,35 @@ def _write_classify(
     the label set is fixed before the first example is written)."""
     from framework.data.classify import write_classify_source
 
+    def write(lines, writer):
+        return write_classify_source(lines, tok, writer, cfg.max_tokens, cfg.overlong, cfg.seed,
+                                     cfg.val_fraction, cfg.text_key)  # fmt: skip
+
+    return _write_records(files, cfg, tok, tmp, fingerprint, "examples", write,
+                          {"text_key": cfg.text_key})  # fmt: skip
+
+
+def _write_records(files, cfg, tok, tmp, fingerprint, noun: str, write, extra_meta: dict) -> dict:
+    """The jsonl formats (chat, classify): `write(lines, writer)` renders the records (`lines()`
+    a fresh iterator of (file, line number, text) per call) and returns the manifest's counts."""
     bad = [f.url for f in files if f.kind != "jsonl"]
     if bad:
-        raise PrepareError(f"format=classify reads jsonl records; not jsonl: {bad}")
+        raise PrepareError(f"format={cfg.format} reads jsonl records; not jsonl: {bad}")
 
     def lines():
         return ((f.url, n, line) for f in files for n, line in enumerate(_lines(f.url), 1))
 
     writer = SourceWriter(tmp, tok, shard_tokens=cfg.shard_tokens)
     t0 = time.perf_counter()
-    counts = write_classify_source(
-        lines, tok, writer, cfg.max_tokens, cfg.overlong, cfg.seed, cfg.val_fraction, cfg.text_key
-    )
+    counts = write(lines, writer)
     if sum(counts["documents"].values()) == 0:
-        raise PrepareError(f"input={cfg.input!r}: no examples kept (records: {counts['records']})")
+        raise PrepareError(f"input={cfg.input!r}: no {noun} kept (records: {counts['records']})")
     warn_small_splits(counts["documents"], cfg.val_fraction)
     meta = {
         "input": cfg.input,
         "files": [{"url": f.url, "bytes": f.size, "mtime": f.mtime} for f in files],
-        "format": "classify",
-        "text_key": cfg.text_key,
+        "format": cfg.format,
+        **extra_meta,
         "val_fraction": cfg.val_fraction,
         "seed": cfg.seed,
         **counts,
@@ -650,7 +640,7 @@ def _write_classify(
         "prepare_version": PREPARE_VERSION,
         "seconds": round(time.perf_counter() - t0, 3),
     }
-    writer.close(meta=meta, labels=counts["labels"])  # manifest last
+    writer.close(meta=meta, labels=counts.get("labels"))  # manifest last
     return meta
 
 

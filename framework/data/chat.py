@@ -39,6 +39,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
+from framework.data.jsonl import jsonl_records
 from framework.data.shards import DataError
 from framework.data.tokenizer import Tokenizer
 
@@ -204,14 +205,7 @@ def examples(
     """(ids, mask, rendered-text key) of every kept record from (file, line number, line text)."""
     if overlong not in OVERLONG:
         raise ChatError(f"overlong={overlong!r} must be one of {OVERLONG}")
-    for url, line_no, line in lines:
-        if not line.strip():
-            continue
-        where = f"{url} line {line_no}"
-        try:
-            raw = json.loads(line)
-        except json.JSONDecodeError as e:
-            raise ChatError(f"{where}: not JSON ({e})") from e
+    for where, raw in jsonl_records(lines, ChatError):
         turns = parse_record(raw, where)
         stats.records += 1
         ids, mask = render(turns, tok, where)

@@ -23,12 +23,12 @@ int) are refused with the file and line; prepare then writes nothing.
 
 from __future__ import annotations
 
-import json
 import logging
 from collections.abc import Callable, Iterable, Iterator
 
 import numpy as np
 
+from framework.data.jsonl import jsonl_records
 from framework.data.shards import DataError
 from framework.data.tokenizer import Tokenizer
 
@@ -68,14 +68,7 @@ def records(
     lines: Iterable[tuple[str, int, str]], text_key: str
 ) -> Iterator[tuple[str, str, str | int]]:
     """(where, text, label) of every non-blank line of (file, line number, line text)."""
-    for url, line_no, line in lines:
-        if not line.strip():
-            continue
-        where = f"{url} line {line_no}"
-        try:
-            raw = json.loads(line)
-        except json.JSONDecodeError as e:
-            raise ClassifyError(f"{where}: not JSON ({e})") from e
+    for where, raw in jsonl_records(lines, ClassifyError):
         text, label = parse_record(raw, where, text_key)
         yield where, text, label
 
