@@ -88,6 +88,20 @@ class StrategyConfig:
     overlap_comm: bool | None = None
     """DeepSpeed: overlap gradient reduction with the backward pass. None: on for CUDA (faster),
     off on CPU (the reduction order then matches the other strategies bitwise)."""
+    pp: int = 1
+    """Pipeline-parallel degree: the blocks split into pp stages (the outermost mesh dimension)."""
+    pp_schedule: str = "1f1b"
+    """gpipe | 1f1b | interleaved_1f1b | zero_bubble | dualpipev (torch.distributed.pipelining)."""
+    pp_stages_per_rank: int = 2
+    """interleaved_1f1b and the zero-bubble schedules: model chunks (virtual stages) per rank."""
+    pp_layers: list[int] | None = None
+    """Blocks per stage in order, e.g. [5, 6, 6, 5] (None: balanced by cost, the head counted)."""
+    cp: int = 1
+    """Context-parallel degree: every sequence split over cp ranks (same data, other positions)."""
+    cp_method: str = "ulysses"
+    """ulysses (all-to-all over heads; every backend) | ring (torch's ring attention; CUDA only)."""
+    ep: int = 1
+    """Expert-parallel degree (MoE models): experts split over ep of the data-parallel ranks."""
 
 
 @dataclass
@@ -355,8 +369,65 @@ def grad_accum_steps(cfg: Config, dp_size: int) -> int:
     return cfg.trainer.global_batch_size // (cfg.trainer.micro_batch_size * dp_size)
 
 
+@dataclass(frozen=True)
+class Layout:
+    """The degree of every parallel axis. World ranks are laid out row-major over AXES, tensor
+    parallel innermost (DESIGN: mesh order pp, dp (replicate, shard), cp, tp): tensor-parallel
+    peers are neighbouring ranks (one node's NVLink), pipeline stages the farthest apart (they
+    exchange only activations). Expert parallelism does not add ranks: its ep groups are carved
+    out of the data-parallel ranks (ep divides dp). Pure arithmetic: validate(), the plan and the
+    mesh builder (framework.parallel) share it."""
+
+    pp: int = 1
+    dp_replicate: int = 1
+    dp_shard: int = 1
+    cp: int = 1
+    tp: int = 1
+    ep: int = 1
+
+    AXES = ("pp", "dp_replicate", "dp_shard", "cp", "tp")
+
+    @property
+    def shape(self) -> tuple[int, ...]:
+        return tuple(getattr(self, a) for a in self.AXES)
+
+    @property
+    def world(self) -> int:
+        return math.prod(self.shape)
+
+    @property
+    def dp(self) -> int:
+        """Data-parallel degree: how many distinct micro-batch streams a step reads."""
+        return self.dp_replicate * self.dp_shard
+
+    def coords(self, rank: int) -> dict[str, int]:
+        """{axis: index} of global `rank` (row-major over AXES)."""
+        out = {}
+        for axis, size in reversed(list(zip(self.AXES, self.shape))):
+            rank, out[axis] = divmod(rank, size)
+        return {a: out[a] for a in self.AXES}
+
+    def dp_rank(self, rank: int) -> int:
+        """The loader's coordinate: ranks that differ only in pp, cp or tp read the same data."""
+        c = self.coords(rank)
+        return c["dp_replicate"] * self.dp_shard + c["dp_shard"]
+
+
+def layout(s: StrategyConfig, world_size: int) -> Layout:
+    """The Layout strategy `s` gives on `world_size` ranks (validate() refuses what does not
+    divide; here the degrees are floored so that a refused config still yields numbers)."""
+    tp, pp, cp = max(s.tp, 1), max(s.pp, 1), max(s.cp, 1)
+    dp = max(world_size // (pp * cp * tp), 1)
+    replicate = 1
+    if s.name in ("ddp", "pp"):
+        replicate = dp  # whole replicas, gradients all-reduced
+    elif s.name == "fsdp":
+        replicate = max(min(s.hsdp_replicas, dp), 1)  # HSDP: shard inside, replicate across
+    return Layout(pp, replicate, dp // replicate, cp, tp, max(s.ep, 1))
+
+
 def dp_degree(cfg: Config, world_size: int) -> int:
-    return world_size // max(cfg.strategy.tp, 1)
+    return layout(cfg.strategy, world_size).dp
 
 
 def validate(cfg: Config, world_size: int = 1, device: str | None = None) -> None:
@@ -430,6 +501,7 @@ def validate(cfg: Config, world_size: int = 1, device: str | None = None) -> Non
             f"strategy=tp_fsdp needs a data-parallel degree >= 2: world {world_size} / tp {s.tp}"
         )
     errors += _validate_hsdp(s, world_size)
+    errors += _validate_axes(s, world_size)
     if s.activation_checkpointing not in ("none", "full", "selective"):
         errors.append(
             f"strategy.activation_checkpointing={s.activation_checkpointing!r} must be none|full|selective"
@@ -567,6 +639,36 @@ def _validate_faults(cfg: Config, world_size: int) -> list[str]:
     for key in ("sleep_in_step_s", "sleep_in_save_s"):
         if not getattr(f, key) >= 0:
             errors.append(f"faults.{key}={getattr(f, key)} must be >= 0")
+    return errors
+
+
+PP_SCHEDULES = ("gpipe", "1f1b", "interleaved_1f1b", "zero_bubble", "dualpipev")
+CP_METHODS = ("ulysses", "ring")
+
+
+def _validate_axes(s: StrategyConfig, world_size: int) -> list[str]:
+    """The pipeline, context and expert axes: degrees, names, and that pp x cp x tp divides the
+    world (the tensor-parallel checks above cover tp alone)."""
+    errors = []
+    for key in ("pp", "cp", "ep", "pp_stages_per_rank"):
+        if getattr(s, key) < 1:
+            errors.append(f"strategy.{key}={getattr(s, key)} must be >= 1")
+    if s.pp_schedule not in PP_SCHEDULES:
+        errors.append(f"strategy.pp_schedule={s.pp_schedule!r} is not one of {', '.join(PP_SCHEDULES)}")
+    if s.cp_method not in CP_METHODS:
+        errors.append(f"strategy.cp_method={s.cp_method!r} is not one of {', '.join(CP_METHODS)}")
+    if errors:
+        return errors
+    model_ranks = s.pp * s.cp * max(s.tp, 1)
+    if (s.pp > 1 or s.cp > 1) and world_size % model_ranks:
+        errors.append(
+            f"world size {world_size} is not divisible by strategy.pp={s.pp} x strategy.cp={s.cp} "
+            f"x strategy.tp={s.tp} = {model_ranks}: the data-parallel degree must be a whole number"
+        )
+    # the axes are being built (issues 15, 16, 19); refused until their engines exist
+    for key, what in (("pp", "pipeline"), ("cp", "context"), ("ep", "expert")):
+        if getattr(s, key) > 1:
+            errors.append(f"strategy.{key}={getattr(s, key)}: {what} parallelism is not built yet")
     return errors
 
 

@@ -36,6 +36,7 @@ precision.max_overflows_at_min precision.name
 run.dir run.name
 strategy.activation_checkpointing strategy.compile strategy.hsdp_replicas strategy.name
 strategy.overlap_comm strategy.reshard_after_forward strategy.sequence_parallel strategy.tp strategy.zero_offload
+strategy.cp strategy.cp_method strategy.ep strategy.pp strategy.pp_layers strategy.pp_schedule strategy.pp_stages_per_rank
 trainer.deterministic trainer.device trainer.eval_batches trainer.eval_every trainer.global_batch_size
 trainer.log_every trainer.max_steps trainer.micro_batch_size trainer.peak_flops trainer.sample_tokens
 trainer.seed trainer.seq_len trainer.stop_at_step
