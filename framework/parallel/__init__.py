@@ -20,9 +20,9 @@ from dataclasses import replace
 from functools import partial
 
 from torch import nn
-from torch.distributed.device_mesh import DeviceMesh, init_device_mesh
+from torch.distributed.device_mesh import DeviceMesh
 
-from framework.config import Config, ConfigError
+from framework.config import Config, ConfigError, Layout, layout
 from framework.optim import build_optimizer
 from framework.parallel.ac import apply_ac
 from framework.parallel.compile import apply_compile
@@ -31,6 +31,7 @@ from framework.parallel.dist import Dist
 from framework.parallel.engine import Engine, NonFiniteError, StepResult, TorchEngine
 from framework.parallel.fsdp import apply_fsdp, fsdp_grad_sync, mixed_precision_policy
 from framework.parallel.materialize import initial_values, materialize, meta_model, zero3_model
+from framework.parallel.mesh import build_mesh
 from framework.parallel.tp import apply_tp
 from framework.precision import OverflowGuard, apply_fp8, make_grad_scaler, resolve
 
@@ -39,20 +40,12 @@ __all__ = ["Engine", "NonFiniteError", "StepResult", "TorchEngine", "build_engin
 
 def _meshes(
     cfg: Config, dist: Dist, tp: bool, dp: str | None
-) -> tuple[DeviceMesh | None, DeviceMesh | None]:
-    """(tp_mesh, dp_mesh) for this strategy; dp_mesh is 2-D (replicate, shard) under HSDP."""
-    s, world, dev = cfg.strategy, dist.world_size, dist.device.type
-    if tp and dp is not None:
-        mesh = init_device_mesh(dev, (world // s.tp, s.tp), mesh_dim_names=("dp", "tp"))
-        return mesh["tp"], mesh["dp"]
-    if tp:
-        return init_device_mesh(dev, (world,), mesh_dim_names=("tp",)), None
-    if dp == "fsdp" and s.hsdp_replicas > 1:
-        shape = (s.hsdp_replicas, world // s.hsdp_replicas)
-        return None, init_device_mesh(dev, shape, mesh_dim_names=("dp_replicate", "dp_shard"))
-    if dp == "fsdp":
-        return None, init_device_mesh(dev, (world,), mesh_dim_names=("dp",))
-    return None, None
+) -> tuple[DeviceMesh | None, DeviceMesh | None, Layout]:
+    """(tp_mesh, dp_mesh, layout) for this strategy; dp_mesh is 2-D (replicate, shard) under
+    HSDP. DDP needs no mesh: it reduces over the default group."""
+    lay = layout(cfg.strategy, dist.world_size)
+    mesh = build_mesh(lay, dist.device.type)
+    return (mesh.get("tp") if tp else None), (mesh.fsdp() if dp == "fsdp" else None), lay
 
 
 def _build_torch(
@@ -62,7 +55,7 @@ def _build_torch(
     model=None: built here on meta and materialised per rank (dry_run: left on meta)."""
     s = cfg.strategy
     precision = resolve(cfg.precision, dist.device.type)
-    tp_mesh, dp_mesh = _meshes(cfg, dist, tp, dp)
+    tp_mesh, dp_mesh, lay = _meshes(cfg, dist, tp, dp)
     values = None
     if model is None:
         model, values = meta_model(cfg.model), initial_values(cfg)
@@ -81,10 +74,10 @@ def _build_torch(
         materialize(model, dist.device, values)  # the whole (tp: this rank's tp part of the) model
     wrapped, extra = model, {}
     if dp == "ddp" and dry_run:
-        extra = dict(dp_rank=dist.rank, dp_size=dist.world_size)  # DDP cannot wrap meta tensors
+        extra = {}  # DDP cannot wrap meta tensors
     elif dp == "ddp":
         wrapped = apply_ddp(model, dist.device)
-        extra = dict(grad_sync=ddp_grad_sync(wrapped), dp_rank=dist.rank, dp_size=dist.world_size)
+        extra = dict(grad_sync=ddp_grad_sync(wrapped))
     elif dp == "fsdp":
         apply_fsdp(
             model, dp_mesh, s.reshard_after_forward, mixed_precision_policy(precision.compute_dtype)
@@ -92,12 +85,9 @@ def _build_torch(
         precision = replace(precision, autocast_dtype=None)  # the FSDP policy casts instead
         if values is not None:
             materialize(model, dist.device, values)  # only this rank's shards
-        extra = dict(
-            grad_sync=fsdp_grad_sync(model),
-            # under tp_fsdp the ranks of one TP group share a dp coordinate (same data)
-            dp_rank=dp_mesh.get_local_rank() if tp else dist.rank,
-            dp_size=dist.world_size // (s.tp if tp else 1),
-        )
+        extra = dict(grad_sync=fsdp_grad_sync(model))
+    # the loader's coordinate: ranks of one TP group share a dp rank (same data)
+    extra.update(dp_rank=lay.dp_rank(dist.rank), dp_size=lay.dp)
     if tp and s.sequence_parallel:
         extra["seq_multiple"] = s.tp
         extra["rng_rank"] = dist.rank  # every dropout acts on rank-local slices

@@ -43,3 +43,27 @@ def test_coords_are_row_major_with_tp_innermost():
 def test_layout_of_each_strategy(overrides, world, shape, dp):
     lay = layout(make_cfg(overrides).strategy, world)
     assert lay.shape == shape and lay.dp == dp and lay.world == world
+
+
+def test_mesh_dims_are_the_axes_above_1_and_fsdp_spans_dp_shard_and_cp():
+    """Over a fake 16-rank group (this process is rank 5): pp 2 x dp_replicate 2 x dp_shard 2 x
+    cp 2. FSDP shards over dp_shard x cp (cp ranks hold the same weights) inside each replica."""
+    import torch.distributed as tdist
+    from torch.testing._internal.distributed.fake_pg import FakeStore
+
+    from framework.parallel.mesh import build_mesh
+
+    tdist.init_process_group("fake", store=FakeStore(), rank=5, world_size=16)
+    try:
+        lay = Layout(pp=2, dp_replicate=2, dp_shard=2, cp=2)
+        mesh = build_mesh(lay, "cpu")
+        assert mesh.axes == ("pp", "dp_replicate", "dp_shard", "cp")
+        assert mesh.get("tp") is None and mesh.get("pp").size() == 2
+        fsdp = mesh.fsdp()
+        assert fsdp.ndim == 2 and fsdp.shape == (2, 4)
+        assert mesh.get("dp_replicate", "dp_shard", "cp").size() == 8
+        # rank 5 = (pp 0, replicate 1, shard 0, cp 1): its FSDP peers are ranks 4..7
+        assert sorted(fsdp["dp_shard_cp"].mesh.flatten().tolist()) == [4, 5, 6, 7]
+        assert build_mesh(Layout(), "cpu").root is None
+    finally:
+        tdist.destroy_process_group()
