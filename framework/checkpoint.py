@@ -51,7 +51,7 @@ import torch
 import xxhash
 
 from framework.data.shards import sha256_file
-from framework.errors import CheckpointErrorBase
+from framework.errors import CheckpointError
 from framework.parallel.dist import Dist
 from framework.safeload import dcp_load, load_pt
 
@@ -75,10 +75,6 @@ SHAPE_KEYS = (
     "tie_embeddings",
     "num_labels",
 )
-
-
-class CheckpointError(CheckpointErrorBase, RuntimeError):
-    """A checkpoint that cannot be used; the message names the path and what is wrong."""
 
 
 def step_dir_name(step: int) -> str:

@@ -44,8 +44,9 @@ from omegaconf import MISSING, DictConfig
 from framework.cli import entry, to_object
 from framework.data import doc_filter
 from framework.data.doc_filter import DocPolicy
-from framework.data.shards import MANIFEST, DataError, SourceWriter, is_url, read_manifest
+from framework.data.shards import MANIFEST, SourceWriter, is_url, read_manifest
 from framework.data.tokenizer import ByteTokenizer, HFTokenizer, Tokenizer, load_tokenizer
+from framework.errors import PrepareError
 
 log = logging.getLogger("framework.prepare")
 CONF_DIR = str(Path(__file__).resolve().parent.parent / "conf")
@@ -114,10 +115,6 @@ class PrepareConfig:
 
 
 ConfigStore.instance().store(name="prepare_schema", node=PrepareConfig)
-
-
-class PrepareError(DataError):
-    """Bad input or output for prepare; the message names the pattern, file or line."""
 
 
 # -- inputs --------------------------------------------------------------------------------

@@ -39,7 +39,7 @@ import pyarrow as pa
 import xxhash
 
 from framework.data.tokenizer import Tokenizer
-from framework.errors import DataErrorBase
+from framework.errors import DataError
 
 log = logging.getLogger(__name__)
 
@@ -50,10 +50,6 @@ MASK_DTYPE = "uint8"
 KINDS = ("pretrain", "sft", "classify")
 # dtypes a manifest may declare, with the largest vocabulary each can hold
 DTYPE_MAX_VOCAB = {"uint8": 2**8, "uint16": 2**16, "uint32": 2**32, "int32": 2**31, "int64": 2**63}
-
-
-class DataError(DataErrorBase, ValueError):
-    """Bad data on disk or a bad data config; the message names the source/shard/row."""
 
 
 def dtype_for_vocab(vocab_size: int) -> str:

@@ -21,12 +21,8 @@ from torch import nn
 from torch.distributed.tensor import DTensor
 
 from framework.data.loader import Batch
-from framework.errors import DivergedErrorBase
+from framework.errors import NonFiniteError
 from framework.precision import OverflowGuard, Precision
-
-
-class NonFiniteError(DivergedErrorBase, RuntimeError):
-    """Loss or gradient norm is NaN/Inf; raised before optimizer.step() so weights stay intact."""
 
 
 @dataclass
