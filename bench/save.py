@@ -41,8 +41,8 @@ def build(model: str):
 
     from framework import config as C
     from framework.data.loader import Batch
+    from framework.dist import Dist
     from framework.parallel import build_engine
-    from framework.parallel.dist import Dist
 
     overrides = [f"model={model}", "trainer.device=cpu", "trainer.seq_len=64"]
     overrides += ["trainer.micro_batch_size=1", "trainer.global_batch_size=1", "model.dropout=0.0"]

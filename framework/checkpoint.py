@@ -51,8 +51,8 @@ import torch
 import xxhash
 
 from framework.data.shards import sha256_file
+from framework.dist import Dist
 from framework.errors import CheckpointError
-from framework.parallel.dist import Dist
 from framework.safeload import dcp_load, load_pt
 
 log = logging.getLogger("framework")

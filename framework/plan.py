@@ -292,8 +292,8 @@ def dry_run(cfg: Config, world_size: int) -> dict:
     from torch.distributed.tensor import DTensor
     from torch.testing._internal.distributed.fake_pg import FakeStore  # registers backend "fake"
 
+    from framework.dist import Dist
     from framework.parallel import build_engine
-    from framework.parallel.dist import Dist
 
     if tdist.is_initialized():
         raise ConfigError("plan.dry_run needs a process without a process group (run framework.plan)")

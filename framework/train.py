@@ -4,7 +4,7 @@
     torchrun --nproc_per_node 8 -m framework.train strategy=zero2 ...
 
 The same entry runs under python, torchrun, deepspeed --no_local_rank, accelerate launch and
-srun: ranks come from the environment (framework.parallel.dist).
+srun: ranks come from the environment (framework.dist).
 """
 
 from __future__ import annotations
@@ -26,11 +26,11 @@ from framework.data.sample import generate as generate_sample_source
 from framework.data.shards import MANIFEST
 from framework.data.tokenizer import Tokenizer, load_tokenizer
 from framework.data.vocab import resolve_vocab_size
+from framework.dist import Dist, env_world_size, init_distributed, teardown
 from framework.generate import sample
 from framework.metrics import Metrics, perplexity, setup_logging
 from framework.optim import lr_at, schedule_change_warning
 from framework.parallel import build_engine
-from framework.parallel.dist import Dist, env_world_size, init_distributed, teardown
 from framework.perf import StepTimer, flops_per_token, host_memory, mfu, peak_flops
 from framework.task import check_sources, eval_metrics, resolve_task
 

@@ -23,11 +23,11 @@ from torch import nn
 from torch.distributed.device_mesh import DeviceMesh, init_device_mesh
 
 from framework.config import Config, ConfigError
+from framework.dist import Dist
 from framework.optim import build_optimizer
 from framework.parallel.ac import apply_ac
 from framework.parallel.compile import apply_compile
 from framework.parallel.ddp import apply_ddp, ddp_grad_sync
-from framework.parallel.dist import Dist
 from framework.parallel.engine import Engine, NonFiniteError, StepResult, TorchEngine
 from framework.parallel.fsdp import apply_fsdp, fsdp_grad_sync, mixed_precision_policy
 from framework.parallel.materialize import initial_values, materialize, meta_model, zero3_model

@@ -22,7 +22,7 @@ from torch import nn
 
 from framework.config import Config, ConfigError, grad_accum_steps
 from framework.data.loader import Batch
-from framework.parallel.dist import Dist
+from framework.dist import Dist
 from framework.parallel.engine import Engine, NonFiniteError, StepResult
 from framework.precision import OverflowGuard, Precision
 

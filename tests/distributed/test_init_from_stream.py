@@ -11,9 +11,9 @@ import json
 import pytest
 import torch
 
+from framework.dist import Dist
 from framework.model.gpt import initial_value, num_params
 from framework.parallel import build_engine
-from framework.parallel.dist import Dist
 from tests.distributed.build_harness import gathered_weights
 from tests.distributed.test_meta_build import BIG, SMALL, harness
 from tests.helpers import make_cfg

@@ -19,9 +19,9 @@ import pytest
 import torch
 
 from framework.config import ConfigError
+from framework.dist import Dist
 from framework.model.gpt import num_params
 from framework.parallel import build_engine
-from framework.parallel.dist import Dist
 from framework.plan import dry_run, make_plan
 from tests.distributed.build_harness import gathered_weights
 from tests.distributed.launch import BIN, ROOT, free_port

@@ -12,8 +12,8 @@ import pytest
 
 from framework.checkpoint import Checkpointer, CheckpointError, resolve, verify
 from framework.data.shards import sha256_file
+from framework.dist import Dist
 from framework.metrics import JsonlSink
-from framework.parallel.dist import Dist
 
 
 class FakeEngine:

@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 
 from framework.checkpoint import Checkpointer, CheckpointError
-from framework.parallel.dist import Dist
+from framework.dist import Dist
 from tests.unit.test_checkpoint import FakeEngine, save
 
 
