@@ -27,8 +27,8 @@ from framework.data.shards import MANIFEST
 from framework.data.tokenizer import Tokenizer, load_tokenizer
 from framework.data.vocab import resolve_vocab_size
 from framework.dist import Dist, env_world_size, init_distributed, teardown
-from framework.generate import sample
 from framework.metrics import Metrics, perplexity, setup_logging
+from framework.model.sampling import sample
 from framework.optim import lr_at, schedule_change_warning
 from framework.parallel import build_engine
 from framework.perf import StepTimer, flops_per_token, host_memory, mfu, peak_flops

@@ -32,6 +32,7 @@ from framework.parallel.engine import Engine, NonFiniteError, StepResult, TorchE
 from framework.parallel.fsdp import apply_fsdp, fsdp_grad_sync, mixed_precision_policy
 from framework.parallel.materialize import initial_values, materialize, meta_model, zero3_model
 from framework.parallel.tp import apply_tp
+from framework.parallel.zero import build_zero, deepspeed_config, ensure_process_group
 from framework.precision import OverflowGuard, apply_fp8, make_grad_scaler, resolve
 
 __all__ = ["Engine", "NonFiniteError", "StepResult", "TorchEngine", "build_engine"]
@@ -122,8 +123,6 @@ def _build_zero(model: nn.Module | None, cfg: Config, dist: Dist, dry_run: bool 
     """zero1/2/3: AC and compile still apply to the plain model; DeepSpeed does the rest.
     model=None: zero1/2 materialise the whole model (replicated weights); zero3 partitions it
     while it is built (deepspeed.zero.Init)."""
-    from framework.parallel.zero import build_zero, deepspeed_config, ensure_process_group
-
     precision = resolve(cfg.precision, dist.device.type)
     if dry_run:
         raise ConfigError(

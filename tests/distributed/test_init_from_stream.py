@@ -74,7 +74,7 @@ def test_init_from_a_multi_gb_hf_dir_keeps_each_rank_below_half_the_model(tmp_pa
     """gpt2-1.3b (5.26 GB fp32) as HF shards of 1 GB, imported by 4 fsdp ranks: each rank's peak
     RSS after the build stays below half the full model (its quarter + one full tensor + the
     runtime). Before issue 10 item 4 every rank held the whole plain model: peak > full."""
-    from framework.export import write_hf
+    from framework.hf.export import write_hf
 
     cfg = make_cfg([*BIG, "strategy=fsdp"])
     m = cfg.model
@@ -102,7 +102,7 @@ def test_init_from_a_multi_gb_hf_dir_keeps_each_rank_below_half_the_model(tmp_pa
 def test_init_from_reads_one_tensor_per_parameter_when_asked(hf_dirs, monkeypatch):
     """The values the meta build writes from are read when each parameter's turn comes, one
     file tensor per call (before: the whole plain model was loaded up front, on every rank)."""
-    from framework.export import HFWeights
+    from framework.hf.load import HFWeights
     from framework.parallel.materialize import initial_values
 
     root, sd = hf_dirs
