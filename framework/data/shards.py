@@ -216,8 +216,12 @@ class SourceWriter:
                 ShardInfo(mpath.name, split, rows, tokens, mpath.stat().st_size, sha, xxh)
             )
 
-    def close(self, meta: dict | None = None, labels: list | None = None) -> Manifest:
-        """Flush and write the manifest (last). labels: a classify source's label set (id order)."""
+    def close(
+        self, meta: dict | None = None, labels: list | None = None, kind: str | None = None
+    ) -> Manifest:
+        """Flush and write the manifest (last). labels: a classify source's label set (id order).
+        kind: the kind the caller's format writes (None: whatever the masks and labels make it),
+        checked against what was added."""
         for split in list(self.pending):
             self.flush(split)
         m = Manifest(
@@ -234,6 +238,11 @@ class SourceWriter:
             m.kind, m.mask_shards = ("classify" if labels else "sft"), self.mask_shards
             m.labels = list(labels or [])
             m.trained_tokens = {s: self.trained_tokens.get(s, 0) for s in ("train", "val")}
+        if kind is not None and kind != m.kind:
+            raise DataError(
+                f"{self.out}: a {kind} source, but its documents make it {m.kind} "
+                f"(loss masks: {bool(self.mask_shards)}, labels: {bool(labels)})"
+            )
         write_manifest(self.out, m)
         return m
 

@@ -188,7 +188,8 @@ def test_policy_keys_compose_from_the_command_line():
     from hydra import compose, initialize_config_dir
     from omegaconf import OmegaConf
 
-    from framework.prepare import CONF_DIR, PrepareConfig, doc_policy
+    from framework.data.formats import doc_policy
+    from framework.prepare import CONF_DIR, PrepareConfig
 
     overrides = ["input=x", "output=y", "long_docs=drop", "max_doc_tokens=null", "repeat_min_copies=0"]
     with initialize_config_dir(CONF_DIR, version_base=None):
