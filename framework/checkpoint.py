@@ -53,6 +53,7 @@ import xxhash
 from torch.distributed.checkpoint.api import CheckpointException
 from torch.distributed.checkpoint.staging import DefaultStager, StagingOptions
 
+from framework.config import CheckpointConfig, FaultsConfig
 from framework.data.shards import sha256_file
 from framework.dist import Dist
 from framework.errors import CheckpointError, ConfigError
@@ -136,18 +137,16 @@ class Checkpointer:
     _pending: _Pending | None = None  # the async save dispatched and not yet committed
 
     def __init__(
-        self,
-        root: Path,
-        keep: int,
-        dist: Dist,
-        pause_before_commit_s: float = 0.0,
-        async_save: bool = False,
-        crash_before_commit_step: int | None = None,
+        self, root: Path, cfg: CheckpointConfig, dist: Dist, faults: FaultsConfig | None = None
     ):
-        self.root, self.keep, self.dist = root, keep, dist
+        """Checkpoints under `root` as cfg says (keep, async_save); `faults`: the test-only
+        injections into saves (sleep_in_save_s, crash_in_async_save)."""
+        faults = faults or FaultsConfig()
+        async_save = cfg.async_save
+        self.root, self.keep, self.dist = root, cfg.keep, dist
         self.last_save_s: float | None = None  # time the caller was blocked by the last save
-        self.pause_s = pause_before_commit_s  # fault injection (faults.sleep_in_save_s)
-        self.crash_step = crash_before_commit_step  # fault injection (faults.crash_in_async_save)
+        self.pause_s = faults.sleep_in_save_s  # fault injection
+        self.crash_step = faults.crash_in_async_save  # fault injection
         self.async_save = async_save
         self._group = self._stager = None
         if async_save:

@@ -121,11 +121,12 @@ def test_init_from_our_checkpoint_on_two_fsdp_ranks(tmp_path):
     on 2 fsdp ranks: the gathered weights are the checkpoint's. The ranks share the checkpoint's
     verification through the process group (a Dist of the real world size)."""
     from framework.checkpoint import Checkpointer
+    from framework.config import CheckpointConfig
 
     src_cfg = make_cfg([*SMALL, "trainer.seed=5"])
     engine = build_engine(None, src_cfg, Dist())
     want = gathered_weights(engine, zero3=False)
-    ckpt = Checkpointer(tmp_path / "ckpt", keep=1, dist=Dist()).save(1, engine, {"step": 1})
+    ckpt = Checkpointer(tmp_path / "ckpt", CheckpointConfig(keep=1), Dist()).save(1, engine, {"step": 1})
     out = tmp_path / "w.pt"
     harness("weights", out, 2, "strategy=fsdp", *SMALL, f"model.init_from={ckpt}")
     got = torch.load(out, weights_only=True)
