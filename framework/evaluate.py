@@ -88,7 +88,7 @@ def task_specs(tasks: Any) -> list[str]:
 def load_tasks(specs: list[str], include_path: str | None) -> tuple[Any, dict]:
     """The lm-eval TaskManager and {name: Task} for `specs`, with their datasets loaded (so a bad
     task fails here, in one line, before the model is loaded)."""
-    from lm_eval.tasks import TaskManager
+    from lm_eval.tasks import TaskManager  # lm_eval: an optional extra, seconds to import
 
     if include_path is not None and not Path(include_path).is_dir():
         raise ConfigError(f"include_path={include_path}: not a directory of task YAML files")

@@ -88,7 +88,7 @@ def apply_fp8(model: nn.Module, cfg: PrecisionConfig) -> nn.Module:
     change of the module tree). Layers with a dimension below precision.fp8_min_dim stay bf16:
     the casts cost more than fp8 matmuls gain at small sizes. The output head stays bf16
     (its logits feed the loss, and it is tied to the embedding in GPT-2 style)."""
-    try:
+    try:  # torchao is optional (not in setup.cfg): only precision=fp8 needs it
         from torchao.float8 import convert_to_float8_training
     except ImportError as e:
         raise ConfigError(

@@ -162,6 +162,7 @@ class _HFTemplate:
     tokenizing stays ours)."""
 
     def __init__(self, directory: str):
+        # transformers (a dev extra) takes seconds to import: only a directory's HF template needs it
         from transformers import AutoTokenizer
 
         self.hf = AutoTokenizer.from_pretrained(directory)

@@ -34,6 +34,7 @@ import threading
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 
+import fsspec
 import numpy as np
 import pyarrow as pa
 import xxhash
@@ -496,8 +497,6 @@ def localize(path: str, cache_dir: str) -> Path:
     verified against the manifest by `verify_source` like a local source."""
     if not is_url(path):
         return Path(path)
-    import fsspec
-
     fs, root = fsspec.core.url_to_fs(path)
     local = Path(cache_dir) / "sources" / hashlib.sha256(path.encode()).hexdigest()[:16]
     local.mkdir(parents=True, exist_ok=True)

@@ -147,7 +147,7 @@ def zero3_model(mcfg: ModelConfig, ds_config: dict, values: Values) -> GPT:
     """ZeRO-3: DeepSpeed partitions each submodule's parameters as its constructor returns
     (`zero.Init`), so no rank ever holds the whole model; then each rank writes its partition
     of every parameter's initial value (host peak: one whole parameter, as generated)."""
-    import deepspeed
+    import deepspeed  # seconds to import (CUDA/op probing): only the ZeRO strategies need it
 
     # adopt our process group first: zero.Init checks the batch sizes in ds_config against
     # DeepSpeed's own world size, which is 1 until its comm layer is initialised
