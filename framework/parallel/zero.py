@@ -120,9 +120,8 @@ class DeepSpeedEngine(Engine):
         norms, all-reduced inside DeepSpeed (stage 1/2: scaled_global_norm; stage 3: the norm
         groups). Costs one extra norm per step; DeepSpeed applies bf16/fp32 steps without a
         finiteness check of its own, so this is the only place to stop a NaN step."""
-        from deepspeed.runtime.utils import (
-            combine_grad_norm_groups,  # deepspeed: seconds to import; only ZeRO runs need it
-        )
+        # deepspeed: seconds to import; only ZeRO runs need it
+        from deepspeed.runtime.utils import combine_grad_norm_groups
 
         self._check_boundary()
         opt = self.ds.optimizer
