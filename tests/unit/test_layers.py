@@ -70,12 +70,7 @@ def test_no_import_cycle_inside_packages_either():
     modules of framework/data) would hide from it."""
     graph = grimp.build_graph("framework", cache_dir=None)
     imports = {m: graph.find_modules_directly_imported_by(m) for m in graph.modules}
-    cycles = [
-        (a, b)
-        for a in imports
-        for b in imports[a]
-        if graph.chain_exists(importer=b, imported=a)
-    ]
+    cycles = [(a, b) for a in imports for b in imports[a] if graph.chain_exists(importer=b, imported=a)]
     assert cycles == []
 
 
