@@ -142,14 +142,13 @@ class Checkpointer:
         """Checkpoints under `root` as cfg says (keep, async_save); `faults`: the test-only
         injections into saves (sleep_in_save_s, crash_in_async_save)."""
         faults = faults or FaultsConfig()
-        async_save = cfg.async_save
         self.root, self.keep, self.dist = root, cfg.keep, dist
         self.last_save_s: float | None = None  # time the caller was blocked by the last save
         self.pause_s = faults.sleep_in_save_s  # fault injection
         self.crash_step = faults.crash_in_async_save  # fault injection
-        self.async_save = async_save
+        self.async_save = cfg.async_save
         self._group = self._stager = None
-        if async_save:
+        if self.async_save:
             # DCP's background thread runs collectives (plans, write results) while the loop
             # runs its own: on one group they could interleave differently on each rank, so
             # DCP gets a gloo group of its own (also the CPU backend async_save needs under nccl)

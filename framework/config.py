@@ -18,7 +18,7 @@ from hydra.core.hydra_config import HydraConfig
 from hydra.types import RunMode
 from omegaconf import MISSING, DictConfig, OmegaConf
 
-from framework import precision
+from framework import precision  # the fp16 probe is looked up there (tests patch it)
 from framework.errors import ConfigError
 from framework.memory import GPUS
 from framework.model.gpt import ModelConfig, ModelShapeError

@@ -17,7 +17,7 @@ import logging
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
-import safetensors
+import safetensors  # safetensors.safe_open looked up per call: a test counts the reads
 import torch
 
 from framework.errors import ConfigError
