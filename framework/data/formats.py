@@ -225,8 +225,8 @@ def _text_older(meta: dict) -> str:
 
 def _write_text(job: Job) -> dict:
     """format=text: documents tokenised in `workers` spawned processes, in order."""
-    cfg, files, tok, tmp, fingerprint = job.cfg, job.files, job.tok, job.out, job.fingerprint
-    writer = SourceWriter(tmp, tok, shard_tokens=cfg.shard_tokens)
+    cfg, files, tok = job.cfg, job.files, job.tok
+    writer = SourceWriter(job.out, tok, shard_tokens=cfg.shard_tokens)
     docs = {"train": 0, "val": 0}
     tokens = {"train": 0, "val": 0}
     policy = doc_policy(cfg)
@@ -277,20 +277,8 @@ def _write_text(job: Job) -> dict:
             + f" (files: {[f.url for f in files]})"
         )
     warn_small_splits(docs, cfg.val_fraction)
-    meta = {
-        "input": cfg.input,
-        "files": [{"url": f.url, "bytes": f.size, "mtime": f.mtime} for f in files],
-        "text_key": cfg.text_key,
-        "val_fraction": cfg.val_fraction,
-        "seed": cfg.seed,
-        "documents": docs,
-        "tokens": tokens,
-        "policy": vars(policy),
-        "filters": filters,
-        "input_fingerprint": fingerprint,
-        "prepare_version": PREPARE_VERSION,
-        "seconds": round(time.perf_counter() - t0, 3),
-    }
+    counts = {"documents": docs, "tokens": tokens, "policy": vars(policy), "filters": filters}
+    meta = _meta(job, {"text_key": cfg.text_key}, counts, t0)
     writer.close(meta=meta, kind=job.format.kind)  # manifest last
     return meta
 
@@ -349,11 +337,19 @@ def _write_records(job: Job, noun: str, write, extra_meta: dict) -> dict:
     if sum(counts["documents"].values()) == 0:
         raise PrepareError(f"input={cfg.input!r}: no {noun} kept (records: {counts['records']})")
     warn_small_splits(counts["documents"], cfg.val_fraction)
-    meta = {
+    meta = _meta(job, {"format": cfg.format, **extra_meta}, counts, t0)
+    writer.close(meta=meta, labels=counts.get("labels"), kind=fmt.kind)  # manifest last
+    return meta
+
+
+def _meta(job: Job, fields: dict, counts: dict, t0: float) -> dict:
+    """The manifest's meta: the inputs, the format's `fields`, the split, what was written
+    (`counts`), the fingerprint; in the key order manifests always had."""
+    cfg = job.cfg
+    return {
         "input": cfg.input,
-        "files": [{"url": f.url, "bytes": f.size, "mtime": f.mtime} for f in files],
-        "format": cfg.format,
-        **extra_meta,
+        "files": [{"url": f.url, "bytes": f.size, "mtime": f.mtime} for f in job.files],
+        **fields,
         "val_fraction": cfg.val_fraction,
         "seed": cfg.seed,
         **counts,
@@ -361,8 +357,6 @@ def _write_records(job: Job, noun: str, write, extra_meta: dict) -> dict:
         "prepare_version": PREPARE_VERSION,
         "seconds": round(time.perf_counter() - t0, 3),
     }
-    writer.close(meta=meta, labels=counts.get("labels"), kind=fmt.kind)  # manifest last
-    return meta
 
 
 MIN_SPLIT_DOCUMENTS = 5

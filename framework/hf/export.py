@@ -86,19 +86,9 @@ def parse_max_shard_size(value: int | str) -> int:
     return size
 
 
-def save_hf(
-    model: GPT,
-    out: str | Path,
-    dtype: torch.dtype = torch.float32,
-    overwrite: bool = False,
-    tokenizer: str | None = None,
-    max_shard_size: int | str = "5GB",
-    labels: list[str] | None = None,
-    pad_id: int | None = None,
-) -> Path:
-    """Export an in-memory model (see write_hf)."""
-    sd = model.state_dict()
-    return write_hf(model.cfg, sd.get, out, dtype, overwrite, tokenizer, max_shard_size, labels, pad_id)
+def save_hf(model: GPT, out: str | Path, **options) -> Path:
+    """Export an in-memory model; `options`: write_hf's (dtype, overwrite, tokenizer, ...)."""
+    return write_hf(model.cfg, model.state_dict().get, out, **options)
 
 
 def write_hf(
