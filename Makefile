@@ -44,6 +44,7 @@ test: install
 lint: install
 	$(BIN)/ruff check framework tests bench
 	$(BIN)/ruff format --check framework tests bench
+	$(BIN)/lint-imports
 
 format: install
 	$(BIN)/ruff format framework tests bench

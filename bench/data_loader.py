@@ -213,7 +213,7 @@ def build_data(root: Path, total_tokens: int, seq_len: int) -> None:
 
 
 def make_loader(root: Path, seq_len: int, batch: int, cache_dir: Path):
-    from framework.config import DataConfig, SourceConfig
+    from framework.config import DataConfig, SourceConfig, TrainerConfig
     from framework.data.loader import MixtureLoader
     from framework.data.tokenizer import Tokenizer
 
@@ -224,7 +224,12 @@ def make_loader(root: Path, seq_len: int, batch: int, cache_dir: Path):
         sources=[SourceConfig(name=n, path=str(root / n), weight=w) for n, (_, w, _) in SOURCES.items()],
         cache_dir=str(cache_dir),
     )
-    return MixtureLoader(cfg, BenchTokenizer(), seq_len, batch, batch, 0, 1, 1234, VOCAB)
+    return MixtureLoader(
+        cfg,
+        TrainerConfig(seq_len=seq_len, global_batch_size=batch, micro_batch_size=batch, seed=1234),
+        BenchTokenizer(),
+        VOCAB,
+    )
 
 
 def bench_ours(root: Path, tokens: int, seq_len: int, batch: int, cache_dir: Path) -> dict:

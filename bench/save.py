@@ -41,8 +41,8 @@ def build(model: str):
 
     from framework import config as C
     from framework.data.loader import Batch
+    from framework.dist import Dist
     from framework.parallel import build_engine
-    from framework.parallel.dist import Dist
 
     overrides = [f"model={model}", "trainer.device=cpu", "trainer.seq_len=64"]
     overrides += ["trainer.micro_batch_size=1", "trainer.global_batch_size=1", "model.dropout=0.0"]
@@ -66,6 +66,7 @@ def main() -> None:
     import torch.distributed.checkpoint as dcp
 
     from framework.checkpoint import Checkpointer, xxh3_file
+    from framework.config import CheckpointConfig
     from framework.data.shards import sha256_file
 
     logging.basicConfig(level=logging.WARNING)
@@ -88,7 +89,7 @@ def main() -> None:
         size_bytes = sum(p.stat().st_size for p in d.rglob("*") if p.is_file())
         shutil.rmtree(d)
 
-        sync = Checkpointer(root / f"sync_{r}", keep=0, dist=dist)
+        sync = Checkpointer(root / f"sync_{r}", CheckpointConfig(keep=0), dist)
         os.sync()
         t0 = time.perf_counter()
         saved = sync.save(1, engine, state)
@@ -103,7 +104,7 @@ def main() -> None:
         shutil.rmtree(root / f"sync_{r}")
 
         if r == 0:
-            asyn = Checkpointer(root / "async", keep=0, dist=dist, async_save=True)
+            asyn = Checkpointer(root / "async", CheckpointConfig(keep=0, async_save=True), dist)
         os.sync()
         t0 = time.perf_counter()
         asyn.save(r + 1, engine, state)

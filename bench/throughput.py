@@ -156,9 +156,9 @@ def minimal_loop(cfg: Config, args, device: torch.device) -> float:
 def ours_engine(cfg: Config, args, device: torch.device) -> float:
     """Tokens/s of our engine (build_engine + forward_backward/step), synthetic batches."""
     from framework.data.loader import Batch
+    from framework.dist import Dist
     from framework.optim import lr_at
     from framework.parallel import build_engine
-    from framework.parallel.dist import Dist
 
     t = cfg.trainer
     torch.manual_seed(t.seed)

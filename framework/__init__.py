@@ -1,4 +1,31 @@
-"""GPT pretraining framework: Hydra configs, DDP/ZeRO/FSDP2/TP, Arrow token shards."""
+"""GPT pretraining framework: Hydra configs, DDP/ZeRO/FSDP2/TP, Arrow token shards.
+
+The modules form layers, top to bottom. A module imports only from layers below its own, and
+modules of one layer separated by `|` do not import each other. setup.cfg's import-linter
+contracts enforce it (`make lint`, tests/unit/test_layers.py); a new module joins a layer there.
+
+    train | evaluate | generate | export | plan | prepare | report
+        the entry points (console scripts), one per command; none imports another
+    faults | task | metrics | cli | lm_eval_model
+        pieces of a run: fault policies and the watchdog, the task's data and metrics, logging
+        sinks, the command-line front (errors, key suggestions), the lm-eval model wrapper
+    parallel
+        strategies applied to the plain model (DDP, ZeRO, FSDP2, TP), the engines, the meta build
+    checkpoint | hf
+        our crash-safe checkpoints (save, verify, load, init_from readers); Hugging Face
+        directories (the name maps, export, import)
+    data
+        token shards and manifests, the mixture loader, tokenizers, prepare's record formats
+    config
+        the typed config tree (dataclasses) and its cross-field validation
+    precision | memory | perf | optim | safeload | dist
+        precision policies, the memory and FLOP math, the optimizer and LR schedule, loading
+        checkpoint bytes without running code, the process group from the launcher's environment
+    model
+        the plain single-device GPT and its sampling (no torch.distributed, deepspeed, accelerate)
+    errors
+        the errors users can fix, with their exit codes; every layer raises them
+"""
 
 from __future__ import annotations
 

@@ -48,12 +48,17 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
+import torch.distributed as tdist
 import xxhash
+from torch.distributed.checkpoint.api import CheckpointException
+from torch.distributed.checkpoint.staging import DefaultStager, StagingOptions
 
+from framework.config import CheckpointConfig, FaultsConfig
 from framework.data.shards import sha256_file
-from framework.errors import CheckpointErrorBase
-from framework.parallel.dist import Dist
-from framework.safeload import dcp_load, load_pt
+from framework.dist import Dist
+from framework.errors import CheckpointError, ConfigError
+from framework.model import GPT, ModelConfig
+from framework.safeload import SafeFileSystemReader, dcp_load, load_pt
 
 log = logging.getLogger("framework")
 
@@ -75,10 +80,6 @@ SHAPE_KEYS = (
     "tie_embeddings",
     "num_labels",
 )
-
-
-class CheckpointError(CheckpointErrorBase, RuntimeError):
-    """A checkpoint that cannot be used; the message names the path and what is wrong."""
 
 
 def step_dir_name(step: int) -> str:
@@ -136,29 +137,22 @@ class Checkpointer:
     _pending: _Pending | None = None  # the async save dispatched and not yet committed
 
     def __init__(
-        self,
-        root: Path,
-        keep: int,
-        dist: Dist,
-        pause_before_commit_s: float = 0.0,
-        async_save: bool = False,
-        crash_before_commit_step: int | None = None,
+        self, root: Path, cfg: CheckpointConfig, dist: Dist, faults: FaultsConfig | None = None
     ):
-        self.root, self.keep, self.dist = root, keep, dist
+        """Checkpoints under `root` as cfg says (keep, async_save); `faults`: the test-only
+        injections into saves (sleep_in_save_s, crash_in_async_save)."""
+        faults = faults or FaultsConfig()
+        self.root, self.keep, self.dist = root, cfg.keep, dist
         self.last_save_s: float | None = None  # time the caller was blocked by the last save
-        self.pause_s = pause_before_commit_s  # fault injection (faults.sleep_in_save_s)
-        self.crash_step = crash_before_commit_step  # fault injection (faults.crash_in_async_save)
-        self.async_save = async_save
+        self.pause_s = faults.sleep_in_save_s  # fault injection
+        self.crash_step = faults.crash_in_async_save  # fault injection
+        self.async_save = cfg.async_save
         self._group = self._stager = None
-        if async_save:
-            from torch.distributed.checkpoint.staging import DefaultStager, StagingOptions
-
+        if self.async_save:
             # DCP's background thread runs collectives (plans, write results) while the loop
             # runs its own: on one group they could interleave differently on each rank, so
             # DCP gets a gloo group of its own (also the CPU backend async_save needs under nccl)
             if dist.initialized:
-                import torch.distributed as tdist
-
                 self._group = tdist.new_group(backend="gloo")
             # one stager for the run: its CPU buffers are allocated at the first save and
             # reused (a copy, not an allocation, blocks the loop); pinned on CUDA for speed
@@ -367,8 +361,6 @@ def _naming_write_errors(tmp: Path, root: Path):
     inline_container.cc ... unexpected pos` and DCP wraps that per rank; the free space is
     added so the cause is plain. Nothing is committed: `latest` keeps naming the previous
     checkpoint and the next start removes the partial folder."""
-    from torch.distributed.checkpoint.api import CheckpointException
-
     try:
         yield
     except (OSError, RuntimeError, CheckpointException) as e:
@@ -437,8 +429,6 @@ def resolve(path: str | Path) -> Path:
 def load_model(path: str | Path):
     """A plain GPT (CPU, fp32) with the weights of a checkpoint of any strategy, and the
     checkpoint's trainer state. No process group: DCP reads the shards of every rank."""
-    from framework.model import GPT, ModelConfig
-
     ckpt = resolve(path)
     state = verify(ckpt)
     model = GPT(ModelConfig(**state["config"]["model"]))
@@ -448,6 +438,16 @@ def load_model(path: str | Path):
     return model, state
 
 
+def require_language_model(model: GPT, checkpoint: str | Path, entry: str) -> None:
+    """A classifier's head scores labels, not next tokens: sampling from it would print noise."""
+    if model.cfg.num_labels:
+        raise ConfigError(
+            f"checkpoint={checkpoint} is a classifier (task=classify, model.num_labels="
+            f"{model.cfg.num_labels}): {entry} needs a language model; score texts with its "
+            "Hugging Face export (framework.export format=hf: a *ForSequenceClassification)"
+        )
+
+
 class ModelTensorReader:
     """The model's tensors of a checkpoint of any strategy, one full tensor per `get`: DCP
     plans the read of that one key and reads only its pieces, from whichever ranks' files hold
@@ -455,9 +455,6 @@ class ModelTensorReader:
     host's memory. No process group."""
 
     def __init__(self, state_dir: Path, model_cfg):
-        from framework.model import GPT
-        from framework.safeload import SafeFileSystemReader
-
         self.dir = state_dir
         with torch.device("meta"):  # shapes and dtypes of our full tensors, nothing allocated
             self.like = GPT(model_cfg).state_dict()
@@ -506,32 +503,13 @@ def _pause_before_commit(pause_s: float = 0.0) -> None:
         time.sleep(pause)
 
 
-def init_readers(model_cfg, path: str | Path, dist: Dist | None = None) -> dict:
-    """model.init_from: our state-dict name -> a reader of that full tensor (fp32, CPU), from a
-    local Hugging Face directory (it holds config.json: export.hf_import_readers checks it and
-    maps the names) or from one of our checkpoints (a checkpoint, checkpoints/ or run dir, any
-    strategy: ModelTensorReader, one DCP read per tensor). Everything that can be refused is
-    checked here, before any tensor is read: every tensor must exist with our shape, and the
-    refusal names each one that differs. Nothing is held but what the caller keeps of each
-    tensor (the meta build keeps only its shard). One exception: a classifier (model.num_labels)
-    from a language model gets None for its head (the LM head has vocab_size rows): the caller
-    initialises it. `dist`: the ranks that share the checksum work of the checkpoint's
-    verification (default: the current process group, if any)."""
-    if (Path(path) / "config.json").is_file():
-        from framework.export import hf_import_readers
-
-        return hf_import_readers(model_cfg, path)
-    if dist is None and torch.distributed.is_available() and torch.distributed.is_initialized():
-        # every rank calls this: each hashes its share of the files (verify gathers them)
-        dist = Dist(rank=torch.distributed.get_rank(), world_size=torch.distributed.get_world_size())
-    try:
-        ckpt = resolve(path)
-        state = verify(ckpt, dist)
-    except CheckpointError as e:
-        raise CheckpointError(
-            f"model.init_from={path}: neither a Hugging Face directory (no config.json) nor one of "
-            f"our checkpoints ({e})"
-        ) from e
+def checkpoint_readers(model_cfg, ckpt: Path, state: dict, init_from: str | Path) -> dict:
+    """model.init_from=`init_from` (named in refusals), resolved to our verified checkpoint
+    `ckpt` (`state`: its trainer.json), any strategy: our state-dict name -> a reader of that full tensor (fp32, CPU; ModelTensorReader,
+    one DCP read per tensor). Every tensor must exist with our shape, checked here before any is
+    read; the refusal names each one that differs. One exception: a classifier
+    (model.num_labels) from a language model gets None for its head (the LM head has vocab_size
+    rows): the caller initialises it."""
     reader = ModelTensorReader(ckpt / "state", model_cfg)
     ours, theirs = reader.like, reader.shapes
     fresh = set()
@@ -548,25 +526,9 @@ def init_readers(model_cfg, path: str | Path, dist: Dist | None = None) -> dict:
     ]
     if problems:
         raise CheckpointError(
-            f"model.init_from={path} does not fit the configured model: "
+            f"model.init_from={init_from} does not fit the configured model: "
             + "; ".join(problems)
             + ". Set model=... (and model.vocab_size) to the checkpoint's model"
         )
     readers = {k: (lambda k=k: reader.get(k)) for k in ours}
     return readers | dict.fromkeys(fresh)
-
-
-def init_weights_from(model, path: str | Path) -> set[str]:
-    """model.init_from into a materialised plain `model` (one process, whole tensors), one
-    tensor at a time through init_readers. Returns the names not copied (a classifier's head
-    over a language model), for the caller to initialise."""
-    sd = model.state_dict()
-    fresh = set()
-    with torch.no_grad():
-        for name, read in init_readers(model.cfg, path).items():
-            if read is None:
-                fresh.add(name)
-            else:
-                sd[name].copy_(read())
-    log.info("initialised %s from %s", model.cfg.name, path)
-    return fresh

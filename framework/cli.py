@@ -34,6 +34,9 @@ from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import hydra
+from hydra._internal.utils import get_args_parser  # Hydra's own argv grammar
+from hydra.core.override_parser.overrides_parser import OverridesParser
+from hydra.errors import OverrideParseException
 from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
@@ -224,10 +227,6 @@ def _groups(search_dirs: list[Path]) -> dict[str, set[str]]:
 def override_problems(argv: list[str], schema: type, conf_dir: str = CONF_DIR) -> list[str]:
     """Problems of the command line's overrides, before Hydra composes: unknown keys (with or
     without `+`/`++`), misspelt group options and groups, secret-looking keys."""
-    from hydra._internal.utils import get_args_parser  # Hydra's own argv grammar
-    from hydra.core.override_parser.overrides_parser import OverridesParser
-    from hydra.errors import OverrideParseException
-
     args, _ = get_args_parser().parse_known_args(argv)
     dirs = [Path(conf_dir)] + ([Path(args.config_dir)] if args.config_dir else [])
     groups = _groups(dirs)

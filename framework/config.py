@@ -12,17 +12,20 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import torch
 from hydra.core.config_store import ConfigStore
+from hydra.core.hydra_config import HydraConfig
+from hydra.types import RunMode
 from omegaconf import MISSING, DictConfig, OmegaConf
 
-from framework.errors import ConfigErrorBase
+from framework import precision  # the fp16 probe is looked up there (tests patch it)
+from framework.errors import ConfigError
+from framework.memory import GPUS
 from framework.model.gpt import ModelConfig, ModelShapeError
+from framework.optim import SCHEDULE_KEYS, OptimConfig
+from framework.precision import PrecisionConfig
 
 CONF_DIR = str(Path(__file__).resolve().parent.parent / "conf")
-
-
-class ConfigError(ConfigErrorBase, ValueError):
-    """A config that cannot run. The message names the keys and what to do."""
 
 
 @dataclass
@@ -105,22 +108,6 @@ class StrategyConfig:
 
 
 @dataclass
-class PrecisionConfig:
-    name: str = "auto"
-    """auto (bf16 on CUDA, fp32 on CPU) | fp32 | bf16 | fp16 | fp8."""
-    initial_loss_scale: float = 65536.0
-    """fp16: starting dynamic loss scale."""
-    loss_scale_window: int = 1000
-    """fp16: overflow-free steps before the scale doubles."""
-    min_loss_scale: float = 1.0
-    """fp16: the loss scale never drops below this."""
-    max_overflows_at_min: int = 5
-    """fp16: abort after this many consecutive overflowing steps at min_loss_scale."""
-    fp8_min_dim: int = 2048
-    """fp8: linear layers with a smaller in/out dimension stay in bf16 (too small to gain)."""
-
-
-@dataclass
 class LoggerConfig:
     name: str = "none"
     """none | wandb | tensorboard."""
@@ -129,27 +116,6 @@ class LoggerConfig:
     mode: str = "offline"
     """wandb: online | offline | disabled. The API key comes only from WANDB_API_KEY."""
     tags: list[str] = field(default_factory=list)
-
-
-@dataclass
-class OptimConfig:
-    lr: float = 6e-4
-    min_lr_ratio: float = 0.1
-    """Final LR as a fraction of lr."""
-    warmup_steps: int = 10
-    schedule: str = "cosine"
-    """cosine | wsd (warmup-stable-decay) | constant."""
-    decay_fraction: float = 0.2
-    """wsd: share of max_steps spent decaying."""
-    beta1: float = 0.9
-    beta2: float = 0.95
-    eps: float = 1e-8
-    weight_decay: float = 0.1
-    """Applied to matrices only; norms, biases and embeddings get none."""
-    grad_clip: float = 1.0
-    """Clip the global gradient norm to this (0: off)."""
-    fused: bool | None = None
-    """Fused AdamW kernel; None picks it where the device supports it."""
 
 
 @dataclass
@@ -307,24 +273,10 @@ def load(cfg: DictConfig) -> Config:
 def job_run_dir(run_dir: str) -> str:
     """run.dir of this Hydra job: under `-m` each sweep point gets its own directory
     (hydra.sweep.subdir: `<run.dir>/<job number>`), never a shared one."""
-    from hydra.core.hydra_config import HydraConfig
-    from hydra.types import RunMode
-
     if not HydraConfig.initialized() or HydraConfig.get().mode != RunMode.MULTIRUN:
         return run_dir
     return str(HydraConfig.get().runtime.output_dir)
 
-
-SCHEDULE_KEYS = (
-    "trainer.max_steps",
-    "optim.lr",
-    "optim.min_lr_ratio",
-    "optim.warmup_steps",
-    "optim.schedule",
-    "optim.decay_fraction",
-)
-"""The keys the LR schedule depends on (a resume that changes them is warned about by
-framework.optim.schedule_change_warning, with the LR before and after)."""
 
 # Keys a resume may change without a word: where and how the run is launched, logged and
 # checkpointed (strategy and world size reshard on load); the LR schedule, the data and the model
@@ -577,8 +529,6 @@ def target_device(trainer: TrainerConfig) -> str:
     """The device type trainer.device means on this machine (auto: cuda when one is visible).
     torch.cuda.is_available() does not create a CUDA context."""
     if trainer.device == "auto":
-        import torch
-
         return "cuda" if torch.cuda.is_available() else "cpu"
     return trainer.device
 
@@ -592,8 +542,6 @@ def _validate_device_precision(cfg: Config, device: str | None) -> list[str]:
     device = device or target_device(cfg.trainer)
     if device != "cpu":
         return []
-    from framework import precision  # imports this module; the probe is patched there by tests
-
     if precision.deepspeed_cpu_fp16_supported():
         return []
     return [
@@ -692,8 +640,6 @@ def _validate_hsdp(s: StrategyConfig, world_size: int) -> list[str]:
 
 def _validate_targets(cfg: Config) -> list[str]:
     """Checks of the target hardware (plan.*) and of options that belong to one engine."""
-    from framework.memory import GPUS  # the GPU table lives beside the memory math
-
     errors = []
     pl, s = cfg.plan, cfg.strategy
     gpu = GPUS.get(pl.gpu)

@@ -1,5 +1,8 @@
 """The framework's own errors: what a user can fix, as opposed to a bug.
 
+They live here, in the lowest layer, so that any module can raise them without importing the
+module above it that catches them (framework/__init__.py lists the layers).
+
 Every error the CLIs report as one clean line derives from `UserError`; its class says the
 exit code and the advice printed under the message (framework.cli). Anything else is a bug
 and keeps its traceback.
@@ -46,18 +49,34 @@ class UserError(Exception):
         return HINTS.get(self.exit_code, "")
 
 
-class ConfigErrorBase(UserError):
+class ConfigError(UserError, ValueError):
+    """A config that cannot run. The message names the keys and what to do."""
+
     exit_code = EXIT_CONFIG
     same_on_every_rank = True
 
 
-class DataErrorBase(UserError):
+class DataError(UserError, ValueError):
+    """Bad data on disk or a bad data config; the message names the source/shard/row."""
+
     exit_code = EXIT_DATA
 
 
-class CheckpointErrorBase(UserError):
+class PrepareError(DataError):
+    """Bad input or output for prepare; the message names the pattern, file or line."""
+
+
+class CheckpointError(UserError, RuntimeError):
+    """A checkpoint that cannot be used; the message names the path and what is wrong."""
+
     exit_code = EXIT_CHECKPOINT
 
 
-class DivergedErrorBase(UserError):
+class DivergedError(UserError, RuntimeError):
+    """Training diverged: the numbers left the range the run can continue in."""
+
     exit_code = EXIT_DIVERGED
+
+
+class NonFiniteError(DivergedError):
+    """Loss or gradient norm is NaN/Inf; raised before optimizer.step() so weights stay intact."""

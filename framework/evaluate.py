@@ -35,7 +35,10 @@ import hydra
 from hydra.core.config_store import ConfigStore
 from omegaconf import MISSING, DictConfig, OmegaConf
 
+from framework.checkpoint import load_model, require_language_model, resolve
 from framework.config import CONF_DIR, ConfigError
+from framework.data.tokenizer import load_tokenizer
+from framework.errors import CheckpointError
 
 # Set before lm_eval (and with it `datasets`) is imported: both read these once, at import.
 OFFLINE_ENV = {"HF_DATASETS_OFFLINE": "1", "HF_HUB_OFFLINE": "1"}
@@ -85,7 +88,7 @@ def task_specs(tasks: Any) -> list[str]:
 def load_tasks(specs: list[str], include_path: str | None) -> tuple[Any, dict]:
     """The lm-eval TaskManager and {name: Task} for `specs`, with their datasets loaded (so a bad
     task fails here, in one line, before the model is loaded)."""
-    from lm_eval.tasks import TaskManager
+    from lm_eval.tasks import TaskManager  # lm_eval: an optional extra, seconds to import
 
     if include_path is not None and not Path(include_path).is_dir():
         raise ConfigError(f"include_path={include_path}: not a directory of task YAML files")
@@ -136,18 +139,16 @@ def run(cfg: EvaluateConfig) -> dict:
     """Evaluate; returns {"path": results file, "tasks": {task: {metric: value}}}."""
     for k, v in OFFLINE_ENV.items():
         os.environ.setdefault(k, v)
-    from framework.checkpoint import load_model, resolve
-    from framework.data.tokenizer import load_tokenizer
-
     # The cheap checks first: a missing checkpoint or task file fails before lm-eval is imported.
     ckpt = resolve(cfg.checkpoint)
     specs = task_specs(cfg.tasks)
     if cfg.batch_size < 1:
         raise ConfigError(f"batch_size={cfg.batch_size} must be >= 1")
+    # lm_eval (an optional extra) takes seconds to import and must follow OFFLINE_ENV;
+    # framework.lm_eval_model subclasses its TemplateLM, so it comes with it
     import lm_eval
     from lm_eval import evaluator
 
-    from framework.generate import require_language_model
     from framework.lm_eval_model import FrameworkLM
 
     logging.getLogger("lm_eval").setLevel(logging.WARNING)  # its INFO lines drown ours
@@ -197,8 +198,6 @@ def run(cfg: EvaluateConfig) -> dict:
 
 @hydra.main(config_path=CONF_DIR, config_name="evaluate", version_base=None)
 def _main(dcfg: DictConfig) -> None:
-    from framework.checkpoint import CheckpointError
-
     try:
         cfg: EvaluateConfig = OmegaConf.to_object(dcfg)  # type: ignore[assignment]
         result = run(cfg)

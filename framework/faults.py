@@ -33,7 +33,7 @@ from pathlib import Path
 
 import torch
 
-from framework.parallel import NonFiniteError
+from framework.errors import NonFiniteError
 
 log = logging.getLogger("framework")
 

@@ -22,7 +22,6 @@ from __future__ import annotations
 
 import json
 import sys
-from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -30,8 +29,12 @@ import torch
 from hydra.core.config_store import ConfigStore
 from omegaconf import MISSING, DictConfig
 
+from framework.checkpoint import load_model, require_language_model
 from framework.cli import entry, to_object
 from framework.config import ConfigError
+from framework.data.chat import render_prompt, stop_ids
+from framework.data.tokenizer import load_tokenizer
+from framework.model.sampling import sample
 
 
 @dataclass
@@ -62,48 +65,7 @@ OUTPUTS = ("json", "text")
 ConfigStore.instance().store(name="generate_schema", node=GenerateConfig)
 
 
-@torch.no_grad()
-def sample(
-    logits_fn: Callable[[torch.Tensor], torch.Tensor],
-    ids: list[int],
-    max_new_tokens: int,
-    block_size: int,
-    *,
-    greedy: bool = False,
-    temperature: float = 1.0,
-    top_k: int | None = None,
-    generator: torch.Generator | None = None,
-    device: torch.device | str = "cpu",
-    stop_ids: tuple[int, ...] = (),
-) -> list[int]:
-    """Autoregressive decoding without a KV cache (the context is re-run each token; fine for
-    the short samples of evals and tests). logits_fn: (1, T) ids -> (1, T, V) logits.
-    A private generator keeps sampling from touching the training RNG stream. Decoding ends
-    after a token of stop_ids (kept in the output)."""
-    out = list(ids)
-    for _ in range(max_new_tokens):
-        ctx = torch.tensor([out[-block_size:]], dtype=torch.long, device=device)
-        logits = logits_fn(ctx)[0, -1].float()  # (V,)
-        if greedy:
-            nxt = int(torch.argmax(logits))
-        else:
-            logits = logits / max(temperature, 1e-6)
-            if top_k is not None and top_k < logits.numel():
-                kth = torch.topk(logits, top_k).values[-1]
-                logits = logits.masked_fill(logits < kth, float("-inf"))
-            probs = torch.softmax(logits, dim=-1).cpu()
-            nxt = int(torch.multinomial(probs, 1, generator=generator))
-        out.append(nxt)
-        if nxt in stop_ids:
-            break
-    return out
-
-
 def run(cfg: GenerateConfig) -> dict:
-    from framework.checkpoint import load_model
-    from framework.data.chat import render_prompt, stop_ids
-    from framework.data.tokenizer import load_tokenizer
-
     given = [k for k in ("prompt", "prompt_ids", "prompt_file") if getattr(cfg, k) is not None]
     if len(given) != 1:
         raise ConfigError(
@@ -152,16 +114,6 @@ def run(cfg: GenerateConfig) -> dict:
         new = out[len(ids) :]
         result["reply"] = tok.decode(new[:-1] if new and new[-1] in stops else new)
     return result
-
-
-def require_language_model(model, checkpoint, entry: str) -> None:
-    """A classifier's head scores labels, not next tokens: sampling from it would print noise."""
-    if model.cfg.num_labels:
-        raise ConfigError(
-            f"checkpoint={checkpoint} is a classifier (task=classify, model.num_labels="
-            f"{model.cfg.num_labels}): {entry} needs a language model; score texts with its "
-            "Hugging Face export (framework.export format=hf: a *ForSequenceClassification)"
-        )
 
 
 def read_prompt_file(path: str) -> str:

@@ -15,6 +15,11 @@ import sys
 import time
 from pathlib import Path
 
+from rich.console import Console
+from rich.table import Table
+from tqdm import tqdm
+from tqdm.contrib.logging import logging_redirect_tqdm
+
 from framework.config import Config, LoggerConfig, to_dict
 
 log = logging.getLogger("framework")
@@ -71,7 +76,7 @@ def new_wandb_id() -> str:
 
 class WandbSink:
     def __init__(self, cfg: Config, run_dir: Path):
-        import wandb
+        import wandb  # seconds to import, and only logger=wandb needs it
 
         lc: LoggerConfig = cfg.logger
         # A stable id stored in the run dir makes a resumed run continue the same wandb run.
@@ -99,6 +104,7 @@ class WandbSink:
 
 class TensorBoardSink:
     def __init__(self, run_dir: Path, start_step: int):
+        # imports tensorboard (seconds): only logger=tensorboard needs it
         from torch.utils.tensorboard import SummaryWriter
 
         # On resume, events past the checkpoint (steps about to be redone) are purged: without
@@ -126,9 +132,6 @@ class Progress:
         self.bar = None
         self._redirect = None
         if sys.stderr.isatty():
-            from tqdm import tqdm
-            from tqdm.contrib.logging import logging_redirect_tqdm
-
             self.bar = tqdm(total=max_steps, initial=start_step, unit="step", dynamic_ncols=True)
             self._redirect = logging_redirect_tqdm([log])
             self._redirect.__enter__()
@@ -246,6 +249,8 @@ def read_records(path: Path) -> list[dict]:
 def plot_run(records: list[dict], out: Path) -> None:
     """loss.png: train and val loss (the weighted mixture and each source), and tokens/s, over
     steps. Written to a temp file and renamed, so a reader never sees half a PNG."""
+    # matplotlib takes a second to import, for the one plot at the end of a run; the headless
+    # backend is chosen before pyplot is imported
     import matplotlib
 
     matplotlib.use("Agg")
@@ -364,9 +369,6 @@ def show_summary(s: dict, terminal: bool, to_log: bool = True) -> None:
         else:
             print(text, file=sys.stderr)
         return
-    from rich.console import Console
-    from rich.table import Table
-
     table = Table(title="run summary", show_header=False)
     for k, v in rows:
         table.add_row(k, v)

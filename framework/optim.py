@@ -8,9 +8,40 @@ import math
 import torch
 from torch import nn
 
-from framework.config import SCHEDULE_KEYS, OptimConfig
-
 NO_DECAY_NAMES = ("tok_emb", "pos_emb")
+
+
+@dataclasses.dataclass
+class OptimConfig:
+    lr: float = 6e-4
+    min_lr_ratio: float = 0.1
+    """Final LR as a fraction of lr."""
+    warmup_steps: int = 10
+    schedule: str = "cosine"
+    """cosine | wsd (warmup-stable-decay) | constant."""
+    decay_fraction: float = 0.2
+    """wsd: share of max_steps spent decaying."""
+    beta1: float = 0.9
+    beta2: float = 0.95
+    eps: float = 1e-8
+    weight_decay: float = 0.1
+    """Applied to matrices only; norms, biases and embeddings get none."""
+    grad_clip: float = 1.0
+    """Clip the global gradient norm to this (0: off)."""
+    fused: bool | None = None
+    """Fused AdamW kernel; None picks it where the device supports it."""
+
+
+SCHEDULE_KEYS = (
+    "trainer.max_steps",
+    "optim.lr",
+    "optim.min_lr_ratio",
+    "optim.warmup_steps",
+    "optim.schedule",
+    "optim.decay_fraction",
+)
+"""The keys the LR schedule depends on (a resume that changes them is warned about by
+framework.optim.schedule_change_warning, with the LR before and after)."""
 
 
 def param_groups(model: nn.Module, weight_decay: float) -> list[dict]:

@@ -10,6 +10,7 @@ The output projection is not in N, so our MFU is conservative against counts tha
 from __future__ import annotations
 
 import os
+import resource
 import time
 
 from framework.model.gpt import ModelConfig, num_params
@@ -89,8 +90,6 @@ class _Phase:
 
 def host_memory() -> dict:
     """This process's resident host memory now and at its peak (GiB)."""
-    import resource
-
     peak_kib = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss  # KiB on Linux
     try:
         rss_pages = int(open("/proc/self/statm").read().split()[1])

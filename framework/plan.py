@@ -23,13 +23,17 @@ import json
 import os
 from dataclasses import dataclass, replace
 
+import torch.distributed as tdist
 from omegaconf import DictConfig
+from torch.distributed.tensor import DTensor
 
 from framework import memory
 from framework.cli import entry
 from framework.config import Config, ConfigError, dp_degree, grad_accum_steps, load, validate
 from framework.data.vocab import resolve_vocab_size
+from framework.dist import Dist
 from framework.model.gpt import num_params
+from framework.parallel import build_engine
 from framework.perf import flops_per_token, peak_flops
 from framework.task import resolve_task
 
@@ -288,12 +292,8 @@ def dry_run(cfg: Config, world_size: int) -> dict:
     This process is rank 0 of the fake group. DTensor and FSDP2 split a dimension as
     torch.chunk does (the first ranks get the rounded-up chunks), so rank 0 holds the largest
     shard on every mesh dimension: its figures are the most loaded rank's."""
-    import torch.distributed as tdist
-    from torch.distributed.tensor import DTensor
-    from torch.testing._internal.distributed.fake_pg import FakeStore  # registers backend "fake"
-
-    from framework.parallel import build_engine
-    from framework.parallel.dist import Dist
+    # torch's test-only fake process group: registers backend "fake" as a side effect of import
+    from torch.testing._internal.distributed.fake_pg import FakeStore
 
     if tdist.is_initialized():
         raise ConfigError("plan.dry_run needs a process without a process group (run framework.plan)")

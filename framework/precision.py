@@ -16,8 +16,23 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from framework.config import ConfigError, PrecisionConfig
-from framework.errors import DivergedErrorBase
+from framework.errors import ConfigError, DivergedError
+
+
+@dataclass
+class PrecisionConfig:
+    name: str = "auto"
+    """auto (bf16 on CUDA, fp32 on CPU) | fp32 | bf16 | fp16 | fp8."""
+    initial_loss_scale: float = 65536.0
+    """fp16: starting dynamic loss scale."""
+    loss_scale_window: int = 1000
+    """fp16: overflow-free steps before the scale doubles."""
+    min_loss_scale: float = 1.0
+    """fp16: the loss scale never drops below this."""
+    max_overflows_at_min: int = 5
+    """fp16: abort after this many consecutive overflowing steps at min_loss_scale."""
+    fp8_min_dim: int = 2048
+    """fp8: linear layers with a smaller in/out dimension stay in bf16 (too small to gain)."""
 
 
 def deepspeed_cpu_fp16_supported() -> bool:
@@ -73,7 +88,7 @@ def apply_fp8(model: nn.Module, cfg: PrecisionConfig) -> nn.Module:
     change of the module tree). Layers with a dimension below precision.fp8_min_dim stay bf16:
     the casts cost more than fp8 matmuls gain at small sizes. The output head stays bf16
     (its logits feed the loss, and it is tied to the embedding in GPT-2 style)."""
-    try:
+    try:  # torchao is optional (not in setup.cfg): only precision=fp8 needs it
         from torchao.float8 import convert_to_float8_training
     except ImportError as e:
         raise ConfigError(
@@ -91,7 +106,7 @@ def apply_fp8(model: nn.Module, cfg: PrecisionConfig) -> nn.Module:
     return model
 
 
-class LossScaleAbort(DivergedErrorBase, RuntimeError):
+class LossScaleAbort(DivergedError):
     """fp16 gradients overflow even at the minimum loss scale: training cannot continue."""
 
 

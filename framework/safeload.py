@@ -25,9 +25,15 @@ import warnings
 from pathlib import Path
 
 import torch
+import torch.distributed.checkpoint as dcp
 from torch.distributed.checkpoint import FileSystemReader
+from torch.distributed.checkpoint._traverse import set_element
+from torch.distributed.checkpoint.api import CheckpointException
 from torch.distributed.checkpoint.default_planner import DefaultLoadPlanner
 from torch.distributed.checkpoint.filesystem import FileSystem
+from torch.distributed.checkpoint.metadata import Metadata, StorageMeta
+
+from framework.errors import CheckpointError
 
 _DCP = "torch.distributed.checkpoint.metadata"
 ALLOWED_GLOBALS = frozenset(
@@ -70,8 +76,6 @@ class RestrictedUnpickler(pickle.Unpickler):
 
 
 def _refusal(path: Path | str, err: BaseException) -> Exception:
-    from framework.checkpoint import CheckpointError  # checkpoint.py imports this module
-
     return CheckpointError(
         f"{path}: refused to load ({err}). Our saves never contain this: the file was written by "
         "something else or tampered with; nothing from it was executed. Use another checkpoint."
@@ -114,8 +118,6 @@ class SafeFileSystemReader(FileSystemReader):
 
     def read_metadata(self, *args, **kwargs):
         # Same steps as FileSystemReader.read_metadata (torch 2.13), pickle.load replaced
-        from torch.distributed.checkpoint.metadata import Metadata, StorageMeta
-
         path = self._get_metadata_path(kwargs.get("rank"))
         try:
             with self.fs.create_stream(path, "rb") as f:
@@ -143,8 +145,6 @@ class SafeLoadPlanner(DefaultLoadPlanner):
 
     def load_bytes(self, read_item, value):
         # The same as DefaultLoadPlanner.load_bytes, which unpickles with weights_only=False
-        from torch.distributed.checkpoint._traverse import set_element
-
         obj = torch.load(value, weights_only=True)
         fqn = read_item.dest_index.fqn
         if self.flatten_state_dict:
@@ -155,11 +155,6 @@ class SafeLoadPlanner(DefaultLoadPlanner):
 
 def dcp_load(state: dict, path: Path) -> None:
     """torch.distributed.checkpoint.load into `state` (in place) without unrestricted pickle."""
-    import torch.distributed.checkpoint as dcp
-    from torch.distributed.checkpoint.api import CheckpointException
-
-    from framework.checkpoint import CheckpointError  # checkpoint.py imports this module
-
     with warnings.catch_warnings():  # DCP warns that a single process loads without a group
         warnings.filterwarnings("ignore", message="torch.distributed is disabled")
         reader = SafeFileSystemReader(path)

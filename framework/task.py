@@ -20,6 +20,8 @@ import logging
 import torch
 
 from framework.config import Config, ConfigError, TaskConfig
+from framework.data.loader import ever_enabled
+from framework.data.vocab import manifest_of
 
 log = logging.getLogger("framework")
 
@@ -56,9 +58,6 @@ def resolve_task(cfg: Config) -> None:
     one example). Other tasks: nothing to do."""
     if cfg.task.name != "classify":
         return
-    from framework.data.loader import ever_enabled
-    from framework.data.vocab import manifest_of
-
     found = {}
     for s in ever_enabled(cfg.data):
         m = manifest_of(s.path)

@@ -4,7 +4,7 @@
     torchrun --nproc_per_node 8 -m framework.train strategy=zero2 ...
 
 The same entry runs under python, torchrun, deepspeed --no_local_rank, accelerate launch and
-srun: ranks come from the environment (framework.parallel.dist).
+srun: ranks come from the environment (framework.dist).
 """
 
 from __future__ import annotations
@@ -21,16 +21,16 @@ from framework import faults
 from framework.checkpoint import Checkpointer, model_shape
 from framework.cli import entry
 from framework.data.identity import check_data_resume, data_identity
-from framework.data.loader import MixtureLoader, val_batches
+from framework.data.loader import DataRank, MixtureLoader, val_batches
 from framework.data.sample import generate as generate_sample_source
 from framework.data.shards import MANIFEST
 from framework.data.tokenizer import Tokenizer, load_tokenizer
 from framework.data.vocab import resolve_vocab_size
-from framework.generate import sample
+from framework.dist import Dist, env_world_size, init_distributed, teardown
 from framework.metrics import Metrics, perplexity, setup_logging
+from framework.model.sampling import sample
 from framework.optim import lr_at, schedule_change_warning
 from framework.parallel import build_engine
-from framework.parallel.dist import Dist, env_world_size, init_distributed, teardown
 from framework.perf import StepTimer, flops_per_token, host_memory, mfu, peak_flops
 from framework.task import check_sources, eval_metrics, resolve_task
 
@@ -68,33 +68,16 @@ def _train(cfg: C.Config, dist: Dist, guard: faults.Guard) -> dict:
     # built on meta, each rank allocating only its part; initial weights from trainer.seed (or
     # model.init_from), the same for every strategy and world size
     engine = build_engine(None, cfg, dist)
-    dp_rank, dp_size = engine.dp_rank, engine.dp_size  # TP peers share a dp rank (same data)
-    accum = C.grad_accum_steps(cfg, dp_size)
-    loader = MixtureLoader(
-        cfg.data,
-        tokenizer,
-        t.seq_len,
-        t.global_batch_size,
-        t.micro_batch_size,
-        dp_rank,
-        dp_size,
-        seed,
-        cfg.model.vocab_size,
-        max_steps=t.max_steps,  # refuses a plan past a source's max_epochs now, not mid-run
-    )
+    data_rank = DataRank(engine.dp_rank, engine.dp_size)  # TP peers share a dp rank (same data)
+    accum = C.grad_accum_steps(cfg, data_rank.size)
+    loader = MixtureLoader(cfg.data, t, tokenizer, cfg.model.vocab_size, data_rank)
+    loader.check_plan(t.max_steps)  # refuses a plan past a source's max_epochs now, not mid-run
     check_sources(cfg.task, loader.kinds)  # the task trains on its kind of source only
     log.info("data mixture:\n%s", loader.mixture_table(t.max_steps))
-    val = val_batches(cfg.data, t.seq_len, t.micro_batch_size, t.eval_batches, dp_rank, dp_size)
+    val = val_batches(cfg.data, t, data_rank)
     weights = {s.name: s.weight for s in cfg.data.sources}
 
-    ckpt = Checkpointer(
-        run_dir / "checkpoints",
-        cfg.checkpoint.keep,
-        dist,
-        cfg.faults.sleep_in_save_s,
-        cfg.checkpoint.async_save,
-        cfg.faults.crash_in_async_save,
-    )
+    ckpt = Checkpointer(run_dir / "checkpoints", cfg.checkpoint, dist, cfg.faults)
     torch.manual_seed(seed + 1 + engine.rng_rank)  # dropout stream (Engine.rng_rank says who shares it)
     guard.start(run_dir, dist, engine)
     resume_from = ckpt.find_resume(cfg.checkpoint.resume, cfg.checkpoint.path)
@@ -116,7 +99,7 @@ def _train(cfg: C.Config, dist: Dist, guard: faults.Guard) -> dict:
         cfg.model.name,
         sum(p.numel() for p in engine.plain_model().parameters()) / 1e6,
         dist.world_size,
-        dp_size,
+        data_rank.size,
         accum,
         t.micro_batch_size,
         tokens_per_step,

@@ -39,9 +39,9 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from framework.data.jsonl import jsonl_records
-from framework.data.shards import DataError
+from framework.data.records import is_val, jsonl_records
 from framework.data.tokenizer import Tokenizer
+from framework.errors import DataError
 
 log = logging.getLogger(__name__)
 
@@ -162,6 +162,7 @@ class _HFTemplate:
     tokenizing stays ours)."""
 
     def __init__(self, directory: str):
+        # transformers (a dev extra) takes seconds to import: only a directory's HF template needs it
         from transformers import AutoTokenizer
 
         self.hf = AutoTokenizer.from_pretrained(directory)
@@ -234,8 +235,6 @@ def write_chat_source(lines, tok: Tokenizer, writer, max_tokens, overlong, seed,
     """Render every record into `writer` (a shards.SourceWriter) with its loss mask; the split of
     a conversation is a seeded hash of its turns. Returns the counts for the manifest's meta (the
     caller closes the writer: manifest last)."""
-    from framework.prepare import is_val
-
     stats = ChatStats()
     docs = {"train": 0, "val": 0}
     tokens = {"train": 0, "val": 0}

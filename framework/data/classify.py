@@ -28,9 +28,9 @@ from collections.abc import Callable, Iterable, Iterator
 
 import numpy as np
 
-from framework.data.jsonl import jsonl_records
-from framework.data.shards import DataError
+from framework.data.records import is_val, jsonl_records
 from framework.data.tokenizer import Tokenizer
+from framework.errors import DataError
 
 log = logging.getLogger(__name__)
 
@@ -119,8 +119,6 @@ def write_classify_source(
     label set fixed, then each example written into `writer` (a shards.SourceWriter). The split
     is a seeded hash of the text. Returns the counts for the manifest's meta (the caller closes
     the writer: manifest last)."""
-    from framework.prepare import is_val
-
     if overlong not in OVERLONG:
         raise ClassifyError(f"overlong={overlong!r} must be one of {OVERLONG}")
     if max_tokens is None or max_tokens < 2:

@@ -19,8 +19,8 @@ import json
 import logging
 from pathlib import Path
 
-from framework.checkpoint import CheckpointError
 from framework.data.shards import Manifest
+from framework.errors import CheckpointError
 
 log = logging.getLogger("framework")
 

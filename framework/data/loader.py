@@ -28,10 +28,12 @@ from pathlib import Path
 
 import numpy as np
 import torch
+from omegaconf import OmegaConf
 
-from framework.config import DataConfig, SourceConfig
+from framework.config import DataConfig, SourceConfig, TrainerConfig
 from framework.data.mixture import Mixture, PlanRow, format_table
 from framework.data.packing import PackedSource
+from framework.data.sample import generate
 from framework.data.shards import (
     MANIFEST,
     DataError,
@@ -169,8 +171,6 @@ def resolve_cache_dir(cfg: DataConfig) -> str:
     Python rather than composed by Hydra."""
     if "${" not in cfg.cache_dir:
         return cfg.cache_dir
-    from omegaconf import OmegaConf
-
     return str(OmegaConf.create({"d": cfg.cache_dir}).d)
 
 
@@ -187,8 +187,6 @@ def open_source(
     needed, the manifest checked against the tokenizer and model (cheap, first), then every
     shard against the manifest. Errors name the source and path."""
     if s.generator and not is_url(s.path) and not (Path(s.path) / MANIFEST).is_file():
-        from framework.data.sample import generate
-
         generate(s.generator, s.path)
     try:
         local = localize(s.path, cache_dir)
@@ -201,24 +199,33 @@ def open_source(
     return local, m
 
 
+@dataclass(frozen=True)
+class DataRank:
+    """A process's coordinate among the data-parallel ranks: ranks that differ only in tensor
+    (or pipeline, context) parallel share one and read the same micro-batches."""
+
+    rank: int = 0
+    size: int = 1
+
+
 class MixtureLoader:
-    """Yields this rank's micro-batches of shape (micro_batch_size, seq_len)."""
+    """Yields this rank's micro-batches of shape (trainer.micro_batch_size, trainer.seq_len)."""
 
     def __init__(
         self,
-        cfg: DataConfig,
+        data: DataConfig,
+        trainer: TrainerConfig,
         tokenizer: Tokenizer,
-        seq_len: int,
-        global_batch_size: int,
-        micro_batch_size: int,
-        dp_rank: int,
-        dp_size: int,
-        seed: int,
         vocab_size: int,
-        max_steps: int | None = None,
+        rank: DataRank = DataRank(),
     ):
-        """max_steps: when given, refuse a plan that draws a source past its max_epochs now
-        (otherwise the cap is enforced when a batch would exceed it)."""
+        """The sources of `data`, checked against `tokenizer` and the model's `vocab_size`; the
+        batch shape and sample order from trainer.seq_len, global_batch_size, micro_batch_size
+        and seed. A source drawn past its max_epochs is refused when a batch would exceed it;
+        check_plan(max_steps) refuses the whole run's plan up front."""
+        cfg, seed, seq_len = data, trainer.seed, trainer.seq_len
+        global_batch_size, micro_batch_size = trainer.global_batch_size, trainer.micro_batch_size
+        dp_rank, dp_size = rank.rank, rank.size
         if global_batch_size % dp_size or (global_batch_size // dp_size) % micro_batch_size:
             raise DataError(
                 f"global_batch_size={global_batch_size} is not divisible by micro_batch_size="
@@ -310,8 +317,6 @@ class MixtureLoader:
         # steps built per chunk: about 1M tokens of this rank, at most 64 steps
         self.steps_per_chunk = max(1, min(64, (1 << 20) // (self.per_rank * seq_len)))
         self._pin = torch.cuda.is_available()
-        if max_steps is not None:
-            self.check_plan(max_steps)
 
     # -- the plan ---------------------------------------------------------------------------
 
@@ -552,11 +557,13 @@ class MixtureLoader:
 
 
 def val_batches(
-    cfg: DataConfig, seq_len: int, micro_batch_size: int, n_batches: int, dp_rank: int, dp_size: int
+    data: DataConfig, trainer: TrainerConfig, rank: DataRank = DataRank()
 ) -> dict[str, list[Batch]]:
-    """Fixed validation batches per source: the first windows of the val split in file order,
-    this rank's share of them (window k goes to rank k % dp_size). A source without a val split
-    is skipped with a warning."""
+    """Fixed validation batches per source: trainer.eval_batches micro-batches on every rank
+    from the first windows of the val split in file order, this rank's share of them (window k
+    goes to rank k % size). A source without a val split is skipped with a warning."""
+    cfg, seq_len, micro_batch_size = data, trainer.seq_len, trainer.micro_batch_size
+    n_batches, dp_rank, dp_size = trainer.eval_batches, rank.rank, rank.size
     cache_dir = resolve_cache_dir(cfg)
     out = {}
     for s in ever_enabled(cfg):

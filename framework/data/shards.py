@@ -34,12 +34,13 @@ import threading
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 
+import fsspec
 import numpy as np
 import pyarrow as pa
 import xxhash
 
 from framework.data.tokenizer import Tokenizer
-from framework.errors import DataErrorBase
+from framework.errors import DataError
 
 log = logging.getLogger(__name__)
 
@@ -50,10 +51,6 @@ MASK_DTYPE = "uint8"
 KINDS = ("pretrain", "sft", "classify")
 # dtypes a manifest may declare, with the largest vocabulary each can hold
 DTYPE_MAX_VOCAB = {"uint8": 2**8, "uint16": 2**16, "uint32": 2**32, "int32": 2**31, "int64": 2**63}
-
-
-class DataError(DataErrorBase, ValueError):
-    """Bad data on disk or a bad data config; the message names the source/shard/row."""
 
 
 def dtype_for_vocab(vocab_size: int) -> str:
@@ -220,8 +217,12 @@ class SourceWriter:
                 ShardInfo(mpath.name, split, rows, tokens, mpath.stat().st_size, sha, xxh)
             )
 
-    def close(self, meta: dict | None = None, labels: list | None = None) -> Manifest:
-        """Flush and write the manifest (last). labels: a classify source's label set (id order)."""
+    def close(
+        self, meta: dict | None = None, labels: list | None = None, kind: str | None = None
+    ) -> Manifest:
+        """Flush and write the manifest (last). labels: a classify source's label set (id order).
+        kind: the kind the caller's format writes (None: whatever the masks and labels make it),
+        checked against what was added."""
         for split in list(self.pending):
             self.flush(split)
         m = Manifest(
@@ -238,6 +239,11 @@ class SourceWriter:
             m.kind, m.mask_shards = ("classify" if labels else "sft"), self.mask_shards
             m.labels = list(labels or [])
             m.trained_tokens = {s: self.trained_tokens.get(s, 0) for s in ("train", "val")}
+        if kind is not None and kind != m.kind:
+            raise DataError(
+                f"{self.out}: a {kind} source, but its documents make it {m.kind} "
+                f"(loss masks: {bool(self.mask_shards)}, labels: {bool(labels)})"
+            )
         write_manifest(self.out, m)
         return m
 
@@ -491,8 +497,6 @@ def localize(path: str, cache_dir: str) -> Path:
     verified against the manifest by `verify_source` like a local source."""
     if not is_url(path):
         return Path(path)
-    import fsspec
-
     fs, root = fsspec.core.url_to_fs(path)
     local = Path(cache_dir) / "sources" / hashlib.sha256(path.encode()).hexdigest()[:16]
     local.mkdir(parents=True, exist_ok=True)

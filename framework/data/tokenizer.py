@@ -5,7 +5,10 @@ training can refuse shards made with another tokenizer."""
 from __future__ import annotations
 
 import hashlib
+import json
 from pathlib import Path
+
+from tokenizers import Tokenizer as _Tok
 
 
 class Tokenizer:
@@ -48,8 +51,6 @@ class HFTokenizer(Tokenizer):
     EOT = "<|endoftext|>"
 
     def __init__(self, path: str):
-        from tokenizers import Tokenizer as _Tok
-
         p = Path(path)
         eot_token = self.EOT
         if p.is_dir():
@@ -88,7 +89,7 @@ class HFTokenizer(Tokenizer):
 
 class TiktokenTokenizer(Tokenizer):
     def __init__(self, encoding: str):
-        import tiktoken
+        import tiktoken  # optional (not in setup.cfg): only a tiktoken:NAME tokenizer needs it
 
         self._enc = tiktoken.get_encoding(encoding)
         self.name = f"tiktoken:{encoding}"
@@ -105,8 +106,6 @@ class TiktokenTokenizer(Tokenizer):
 
 def _directory_config(d: Path) -> tuple[str, str | None]:
     """(end-of-text token, chat template or None) of a Hugging Face tokenizer directory."""
-    import json
-
     cfg_file = d / "tokenizer_config.json"
     try:
         cfg = json.loads(cfg_file.read_text()) if cfg_file.is_file() else {}

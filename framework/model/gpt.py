@@ -17,10 +17,10 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from framework.errors import ConfigErrorBase
+from framework.errors import ConfigError
 
 
-class ModelShapeError(ConfigErrorBase, ValueError):
+class ModelShapeError(ConfigError):
     """A model config that cannot be built; the message names the keys."""
 
 

@@ -23,16 +23,17 @@ from torch import nn
 from torch.distributed.device_mesh import DeviceMesh
 
 from framework.config import Config, ConfigError, Layout, layout
+from framework.dist import Dist
 from framework.optim import build_optimizer
 from framework.parallel.ac import apply_ac
 from framework.parallel.compile import apply_compile
 from framework.parallel.ddp import apply_ddp, ddp_grad_sync
-from framework.parallel.dist import Dist
 from framework.parallel.engine import Engine, NonFiniteError, StepResult, TorchEngine
 from framework.parallel.fsdp import apply_fsdp, fsdp_grad_sync, mixed_precision_policy
 from framework.parallel.materialize import initial_values, materialize, meta_model, zero3_model
 from framework.parallel.mesh import build_mesh
 from framework.parallel.tp import apply_tp
+from framework.parallel.zero import build_zero, deepspeed_config, ensure_process_group
 from framework.precision import OverflowGuard, apply_fp8, make_grad_scaler, resolve
 
 __all__ = ["Engine", "NonFiniteError", "StepResult", "TorchEngine", "build_engine"]
@@ -112,8 +113,6 @@ def _build_zero(model: nn.Module | None, cfg: Config, dist: Dist, dry_run: bool 
     """zero1/2/3: AC and compile still apply to the plain model; DeepSpeed does the rest.
     model=None: zero1/2 materialise the whole model (replicated weights); zero3 partitions it
     while it is built (deepspeed.zero.Init)."""
-    from framework.parallel.zero import build_zero, deepspeed_config, ensure_process_group
-
     precision = resolve(cfg.precision, dist.device.type)
     if dry_run:
         raise ConfigError(

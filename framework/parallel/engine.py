@@ -17,16 +17,15 @@ from pathlib import Path
 
 import torch
 import torch.distributed as tdist
+import torch.distributed.checkpoint as dcp
 from torch import nn
+from torch.distributed.checkpoint.state_dict import get_state_dict, set_state_dict
 from torch.distributed.tensor import DTensor
 
 from framework.data.loader import Batch
-from framework.errors import DivergedErrorBase
+from framework.errors import NonFiniteError
 from framework.precision import OverflowGuard, Precision
-
-
-class NonFiniteError(DivergedErrorBase, RuntimeError):
-    """Loss or gradient norm is NaN/Inf; raised before optimizer.step() so weights stay intact."""
+from framework.safeload import dcp_load
 
 
 @dataclass
@@ -321,21 +320,15 @@ class TorchEngine(Engine):
             g["lr"] = lr
 
     def _state(self) -> dict:
-        from torch.distributed.checkpoint.state_dict import get_state_dict
-
         msd, osd = get_state_dict(self._plain, self.optimizer)
         return {"model": msd, "optim": osd}
 
     def save(self, path: Path) -> None:
-        import torch.distributed.checkpoint as dcp
-
         with warnings.catch_warnings():  # DCP warns that a single process saves without a group
             warnings.filterwarnings("ignore", message="torch.distributed is disabled")
             dcp.save(self._state(), checkpoint_id=str(path))
 
     def save_async(self, path: Path, group, stager) -> Future:
-        import torch.distributed.checkpoint as dcp
-
         # DCP's writer thread warns when there is no group; a catch_warnings here would be gone
         # by then, so the filter is process-wide (this one message only)
         warnings.filterwarnings("ignore", message="torch.distributed is disabled")
@@ -346,10 +339,6 @@ class TorchEngine(Engine):
         )
 
     def load(self, path: Path) -> None:
-        from torch.distributed.checkpoint.state_dict import set_state_dict
-
-        from framework.safeload import dcp_load
-
         self._init_optimizer_state()
         state = self._state()
         dcp_load(state, path)

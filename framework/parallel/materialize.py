@@ -27,15 +27,22 @@ a rank holds its shards plus one full tensor, never the whole model.
 from __future__ import annotations
 
 import contextlib
+import ctypes
 import logging
+import platform
 from collections.abc import Callable
+from pathlib import Path
 
 import torch
 import torch.distributed as tdist
 from torch import nn
 from torch.distributed.tensor import DTensor, distribute_tensor
 
+from framework.checkpoint import checkpoint_readers, resolve, verify
 from framework.config import Config
+from framework.dist import Dist
+from framework.errors import CheckpointError
+from framework.hf.load import Readers, hf_import_readers
 from framework.model.gpt import GPT, ModelConfig, canonical_name, initial_value
 
 log = logging.getLogger("framework")
@@ -56,8 +63,6 @@ def initial_values(cfg: Config) -> Values:
     if not mcfg.init_from:
         seed = cfg.trainer.seed
         return lambda name, shape: initial_value(mcfg, name, shape, seed)
-    from framework.checkpoint import init_readers  # a Hugging Face dir or our checkpoint
-
     # checked (config fields; missing / extra / misshaped tensors named) before any is read
     readers = init_readers(mcfg, mcfg.init_from)
     seed = cfg.trainer.seed
@@ -69,6 +74,47 @@ def initial_values(cfg: Config) -> Values:
         return read()
 
     return value
+
+
+def init_readers(model_cfg: ModelConfig, path: str | Path, dist: Dist | None = None) -> Readers:
+    """model.init_from: our state-dict name -> a reader of that full tensor (fp32, CPU), from a
+    local Hugging Face directory (it holds config.json: framework.hf.load checks it and maps the
+    names) or from one of our checkpoints (a checkpoint, checkpoints/ or run dir, any strategy:
+    framework.checkpoint.checkpoint_readers). Everything that can be refused is checked here,
+    before any tensor is read. Nothing is held but what the caller keeps of each tensor (the
+    meta build keeps only its shard). A classifier (model.num_labels) from a language model gets
+    None for its head: the caller initialises it. `dist`: the ranks that share the checksum work
+    of the checkpoint's verification (default: the current process group, if any)."""
+    if (Path(path) / "config.json").is_file():
+        return hf_import_readers(model_cfg, path)
+    if dist is None and tdist.is_available() and tdist.is_initialized():
+        # every rank calls this: each hashes its share of the files (verify gathers them)
+        dist = Dist(rank=tdist.get_rank(), world_size=tdist.get_world_size())
+    try:
+        ckpt = resolve(path)
+        state = verify(ckpt, dist)
+    except CheckpointError as e:
+        raise CheckpointError(
+            f"model.init_from={path}: neither a Hugging Face directory (no config.json) nor one of "
+            f"our checkpoints ({e})"
+        ) from e
+    return checkpoint_readers(model_cfg, ckpt, state, path)
+
+
+def init_weights_from(model: GPT, path: str | Path) -> set[str]:
+    """model.init_from into a materialised plain `model` (one process, whole tensors), one
+    tensor at a time through init_readers. Returns the names not copied (a classifier's head
+    over a language model), for the caller to initialise."""
+    sd = model.state_dict()
+    fresh = set()
+    with torch.no_grad():
+        for name, read in init_readers(model.cfg, path).items():
+            if read is None:
+                fresh.add(name)
+            else:
+                sd[name].copy_(read())
+    log.info("initialised %s from %s", model.cfg.name, path)
+    return fresh
 
 
 @torch.no_grad()
@@ -101,7 +147,7 @@ def zero3_model(mcfg: ModelConfig, ds_config: dict, values: Values) -> GPT:
     """ZeRO-3: DeepSpeed partitions each submodule's parameters as its constructor returns
     (`zero.Init`), so no rank ever holds the whole model; then each rank writes its partition
     of every parameter's initial value (host peak: one whole parameter, as generated)."""
-    import deepspeed
+    import deepspeed  # seconds to import (CUDA/op probing): only the ZeRO strategies need it
 
     # adopt our process group first: zero.Init checks the batch sizes in ds_config against
     # DeepSpeed's own world size, which is 1 until its comm layer is initialised
@@ -144,9 +190,6 @@ def large_allocations_returned():
 
 
 def _glibc_mallopt():
-    import ctypes
-    import platform
-
     if platform.system() != "Linux" or platform.libc_ver()[0] != "glibc":
         return None
     try:

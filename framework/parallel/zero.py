@@ -18,13 +18,15 @@ from pathlib import Path
 
 import torch
 import torch.distributed as tdist
+import torch.distributed.checkpoint as dcp
 from torch import nn
 
 from framework.config import Config, ConfigError, grad_accum_steps
 from framework.data.loader import Batch
-from framework.parallel.dist import Dist
+from framework.dist import Dist
 from framework.parallel.engine import Engine, NonFiniteError, StepResult
 from framework.precision import OverflowGuard, Precision
+from framework.safeload import dcp_load
 
 ZERO_STAGES = {"zero1": 1, "zero2": 2, "zero3": 3}
 
@@ -118,6 +120,7 @@ class DeepSpeedEngine(Engine):
         norms, all-reduced inside DeepSpeed (stage 1/2: scaled_global_norm; stage 3: the norm
         groups). Costs one extra norm per step; DeepSpeed applies bf16/fp32 steps without a
         finiteness check of its own, so this is the only place to stop a NaN step."""
+        # deepspeed: seconds to import; only ZeRO runs need it
         from deepspeed.runtime.utils import combine_grad_norm_groups
 
         self._check_boundary()
@@ -249,6 +252,7 @@ class DeepSpeedEngine(Engine):
         return torch.tensor(steps.pop() if steps else 0.0, dtype=torch.float32)
 
     def _state(self) -> dict:
+        # deepspeed: seconds to import; only ZeRO runs need it
         from deepspeed.utils import safe_get_full_fp32_param, safe_get_full_optimizer_state
 
         self._materialise_optimizer_state()
@@ -271,16 +275,13 @@ class DeepSpeedEngine(Engine):
         return {"model": model, "optim": {"state": state, "param_groups": groups}}
 
     def save(self, path: Path) -> None:
-        import torch.distributed.checkpoint as dcp
-
         dcp.save(self._state(), checkpoint_id=str(path))
 
     def load(self, path: Path) -> None:
         """Any strategy's checkpoint (DCP, our layout), at any world size."""
+        # deepspeed: seconds to import; only ZeRO runs need it
         import deepspeed
         from deepspeed.utils import safe_set_full_fp32_param, safe_set_full_optimizer_state
-
-        from framework.safeload import dcp_load
 
         state = self._state()  # the keys and shapes to read, filled in place
         dcp_load(state, path)
@@ -338,7 +339,7 @@ def ensure_process_group(dist: Dist) -> None:
 
 
 def build_zero(model: nn.Module, cfg: Config, dist: Dist, precision: Precision, optimizer) -> Engine:
-    import deepspeed
+    import deepspeed  # deepspeed: seconds to import; only ZeRO runs need it
 
     if precision.name == "fp8":
         raise ConfigError("precision=fp8 is not supported with DeepSpeed ZeRO: use strategy=fsdp")

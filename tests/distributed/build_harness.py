@@ -27,9 +27,9 @@ from torch.distributed.tensor import DTensor
 
 from framework.config import CONF_DIR, grad_accum_steps, load, validate
 from framework.data.loader import Batch
+from framework.dist import init_distributed, teardown
 from framework.model.gpt import canonical_name
 from framework.parallel import build_engine
-from framework.parallel.dist import init_distributed, teardown
 
 
 def local(t: torch.Tensor) -> torch.Tensor:

@@ -26,10 +26,10 @@ from hydra import compose, initialize_config_dir
 
 from framework.config import CONF_DIR, grad_accum_steps, load, validate
 from framework.data.loader import Batch
+from framework.dist import init_distributed, teardown
 from framework.model.gpt import GPT
 from framework.optim import lr_at
 from framework.parallel import build_engine
-from framework.parallel.dist import init_distributed, teardown
 
 
 def global_batch(step: int, cfg) -> torch.Tensor:

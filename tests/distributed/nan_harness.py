@@ -27,9 +27,9 @@ from torch.distributed.tensor import DTensor
 
 from framework.config import CONF_DIR, grad_accum_steps, load, validate
 from framework.data.loader import Batch
+from framework.dist import init_distributed, teardown
 from framework.faults import Guard, StopSignal
 from framework.parallel import NonFiniteError, build_engine
-from framework.parallel.dist import init_distributed, teardown
 
 FAULT_RANK = 1
 NAN_STEP = 2

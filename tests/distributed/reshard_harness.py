@@ -17,9 +17,9 @@ import torch
 from hydra import compose, initialize_config_dir
 
 from framework.config import CONF_DIR, load, validate
+from framework.dist import init_distributed, teardown
 from framework.model.gpt import GPT
 from framework.parallel import build_engine
-from framework.parallel.dist import init_distributed, teardown
 
 
 def round_trip(src: Path, out: Path, overrides: list[str], dist) -> None:

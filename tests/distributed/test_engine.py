@@ -12,9 +12,9 @@ import torch
 
 from framework.config import ConfigError, grad_accum_steps
 from framework.data.loader import Batch
+from framework.dist import Dist
 from framework.model.gpt import GPT
 from framework.parallel import build_engine
-from framework.parallel.dist import Dist
 from framework.precision import LossScaleAbort, Precision, apply_fp8, resolve
 from tests.helpers import make_cfg
 

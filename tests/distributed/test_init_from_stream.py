@@ -11,9 +11,9 @@ import json
 import pytest
 import torch
 
+from framework.dist import Dist
 from framework.model.gpt import initial_value, num_params
 from framework.parallel import build_engine
-from framework.parallel.dist import Dist
 from tests.distributed.build_harness import gathered_weights
 from tests.distributed.test_meta_build import BIG, SMALL, harness
 from tests.helpers import make_cfg
@@ -74,7 +74,7 @@ def test_init_from_a_multi_gb_hf_dir_keeps_each_rank_below_half_the_model(tmp_pa
     """gpt2-1.3b (5.26 GB fp32) as HF shards of 1 GB, imported by 4 fsdp ranks: each rank's peak
     RSS after the build stays below half the full model (its quarter + one full tensor + the
     runtime). Before issue 10 item 4 every rank held the whole plain model: peak > full."""
-    from framework.export import write_hf
+    from framework.hf.export import write_hf
 
     cfg = make_cfg([*BIG, "strategy=fsdp"])
     m = cfg.model
@@ -102,7 +102,7 @@ def test_init_from_a_multi_gb_hf_dir_keeps_each_rank_below_half_the_model(tmp_pa
 def test_init_from_reads_one_tensor_per_parameter_when_asked(hf_dirs, monkeypatch):
     """The values the meta build writes from are read when each parameter's turn comes, one
     file tensor per call (before: the whole plain model was loaded up front, on every rank)."""
-    from framework.export import HFWeights
+    from framework.hf.load import HFWeights
     from framework.parallel.materialize import initial_values
 
     root, sd = hf_dirs
@@ -121,11 +121,12 @@ def test_init_from_our_checkpoint_on_two_fsdp_ranks(tmp_path):
     on 2 fsdp ranks: the gathered weights are the checkpoint's. The ranks share the checkpoint's
     verification through the process group (a Dist of the real world size)."""
     from framework.checkpoint import Checkpointer
+    from framework.config import CheckpointConfig
 
     src_cfg = make_cfg([*SMALL, "trainer.seed=5"])
     engine = build_engine(None, src_cfg, Dist())
     want = gathered_weights(engine, zero3=False)
-    ckpt = Checkpointer(tmp_path / "ckpt", keep=1, dist=Dist()).save(1, engine, {"step": 1})
+    ckpt = Checkpointer(tmp_path / "ckpt", CheckpointConfig(keep=1), Dist()).save(1, engine, {"step": 1})
     out = tmp_path / "w.pt"
     harness("weights", out, 2, "strategy=fsdp", *SMALL, f"model.init_from={ckpt}")
     got = torch.load(out, weights_only=True)

@@ -86,7 +86,7 @@ def test_one_slurm_task_per_rank(tmp_path, reference):
     """What `srun --ntasks-per-node=2 python -m framework.train strategy=ddp` gives each task
     (the port comes from the job id: no MASTER_PORT in the environment)."""
     run_dir, job = tmp_path / "run", str(free_port() - 20000 if free_port() > 20000 else 1)
-    from framework.parallel.dist import slurm_port
+    from framework.dist import slurm_port
 
     job = next(str(j) for j in range(int(job), int(job) + 20000) if _port_free(slurm_port(str(j))))
     cmds = [

@@ -19,9 +19,9 @@ import pytest
 import torch
 
 from framework.config import ConfigError
+from framework.dist import Dist
 from framework.model.gpt import num_params
 from framework.parallel import build_engine
-from framework.parallel.dist import Dist
 from framework.plan import dry_run, make_plan
 from tests.distributed.build_harness import gathered_weights
 from tests.distributed.launch import BIN, ROOT, free_port
@@ -195,7 +195,7 @@ def test_plan_model_state_matches_what_fsdp_ranks_hold_after_a_step(tmp_path):
 def test_init_from_loads_into_the_materialised_shards(tmp_path):
     """HF weights replace the seeded values on the meta path: single in-process and fsdp on 2
     ranks give exactly the source model's tensors (streamed: test_init_from_stream.py)."""
-    from framework.export import save_hf
+    from framework.hf.export import save_hf
     from framework.model import GPT
 
     over = [*SMALL, "model.block_size=64", f"model.init_from={tmp_path / 'hf'}"]

@@ -152,7 +152,7 @@ def test_export_of_classify_checkpoint_is_gpt2_sequence_classifier(classify_run)
 
 
 def test_export_of_llama_style_classifier_matches_hf(tmp_path):
-    from framework.export import save_hf
+    from framework.hf.export import save_hf
     from framework.model import GPT
 
     cfg = make_cfg(["model=debug-llama", "task=classify", "model.num_labels=3"]).model
@@ -171,9 +171,9 @@ def test_export_of_llama_style_classifier_matches_hf(tmp_path):
 
 
 def test_init_from_hf_language_model_copies_the_body_and_a_classifier_dir_its_head(tmp_path):
-    from framework.checkpoint import init_weights_from
-    from framework.export import save_hf
+    from framework.hf.export import save_hf
     from framework.model import GPT
+    from framework.parallel.materialize import init_weights_from
 
     torch.manual_seed(0)
     lm = GPT(make_cfg(TINY).model)  # tied GPT-2 style

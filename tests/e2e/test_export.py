@@ -13,10 +13,12 @@ import torch
 
 from framework.config import ConfigError
 from framework.data.tokenizer import ByteTokenizer, HFTokenizer
-from framework.export import ExportConfig, load_hf_weights, save_hf
+from framework.export import ExportConfig
 from framework.export import run as export_run
 from framework.generate import GenerateConfig, sample
 from framework.generate import run as generate_run
+from framework.hf.export import save_hf
+from framework.hf.load import load_hf_weights
 from framework.model import GPT, ModelConfig
 from framework.prepare import train_bpe
 from framework.train import train

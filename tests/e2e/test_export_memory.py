@@ -103,7 +103,7 @@ def test_export_of_sharded_checkpoint_peaks_near_one_tensor(fsdp_124m, tmp_path)
     # peak before loading). Measured 77 MiB; the whole-file load before issue 10: 601 MiB.
     script = (
         "import json, resource, sys\n"
-        "from framework.export import load_hf_weights\n"
+        "from framework.hf.load import load_hf_weights\n"
         "from framework.model import GPT, ModelConfig\n"
         "m = GPT(ModelConfig(style='gpt2', n_layer=12, n_head=12, n_embd=768, vocab_size=50257, block_size=1024))\n"
         "built = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss\n"

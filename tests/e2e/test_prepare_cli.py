@@ -6,7 +6,7 @@ import json
 import subprocess
 from pathlib import Path
 
-from framework.config import DataConfig, SourceConfig
+from framework.config import DataConfig, SourceConfig, TrainerConfig
 from framework.data.loader import MixtureLoader
 from framework.data.shards import read_manifest
 from framework.data.tokenizer import ByteTokenizer
@@ -51,7 +51,14 @@ def test_prepare_cli_then_train_loader_then_noop(tmp_path):
     cfg = DataConfig(
         sources=[SourceConfig(name="web", path=str(out))], cache_dir=str(tmp_path / "cache")
     )
-    batch = next(MixtureLoader(cfg, ByteTokenizer(), 32, 4, 2, 0, 1, 0, 257))
+    batch = next(
+        MixtureLoader(
+            cfg,
+            TrainerConfig(seq_len=32, global_batch_size=4, micro_batch_size=2, seed=0),
+            ByteTokenizer(),
+            257,
+        )
+    )
     assert batch.inputs.shape == (2, 32) and batch.inputs.max() <= 256
 
     again = cli(*args, cwd=tmp_path)

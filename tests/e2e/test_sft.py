@@ -118,8 +118,9 @@ def make_base(cfg):
 
 
 def test_init_from_our_checkpoint_copies_weights_and_refuses_other_shapes(tmp_path, sample_data):
-    from framework.checkpoint import CheckpointError, init_weights_from
+    from framework.checkpoint import CheckpointError
     from framework.model import GPT
+    from framework.parallel.materialize import init_weights_from
     from framework.train import train
     from tests.helpers import TINY
 

@@ -18,9 +18,9 @@ if not torch.cuda.is_available():
 from framework import precision as precision_mod  # noqa: E402
 from framework.config import ConfigError, PrecisionConfig  # noqa: E402
 from framework.data.loader import Batch  # noqa: E402
+from framework.dist import Dist  # noqa: E402
 from framework.model.gpt import GPT  # noqa: E402
 from framework.parallel import build_engine  # noqa: E402
-from framework.parallel.dist import Dist  # noqa: E402
 from framework.plan import make_plan  # noqa: E402
 from tests.helpers import make_cfg  # noqa: E402
 

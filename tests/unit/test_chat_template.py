@@ -116,7 +116,7 @@ def test_prepare_records_the_template_and_trains_only_the_replies(chatml, tmp_pa
 def test_hf_export_carries_the_template_and_end_of_turn(chatml, tmp_path):
     from transformers import AutoTokenizer
 
-    from framework.export import write_tokenizer
+    from framework.hf.export import write_tokenizer
     from tests.helpers import make_cfg
 
     out = tmp_path / "hf"

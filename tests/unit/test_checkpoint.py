@@ -11,9 +11,10 @@ from pathlib import Path
 import pytest
 
 from framework.checkpoint import Checkpointer, CheckpointError, resolve, verify
+from framework.config import CheckpointConfig
 from framework.data.shards import sha256_file
+from framework.dist import Dist
 from framework.metrics import JsonlSink
-from framework.parallel.dist import Dist
 
 
 class FakeEngine:
@@ -35,7 +36,7 @@ def save(ck: Checkpointer, step: int) -> Path:
 
 
 def test_commit_marker_manifest_and_latest(tmp_path):
-    ck = Checkpointer(tmp_path, keep=0, dist=Dist())
+    ck = Checkpointer(tmp_path, CheckpointConfig(keep=0), Dist())
     p = save(ck, 3)
     assert p.name == "step_00000003" and (p / "COMMITTED").is_file()
     files = json.loads((p / "manifest.json").read_text())["files"]
@@ -45,7 +46,7 @@ def test_commit_marker_manifest_and_latest(tmp_path):
 
 
 def test_latest_falls_back_to_newest_committed(tmp_path):
-    ck = Checkpointer(tmp_path, keep=0, dist=Dist())
+    ck = Checkpointer(tmp_path, CheckpointConfig(keep=0), Dist())
     save(ck, 2)
     save(ck, 4)
     (tmp_path / "latest").write_text("step_00000009\n")  # points at nothing
@@ -55,7 +56,7 @@ def test_latest_falls_back_to_newest_committed(tmp_path):
 
 
 def test_retention_survives_a_failing_delete(tmp_path, monkeypatch):
-    ck = Checkpointer(tmp_path, keep=2, dist=Dist())
+    ck = Checkpointer(tmp_path, CheckpointConfig(keep=2), Dist())
     real_rmtree = shutil.rmtree
     calls = {"n": 0}
 
@@ -76,7 +77,7 @@ def test_retention_survives_a_failing_delete(tmp_path, monkeypatch):
 
 
 def test_verify_names_missing_truncated_and_extra_files(tmp_path):
-    ck = Checkpointer(tmp_path, keep=0, dist=Dist())
+    ck = Checkpointer(tmp_path, CheckpointConfig(keep=0), Dist())
     p = save(ck, 1)
     (p / "state" / "weights.bin").write_bytes(b"w" * 99)
     (p / "state" / "extra.bin").write_bytes(b"x")
@@ -92,7 +93,9 @@ def test_verify_names_missing_truncated_and_extra_files(tmp_path):
 def test_uncommitted_directory_is_not_a_checkpoint(tmp_path):
     (tmp_path / "step_00000005").mkdir()
     with pytest.raises(CheckpointError, match="not a committed checkpoint"):
-        Checkpointer(tmp_path, keep=0, dist=Dist()).find_resume("auto", str(tmp_path / "step_00000005"))
+        Checkpointer(tmp_path, CheckpointConfig(keep=0), Dist()).find_resume(
+            "auto", str(tmp_path / "step_00000005")
+        )
 
 
 def test_jsonl_on_resume_drops_steps_past_the_checkpoint(tmp_path):
@@ -133,7 +136,7 @@ class FullDiskEngine(FakeEngine):
 )
 def test_io_error_during_save_names_directory_and_keeps_latest(tmp_path, error, named):
     """Issue 8 failure 8 / Build 9."""
-    ck = Checkpointer(tmp_path, keep=0, dist=Dist())
+    ck = Checkpointer(tmp_path, CheckpointConfig(keep=0), Dist())
     save(ck, 2)
     with pytest.raises(CheckpointError) as e:
         ck.save(4, FullDiskEngine(error), {"step": 4, "model": {}, "tokenizer": "t"})
@@ -142,7 +145,7 @@ def test_io_error_during_save_names_directory_and_keeps_latest(tmp_path, error, 
     assert "still names step_00000002" in msg
     assert (tmp_path / "latest").read_text().strip() == "step_00000002"
     assert ck.latest().name == "step_00000002" and (tmp_path / ".tmp-step_00000004").is_dir()
-    Checkpointer(tmp_path, keep=0, dist=Dist())  # the next start
+    Checkpointer(tmp_path, CheckpointConfig(keep=0), Dist())  # the next start
     assert not (tmp_path / ".tmp-step_00000004").exists()
     assert sorted(p.name for p in tmp_path.iterdir()) == ["latest", "step_00000002"]
 
@@ -150,7 +153,7 @@ def test_io_error_during_save_names_directory_and_keeps_latest(tmp_path, error, 
 def test_fresh_start_is_logged_once_at_warning_by_rank_0_only(tmp_path, caplog):
     """RELIABILITY A10 / issue 8 failure 8: resume=auto on an empty folder warns once per run."""
     caplog.set_level("INFO", logger="framework")
-    assert Checkpointer(tmp_path, keep=0, dist=Dist()).find_resume("auto", None) is None
+    assert Checkpointer(tmp_path, CheckpointConfig(keep=0), Dist()).find_resume("auto", None) is None
     ck1 = Checkpointer.__new__(Checkpointer)  # rank 1 of 2 (no process group needed to look)
     ck1.root, ck1.keep, ck1.dist = tmp_path, 0, Dist(rank=1, world_size=2)
     assert ck1.find_resume("auto", None) is None
@@ -165,7 +168,7 @@ class OldZeroEngine(FakeEngine):
 
 
 def test_deepspeed_format_checkpoint_is_refused_before_anything_is_unpickled(tmp_path):
-    ck = Checkpointer(tmp_path, keep=0, dist=Dist())
+    ck = Checkpointer(tmp_path, CheckpointConfig(keep=0), Dist())
     p = ck.save(1, OldZeroEngine(), {"step": 1, "model": {}, "tokenizer": "t"})
     engine = FakeEngine()
     with pytest.raises(CheckpointError, match="state/zero: DeepSpeed's own checkpoint files"):
@@ -181,7 +184,7 @@ def flip_middle_byte(path: Path) -> None:
 
 def test_manifest_xxh3_detects_one_flipped_byte(tmp_path):
     """Issue 8 item 8: the faster manifest hash (xxh3_128) still catches any flipped byte."""
-    p = save(Checkpointer(tmp_path, keep=0, dist=Dist()), 1)
+    p = save(Checkpointer(tmp_path, CheckpointConfig(keep=0), Dist()), 1)
     entry = json.loads((p / "manifest.json").read_text())["files"]["state/weights.bin"]
     assert set(entry) == {"bytes", "xxh3_128"}
     verify(p)
@@ -191,7 +194,7 @@ def test_manifest_xxh3_detects_one_flipped_byte(tmp_path):
 
 
 def test_sha256_manifest_of_an_older_checkpoint_still_verifies(tmp_path):
-    p = save(Checkpointer(tmp_path, keep=0, dist=Dist()), 1)
+    p = save(Checkpointer(tmp_path, CheckpointConfig(keep=0), Dist()), 1)
     mf = p / "manifest.json"
     files = json.loads(mf.read_text())["files"]
     old = {f: {"bytes": e["bytes"], "sha256": sha256_file(p / f)} for f, e in files.items()}
@@ -219,7 +222,7 @@ class AsyncFakeEngine(FakeEngine):
 def test_async_save_commits_only_after_the_write_and_prunes_after_commit(tmp_path):
     """RELIABILITY A6 (protocol): until the write finished nothing is committed, `latest` and
     keep-k's checkpoints stay as they were; finish() waits for the write, then commits and prunes."""
-    ck = Checkpointer(tmp_path, keep=2, dist=Dist(), async_save=True)
+    ck = Checkpointer(tmp_path, CheckpointConfig(keep=2, async_save=True), Dist())
     engine = AsyncFakeEngine()
     for step in (2, 4):
         ck.save(step, engine, {"step": step, "model": {}, "tokenizer": "t"})
@@ -245,7 +248,7 @@ def test_async_save_commits_only_after_the_write_and_prunes_after_commit(tmp_pat
 
 
 def test_failed_async_write_names_the_folder_and_commits_nothing(tmp_path):
-    ck = Checkpointer(tmp_path, keep=0, dist=Dist(), async_save=True)
+    ck = Checkpointer(tmp_path, CheckpointConfig(keep=0, async_save=True), Dist())
     engine = AsyncFakeEngine()
     ck.save(2, engine, {"step": 2, "model": {}, "tokenizer": "t"})
     engine.write.set_exception(OSError(28, "No space left on device"))
@@ -259,7 +262,7 @@ def test_failed_async_write_names_the_folder_and_commits_nothing(tmp_path):
 def test_latest_commits_the_async_save_in_flight_first(tmp_path):
     """on_nan=rollback asks for latest() while step N's save may still be in flight: that save
     (taken before the bad step) is committed and named, not the one before it."""
-    ck = Checkpointer(tmp_path, keep=0, dist=Dist(), async_save=True)
+    ck = Checkpointer(tmp_path, CheckpointConfig(keep=0, async_save=True), Dist())
     engine = AsyncFakeEngine()
     ck.save(2, engine, {"step": 2, "model": {}, "tokenizer": "t"})
     engine.write.set_result(None)

@@ -13,9 +13,9 @@ import numpy as np
 import pytest
 import torch
 
-from framework.config import ConfigError
+from framework.config import ConfigError, TrainerConfig
 from framework.data.classify import ClassifyError
-from framework.data.loader import MixtureLoader
+from framework.data.loader import DataRank, MixtureLoader
 from framework.data.packing import PackedSource
 from framework.data.shards import read_manifest
 from framework.data.tokenizer import ByteTokenizer
@@ -120,7 +120,12 @@ def test_loader_targets_are_label_ids_at_the_last_text_token(tmp_path):
     cfg = classify_cfg(out)
     resolve_task(cfg)
     assert cfg.model.num_labels == 3 and cfg.task.labels == ["a", "b", "c"]
-    loader = MixtureLoader(cfg.data, TOK, 8, 4, 2, 0, 1, 0, cfg.model.vocab_size)
+    loader = MixtureLoader(
+        cfg.data,
+        TrainerConfig(seq_len=8, global_batch_size=4, micro_batch_size=2, seed=0),
+        TOK,
+        cfg.model.vocab_size,
+    )
     assert loader.kinds == {"c": "classify"}
     check_sources(cfg.task, loader.kinds)
     for _ in range(2):  # one optimizer step: 2 micro-batches of 2
@@ -180,7 +185,13 @@ def test_loss_is_the_mean_over_examples_of_the_global_batch(tmp_path):
     def step_loss(mb: int, dp: int) -> float:
         total = 0.0
         for rank in range(dp):
-            loader = MixtureLoader(cfg.data, TOK, 8, 8, mb, rank, dp, 0, cfg.model.vocab_size)
+            loader = MixtureLoader(
+                cfg.data,
+                TrainerConfig(seq_len=8, global_batch_size=8, micro_batch_size=mb, seed=0),
+                TOK,
+                cfg.model.vocab_size,
+                DataRank(rank, dp),
+            )
             accum = 8 // dp // mb
             for _ in range(accum):
                 b = next(loader)

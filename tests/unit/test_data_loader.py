@@ -6,14 +6,15 @@ from __future__ import annotations
 
 import hashlib
 import logging
+from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
 
-from framework.config import DataConfig, ScheduleEntry, SourceConfig
-from framework.data.loader import MixtureLoader, val_batches
+from framework.config import DataConfig, ScheduleEntry, SourceConfig, TrainerConfig
+from framework.data.loader import DataRank, MixtureLoader, val_batches
 from framework.data.mixture import Mixture
 from framework.data.packing import PackedSource
 from framework.data.shards import DataError, SourceWriter, read_manifest
@@ -56,8 +57,9 @@ def cfg_for(paths, weights=(0.6, 0.3, 0.1), cache=None, **kw) -> DataConfig:
     return DataConfig(sources=srcs, cache_dir=str(cache or Path(paths[0]).parent / "cache"), **kw)
 
 
-def loader(cfg, rank=0, dp=1, g=G, mb=MB, seed=1337, **kw) -> MixtureLoader:
-    return MixtureLoader(cfg, TOK, T, g, mb, rank, dp, seed, 65536, **kw)
+def loader(cfg, rank=0, dp=1, g=G, mb=MB, seed=1337) -> MixtureLoader:
+    trainer = TrainerConfig(seq_len=T, global_batch_size=g, micro_batch_size=mb, seed=seed)
+    return MixtureLoader(cfg, trainer, TOK, 65536, DataRank(rank, dp))
 
 
 def steps(ld: MixtureLoader, n: int) -> list[torch.Tensor]:
@@ -247,11 +249,11 @@ def test_max_epochs_plan_refused_and_table(three, tmp_path):
     rows = {r.source: r for r in ld.plan(100)}
     assert rows["wiki"].tokens_drawn == ld.mixture.counts_at(100 * G)[2] * T
     ok_steps = int(wiki_tokens / (0.1 * G * T)) // 2
-    loader(cfg, max_steps=ok_steps)
+    loader(cfg).check_plan(ok_steps)
     with pytest.raises(
         DataError, match=r"source 'wiki' would be drawn \d+\.\d+ epochs .* > max_epochs=1"
     ):
-        loader(cfg, max_steps=4 * ok_steps)
+        loader(cfg).check_plan(4 * ok_steps)
 
 
 def test_zero_weight_disabled_and_tiny_weight_warns(three, caplog):
@@ -265,13 +267,26 @@ def test_zero_weight_disabled_and_tiny_weight_warns(three, caplog):
 
 def test_val_batches_fixed_and_split_across_ranks(three):
     cfg = cfg_for(three)
-    full = val_batches(cfg, T, MB, 2, 0, 1)
+    full = val_batches(cfg, TrainerConfig(seq_len=T, micro_batch_size=MB, eval_batches=2))
     assert set(full) == {"web", "books", "wiki"} and all(len(v) == 2 for v in full.values())
-    r0, r1 = (val_batches(cfg, T, MB, 1, r, 2) for r in (0, 1))
+    r0, r1 = (
+        val_batches(cfg, TrainerConfig(seq_len=T, micro_batch_size=MB, eval_batches=1), DataRank(r, 2))
+        for r in (0, 1)
+    )
     web = torch.cat([b.inputs for b in full["web"]])
     assert torch.equal(torch.cat([b.inputs for b in r0["web"]]), web[0::2])
     assert torch.equal(torch.cat([b.inputs for b in r1["web"]]), web[1::2])
-    assert torch.equal(web, torch.cat([b.inputs for b in val_batches(cfg, T, MB, 2, 0, 1)["web"]]))
+    assert torch.equal(
+        web,
+        torch.cat(
+            [
+                b.inputs
+                for b in val_batches(cfg, TrainerConfig(seq_len=T, micro_batch_size=MB, eval_batches=2))[
+                    "web"
+                ]
+            ]
+        ),
+    )
 
 
 def test_resume_refuses_changed_mixture_or_seq_len(three):
@@ -283,7 +298,12 @@ def test_resume_refuses_changed_mixture_or_seq_len(three):
         DataError, match=r"checkpointed data counters .* do not match the mixture's order at position 24"
     ):
         changed.load_state_dict(sd)
-    other_len = MixtureLoader(cfg_for(three), TOK, 2 * T, G, MB, 0, 1, 1337, 65536)
+    other_len = MixtureLoader(
+        cfg_for(three),
+        TrainerConfig(seq_len=2 * T, global_batch_size=G, micro_batch_size=MB, seed=1337),
+        TOK,
+        65536,
+    )
     with pytest.raises(DataError, match=r"seq_len=16, this run has 32"):
         other_len.load_state_dict(sd)
 
@@ -305,15 +325,13 @@ def test_default_sample_config_builds_as_train_py_does(tmp_path):
         cfg = load(compose("config", overrides=overrides))
     validate(cfg)
     t = cfg.trainer
-    ld = MixtureLoader(
-        cfg.data, load_tokenizer(cfg.data.tokenizer), t.seq_len, t.global_batch_size, t.micro_batch_size,
-        0, 1, t.seed, cfg.model.vocab_size, max_steps=t.max_steps,
-    )  # fmt: skip
+    ld = MixtureLoader(cfg.data, t, load_tokenizer(cfg.data.tokenizer), cfg.model.vocab_size)
+    ld.check_plan(t.max_steps)
     table = ld.mixture_table(t.max_steps)
     assert all(name in table for name in ("markov", "zipf", "arith"))
     b = next(ld)
     assert b.inputs.shape == (t.micro_batch_size, t.seq_len) and int(b.inputs.max()) < 257
-    assert set(val_batches(cfg.data, t.seq_len, t.micro_batch_size, 1, 0, 1)) == {
+    assert set(val_batches(cfg.data, replace(t, eval_batches=1))) == {
         "markov",
         "zipf",
         "arith",

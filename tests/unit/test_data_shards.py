@@ -13,7 +13,7 @@ import pyarrow as pa
 import pytest
 import xxhash
 
-from framework.config import Config, ConfigError, DataConfig, SourceConfig, validate
+from framework.config import Config, ConfigError, DataConfig, SourceConfig, TrainerConfig, validate
 from framework.data import packing, shards
 from framework.data.loader import MixtureLoader
 from framework.data.shards import (
@@ -46,9 +46,10 @@ def data_cfg(tmp_path: Path, **paths_weights) -> DataConfig:
     return DataConfig(sources=srcs, cache_dir=str(tmp_path / "cache"))
 
 
-def build(cfg: DataConfig, vocab_size: int = 257, **kw) -> MixtureLoader:
+def build(cfg: DataConfig, vocab_size: int = 257) -> MixtureLoader:
     """As train.py builds it."""
-    return MixtureLoader(cfg, ByteTokenizer(), 16, 4, 2, 0, 1, 1337, vocab_size, **kw)
+    trainer = TrainerConfig(seq_len=16, global_batch_size=4, micro_batch_size=2, seed=1337)
+    return MixtureLoader(cfg, trainer, ByteTokenizer(), vocab_size)
 
 
 def rewrite_manifest_entry(src: Path, file: str, **changes) -> None:

@@ -9,7 +9,7 @@ import logging
 import numpy as np
 import pytest
 
-from framework.config import DataConfig, SourceConfig
+from framework.config import DataConfig, SourceConfig, TrainerConfig
 from framework.data.doc_filter import repetitive_docs
 from framework.data.identity import manifest_fingerprint
 from framework.data.loader import MixtureLoader
@@ -119,7 +119,12 @@ def longest_segment(out, tmp_path, seq_len: int, batches: int) -> int:
     cfg = DataConfig(
         sources=[SourceConfig(name="web", path=str(out))], cache_dir=str(tmp_path / "c"), doc_mask=True
     )
-    loader = MixtureLoader(cfg, ByteTokenizer(), seq_len, 8, 8, 0, 1, 0, 257)
+    loader = MixtureLoader(
+        cfg,
+        TrainerConfig(seq_len=seq_len, global_batch_size=8, micro_batch_size=8, seed=0),
+        ByteTokenizer(),
+        257,
+    )
     longest = 0
     for _ in range(batches):
         batch = next(loader)
@@ -163,7 +168,14 @@ def test_unchanged_data_keeps_its_fingerprint_and_old_manifests_load(tmp_path):
     (off / "manifest.json").write_text(json.dumps(manifest))
     assert manifest_fingerprint(read_manifest(off)) == manifest_fingerprint(read_manifest(new))
     cfg = DataConfig(sources=[SourceConfig(name="old", path=str(off))], cache_dir=str(tmp_path / "c"))
-    assert next(MixtureLoader(cfg, ByteTokenizer(), 32, 2, 2, 0, 1, 0, 257)).inputs.shape == (2, 32)
+    assert next(
+        MixtureLoader(
+            cfg,
+            TrainerConfig(seq_len=32, global_batch_size=2, micro_batch_size=2, seed=0),
+            ByteTokenizer(),
+            257,
+        )
+    ).inputs.shape == (2, 32)
     with pytest.raises(PrepareError, match="or by a prepare without the document filters"):
         run(tmp_path, src, "off")
 
@@ -188,7 +200,8 @@ def test_policy_keys_compose_from_the_command_line():
     from hydra import compose, initialize_config_dir
     from omegaconf import OmegaConf
 
-    from framework.prepare import CONF_DIR, PrepareConfig, doc_policy
+    from framework.data.formats import doc_policy
+    from framework.prepare import CONF_DIR, PrepareConfig
 
     overrides = ["input=x", "output=y", "long_docs=drop", "max_doc_tokens=null", "repeat_min_copies=0"]
     with initialize_config_dir(CONF_DIR, version_base=None):

@@ -12,7 +12,9 @@ import torch
 from safetensors import safe_open
 
 from framework.config import ConfigError
-from framework.export import INDEX, load_hf_weights, parse_max_shard_size, save_hf, to_hf
+from framework.hf.export import parse_max_shard_size, save_hf, to_hf
+from framework.hf.load import load_hf_weights
+from framework.hf.names import INDEX
 from framework.model import GPT, ModelConfig
 
 GPT2 = ModelConfig(style="gpt2", n_layer=2, n_head=4, n_embd=64, vocab_size=257, block_size=64)

@@ -8,7 +8,8 @@ import pytest
 import torch
 
 from framework.config import ConfigError
-from framework.export import load_hf_weights, save_hf
+from framework.hf.export import save_hf
+from framework.hf.load import load_hf_weights
 from framework.model import GPT, ModelConfig
 from tests.helpers import tiny_model_configs
 

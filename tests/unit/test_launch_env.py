@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from framework.parallel.dist import LaunchEnv, launch_env, slurm_port, slurm_rendezvous
+from framework.dist import LaunchEnv, launch_env, slurm_port, slurm_rendezvous
 
 
 def test_torchrun_variables_win_over_slurm():

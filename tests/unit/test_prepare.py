@@ -14,8 +14,9 @@ import pyarrow.parquet as pq
 import pytest
 import zstandard
 
+from framework.data.records import is_val
 from framework.data.shards import open_shard, read_manifest
-from framework.prepare import PrepareConfig, PrepareError, is_val, prepare
+from framework.prepare import PrepareConfig, PrepareError, prepare
 
 TEXTS = [f"document number {i}: " + "lorem ipsum dolor " * (i % 7 + 1) for i in range(200)]
 

@@ -10,12 +10,13 @@ from pathlib import Path
 import pytest
 
 from framework.checkpoint import Checkpointer, CheckpointError
-from framework.parallel.dist import Dist
+from framework.config import CheckpointConfig
+from framework.dist import Dist
 from tests.unit.test_checkpoint import FakeEngine, save
 
 
 def test_keep_2_over_10_saves_with_a_failed_delete_leaves_exactly_2(tmp_path, monkeypatch):
-    ck = Checkpointer(tmp_path, keep=2, dist=Dist())
+    ck = Checkpointer(tmp_path, CheckpointConfig(keep=2), Dist())
     real_rmtree, failed = shutil.rmtree, []
 
     def flaky(path, *a, **k):
@@ -38,7 +39,7 @@ def test_keep_2_over_10_saves_with_a_failed_delete_leaves_exactly_2(tmp_path, mo
 
 @pytest.mark.parametrize("mode", ["required", "auto"])
 def test_mistyped_checkpoint_path_fails_naming_it(tmp_path, mode):
-    ck = Checkpointer(tmp_path / "checkpoints", keep=0, dist=Dist())
+    ck = Checkpointer(tmp_path / "checkpoints", CheckpointConfig(keep=0), Dist())
     save(ck, 2)  # a good checkpoint exists: it must not be picked instead of the named one
     typo = tmp_path / "checkpoints" / "step_0000002"
     with pytest.raises(CheckpointError, match=rf"checkpoint.path={typo} is not a committed checkpoint"):
@@ -48,7 +49,7 @@ def test_mistyped_checkpoint_path_fails_naming_it(tmp_path, mode):
 def test_changed_tokenizer_refused_on_resume_before_loading(tmp_path):
     """A11: a checkpoint saved with one tokenizer does not load under another: the error names
     data.tokenizer with the old and new fingerprints, and no engine state is read."""
-    ck = Checkpointer(tmp_path, keep=0, dist=Dist())
+    ck = Checkpointer(tmp_path, CheckpointConfig(keep=0), Dist())
     p = ck.save(2, FakeEngine(), {"step": 2, "model": {"n_layer": 2}, "tokenizer": "byte-v1"})
     engine = FakeEngine()
     with pytest.raises(

@@ -12,9 +12,9 @@ import numpy as np
 import pytest
 import torch
 
-from framework.config import ConfigError, TaskConfig
+from framework.config import ConfigError, TaskConfig, TrainerConfig
 from framework.data.chat import ChatError, render, render_prompt
-from framework.data.loader import MixtureLoader, to_batches
+from framework.data.loader import DataRank, MixtureLoader, to_batches
 from framework.data.shards import MANIFEST, read_manifest
 from framework.data.tokenizer import ByteTokenizer
 from framework.model import GPT
@@ -172,7 +172,13 @@ def step_loss(tmp_path: Path, src: Path, model: GPT, mb: int, dp: int) -> torch.
     total = torch.zeros(())
     for rank in range(dp):
         cfg = make_cfg([f"data.sources=[{{name: chat, path: {src}}}]", "data.doc_mask=true", "task=sft"])
-        loader = MixtureLoader(cfg.data, TOK, T, G, mb, rank, dp, 0, 257)
+        loader = MixtureLoader(
+            cfg.data,
+            TrainerConfig(seq_len=T, global_batch_size=G, micro_batch_size=mb, seed=0),
+            TOK,
+            257,
+            DataRank(rank, dp),
+        )
         accum = G // (mb * dp)
         for _ in range(accum):
             b = next(loader)
@@ -190,7 +196,14 @@ def test_sft_loss_is_global_trained_token_mean_for_any_accum_and_dp(tmp_path):
         ref, trained = step_loss(tmp_path, src, model, 8, 1)  # one micro-batch: plain CE mean
         # the reference by hand: every trained target of the global batch, one mean
         cfg = make_cfg([f"data.sources=[{{name: chat, path: {src}}}]", "data.doc_mask=true"])
-        b = next(MixtureLoader(cfg.data, TOK, 16, 8, 8, 0, 1, 0, 257))
+        b = next(
+            MixtureLoader(
+                cfg.data,
+                TrainerConfig(seq_len=16, global_batch_size=8, micro_batch_size=8, seed=0),
+                TOK,
+                257,
+            )
+        )
         n = int((b.targets != -100).sum())
         assert trained == n and 0 < n < 8 * 16
         assert b.loss_weight == pytest.approx(1.0)
@@ -200,7 +213,12 @@ def test_sft_loss_is_global_trained_token_mean_for_any_accum_and_dp(tmp_path):
             assert got.item() == pytest.approx(ref.item(), rel=1e-6), (mb, dp)
         # a plain per-micro-batch mean would differ (the micro-batches hold unequal trained counts)
         cfgm = make_cfg([f"data.sources=[{{name: chat, path: {src}}}]", "data.doc_mask=true"])
-        loader = MixtureLoader(cfgm.data, TOK, 16, 8, 1, 0, 1, 0, 257)
+        loader = MixtureLoader(
+            cfgm.data,
+            TrainerConfig(seq_len=16, global_batch_size=8, micro_batch_size=1, seed=0),
+            TOK,
+            257,
+        )
         naive = sum(model(x.inputs, x.targets, x.doc_ids) for x in [next(loader) for _ in range(8)]) / 8
         assert abs(naive.item() - ref.item()) > 1e-3
 

@@ -10,10 +10,10 @@ import pytest
 import torch
 
 from framework.data.loader import Batch
+from framework.dist import Dist
 from framework.model.gpt import GPT
 from framework.optim import lr_at
 from framework.parallel import build_engine
-from framework.parallel.dist import Dist
 from framework.train import train
 from tests.helpers import TINY, make_cfg, read_metrics
 

@@ -13,6 +13,7 @@ from __future__ import annotations
 import datetime
 import gc
 import os
+import subprocess
 from dataclasses import dataclass
 
 import torch
@@ -106,8 +107,6 @@ def slurm_port(job_id: str) -> int:
 
 def first_host(nodelist: str) -> str:
     """The first host of a Slurm node list (`scontrol show hostnames` expands `n[01-04]`)."""
-    import subprocess
-
     out = subprocess.run(
         ["scontrol", "show", "hostnames", nodelist], capture_output=True, text=True, check=True
     )
