@@ -30,7 +30,7 @@ from framework.generate import sample
 from framework.metrics import Metrics, perplexity, setup_logging
 from framework.optim import lr_at, schedule_change_warning
 from framework.parallel import build_engine
-from framework.parallel.dist import Dist, env_world_size, init_distributed, teardown
+from framework.parallel.dist import Dist, init_distributed, launch_env, teardown
 from framework.perf import StepTimer, flops_per_token, host_memory, mfu, peak_flops
 from framework.task import check_sources, eval_metrics, resolve_task
 
@@ -41,7 +41,8 @@ def train(cfg: C.Config) -> dict:
     """Run (or resume) training as configured; returns the last step's numbers."""
     resolve_vocab_size(cfg)  # model.vocab_size=auto -> the data's vocabulary, before validation
     resolve_task(cfg)  # task=classify: task.labels and model.num_labels from the manifests
-    C.validate(cfg, env_world_size())  # before any process group or device is touched
+    le = launch_env()  # before any process group or device is touched
+    C.validate(cfg, le.world_size, launched=le.launcher != "none")
     guard = faults.Guard(cfg, faults.StopSignal().install())  # a stop signal only sets a flag
     # steps are watched by guard's watchdog (trainer.collective_timeout_s); the group's own
     # timeout is the longer save limit, so barriers around a slow save do not fail

@@ -114,10 +114,6 @@ def first_host(nodelist: str) -> str:
     return out.stdout.split()[0]
 
 
-def env_world_size() -> int:
-    return launch_env().world_size
-
-
 def pick_device(requested: str, local_rank: int) -> torch.device:
     if requested == "cuda" or (requested == "auto" and torch.cuda.is_available()):
         if not torch.cuda.is_available():
@@ -128,7 +124,9 @@ def pick_device(requested: str, local_rank: int) -> torch.device:
 
 
 def init_distributed(device: str, timeout_s: float = 1800.0) -> Dist:
-    """Create the default process group when the launcher started several processes."""
+    """Create the default process group whenever a launcher started this process, also for a
+    world of 1 (a job scaled down to one GPU): ddp/fsdp/tp need a group, and a launched run
+    then behaves the same at every size. One plain process gets none."""
     le = launch_env()
     world, rank, local_rank = le.world_size, le.rank, le.local_rank
     dev = pick_device(device, local_rank)
@@ -139,7 +137,7 @@ def init_distributed(device: str, timeout_s: float = 1800.0) -> Dist:
             MASTER_ADDR=addr, MASTER_PORT=port, RANK=str(rank), WORLD_SIZE=str(world),
             LOCAL_RANK=str(local_rank),
         )  # fmt: skip
-    if world > 1 and not tdist.is_initialized():
+    if le.launcher != "none" and not tdist.is_initialized():
         backend = "nccl" if dev.type == "cuda" else "gloo"
         timeout = datetime.timedelta(seconds=timeout_s)
         tdist.init_process_group(
