@@ -72,12 +72,15 @@ def launch_env(env: dict | None = None) -> LaunchEnv:
     """Where this process sits in the job, from the launcher's variables (torchrun's first)."""
     env = os.environ if env is None else env
     if "RANK" in env or "WORLD_SIZE" in env:
+        world = int(env.get("WORLD_SIZE", "1"))
+        # A world of 1 is a launch only with the launcher's rendezvous address (torchrun,
+        # deepspeed and accelerate always set MASTER_ADDR): RANK/WORLD_SIZE alone are what
+        # DeepSpeed's one-process set-up (parallel/zero.py) or a stale shell export leave behind.
+        launched = world > 1 or "MASTER_ADDR" in env
         return LaunchEnv(
-            int(env.get("RANK", "0")),
-            int(env.get("WORLD_SIZE", "1")),
-            int(env.get("LOCAL_RANK", "0")),
-            "torchrun",
-        )
+            int(env.get("RANK", "0")), world, int(env.get("LOCAL_RANK", "0")),
+            "torchrun" if launched else "none",
+        )  # fmt: skip
     if "SLURM_PROCID" in env and int(env.get("SLURM_NTASKS", "1")) > 1:
         return LaunchEnv(
             int(env["SLURM_PROCID"]),
