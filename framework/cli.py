@@ -35,8 +35,10 @@ from pathlib import Path
 
 import hydra
 from hydra._internal.utils import get_args_parser  # Hydra's own argv grammar
+from hydra.core.hydra_config import HydraConfig
 from hydra.core.override_parser.overrides_parser import OverridesParser
 from hydra.errors import OverrideParseException
+from hydra.experimental.callback import Callback
 from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
@@ -74,6 +76,18 @@ def entry(
         return main
 
     return wrap
+
+
+class SweepHydraConfig(Callback):
+    """A `hydra.callbacks` entry of conf/config.yaml. Under `-m`, Hydra's sweeper and launcher
+    resolve hydra.sweep.dir (`${run.dir}`) once for the whole sweep, to make the directory and
+    write multirun.yaml, before any job has set HydraConfig: a run.dir that uses a Hydra
+    resolver (`run.dir=${hydra:runtime.cwd}/sweep/lr${optim.lr}`) died there with "HydraConfig
+    was not set". Setting it from the sweep's config lets that resolve; every job then sets its
+    own (Hydra's run_job), so each point still trains in `<its run.dir>/<job number>`."""
+
+    def on_multirun_start(self, config: DictConfig, **kwargs) -> None:
+        HydraConfig.instance().set_config(config)
 
 
 def to_object(dcfg: DictConfig, schema: type):

@@ -382,10 +382,15 @@ def dp_degree(cfg: Config, world_size: int) -> int:
     return layout(cfg.strategy, world_size).dp
 
 
-def validate(cfg: Config, world_size: int = 1, device: str | None = None) -> None:
+def validate(
+    cfg: Config, world_size: int = 1, device: str | None = None, *, launched: bool = False
+) -> None:
     """Every cross-field check that can run without a GPU or a process group. Collects all
     problems and raises one ConfigError that names each key. `device` is the target device type
-    (cpu | cuda); None resolves trainer.device here (framework.plan passes cuda: it sizes GPUs)."""
+    (cpu | cuda); None resolves trainer.device here (framework.plan passes cuda: it sizes GPUs).
+    `launched`: a launcher (torchrun, deepspeed, accelerate, srun of several tasks) started this
+    process, so a world of 1 is a job scaled down to one GPU and runs every strategy; False
+    means one plain process, where a multi-process strategy is a forgotten launcher."""
     errors: list[str] = []
     try:
         cfg.model.validate()
@@ -425,11 +430,11 @@ def validate(cfg: Config, world_size: int = 1, device: str | None = None) -> Non
             errors.append(f"model.n_kv_head={m.kv_heads} is not divisible by strategy.tp={s.tp}")
         if m.ffn_dim % s.tp:
             errors.append(f"model ffn width {m.ffn_dim} is not divisible by strategy.tp={s.tp}")
-    if s.name in MULTI_PROCESS and world_size == 1:
+    if s.name in MULTI_PROCESS and world_size == 1 and not launched:
         errors.append(
             f"strategy={s.name} needs several processes, but the world size is 1 (one plain "
-            "process): launch with `launchers/torchrun.sh N ...`, `torchrun --nproc_per_node N -m "
-            "framework.train ...`, `srun --ntasks-per-node N python -m framework.train ...` or "
+            "process): launch with `launchers/torchrun.sh N ...` (N may be 1), `torchrun "
+            "--nproc_per_node N -m framework.train ...`, `srun --ntasks-per-node N python -m framework.train ...` or "
             "`launchers/slurm/train.sbatch`, or use strategy=single (zero1/2/3 also run in one "
             "process)"
         )

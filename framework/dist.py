@@ -73,12 +73,15 @@ def launch_env(env: dict | None = None) -> LaunchEnv:
     """Where this process sits in the job, from the launcher's variables (torchrun's first)."""
     env = os.environ if env is None else env
     if "RANK" in env or "WORLD_SIZE" in env:
+        world = int(env.get("WORLD_SIZE", "1"))
+        # A world of 1 is a launch only with the launcher's rendezvous address (torchrun,
+        # deepspeed and accelerate always set MASTER_ADDR): RANK/WORLD_SIZE alone are what
+        # DeepSpeed's one-process set-up (parallel/zero.py) or a stale shell export leave behind.
+        launched = world > 1 or "MASTER_ADDR" in env
         return LaunchEnv(
-            int(env.get("RANK", "0")),
-            int(env.get("WORLD_SIZE", "1")),
-            int(env.get("LOCAL_RANK", "0")),
-            "torchrun",
-        )
+            int(env.get("RANK", "0")), world, int(env.get("LOCAL_RANK", "0")),
+            "torchrun" if launched else "none",
+        )  # fmt: skip
     if "SLURM_PROCID" in env and int(env.get("SLURM_NTASKS", "1")) > 1:
         return LaunchEnv(
             int(env["SLURM_PROCID"]),
@@ -113,10 +116,6 @@ def first_host(nodelist: str) -> str:
     return out.stdout.split()[0]
 
 
-def env_world_size() -> int:
-    return launch_env().world_size
-
-
 def pick_device(requested: str, local_rank: int) -> torch.device:
     if requested == "cuda" or (requested == "auto" and torch.cuda.is_available()):
         if not torch.cuda.is_available():
@@ -127,7 +126,9 @@ def pick_device(requested: str, local_rank: int) -> torch.device:
 
 
 def init_distributed(device: str, timeout_s: float = 1800.0) -> Dist:
-    """Create the default process group when the launcher started several processes."""
+    """Create the default process group whenever a launcher started this process, also for a
+    world of 1 (a job scaled down to one GPU): ddp/fsdp/tp need a group, and a launched run
+    then behaves the same at every size. One plain process gets none."""
     le = launch_env()
     world, rank, local_rank = le.world_size, le.rank, le.local_rank
     dev = pick_device(device, local_rank)
@@ -138,7 +139,7 @@ def init_distributed(device: str, timeout_s: float = 1800.0) -> Dist:
             MASTER_ADDR=addr, MASTER_PORT=port, RANK=str(rank), WORLD_SIZE=str(world),
             LOCAL_RANK=str(local_rank),
         )  # fmt: skip
-    if world > 1 and not tdist.is_initialized():
+    if le.launcher != "none" and not tdist.is_initialized():
         backend = "nccl" if dev.type == "cuda" else "gloo"
         timeout = datetime.timedelta(seconds=timeout_s)
         tdist.init_process_group(

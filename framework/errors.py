@@ -7,7 +7,7 @@ Every error the CLIs report as one clean line derives from `UserError`; its clas
 exit code and the advice printed under the message (framework.cli). Anything else is a bug
 and keeps its traceback.
 
-Exit codes (documented in the README):
+Exit codes (documented in docs/configs.md):
   2  config or usage (unknown key, bad value, model shape)      EXIT_CONFIG
   3  data (shards, manifests, prepare inputs)                     EXIT_DATA
   4  checkpoint (missing, damaged, other model)                   EXIT_CHECKPOINT

@@ -10,7 +10,7 @@ call, not a branch"):
   any optimizer (or DeepSpeed) step;
 - test-only fault injection (cfg.faults, all off by default).
 
-Exit status (docs: README "Preemption"): a stop by signal saves a checkpoint and the worker
+Exit status (docs/checkpoints.md, "Preemption"): a stop by signal saves a checkpoint and the worker
 exits 0. torchrun exits 0 when the signal went to a worker only; when the launcher itself was
 signalled it re-raises the signal as an exception after its workers finished and exits 1,
 even though every worker saved: judge the run by its checkpoint (and the workers' logs).

@@ -141,7 +141,9 @@ def make_plan(cfg: Config, world_size: int) -> Plan:
     """Validate `cfg` for `world_size` GPUs (ConfigError naming the keys) and size one GPU."""
     resolve_vocab_size(cfg)  # model.vocab_size=auto: from the data's manifests or tokenizer
     resolve_task(cfg)  # task=classify: model.num_labels (the head's rows) from the manifests
-    validate(cfg, world_size, device="cuda")  # the plan sizes GPUs, whatever this machine has
+    # the plan sizes GPUs, whatever this machine has, for a launch (torchrun, srun, ...) of
+    # world_size processes: a world of 1 is a valid launch of every strategy
+    validate(cfg, world_size, device="cuda", launched=True)
     m, s, t = cfg.model, cfg.strategy, cfg.trainer
     gpu = memory.GPUS[cfg.plan.gpu]
     # The plan targets GPUs, where precision=auto means bf16.

@@ -26,7 +26,7 @@ from framework.data.sample import generate as generate_sample_source
 from framework.data.shards import MANIFEST
 from framework.data.tokenizer import Tokenizer, load_tokenizer
 from framework.data.vocab import resolve_vocab_size
-from framework.dist import Dist, env_world_size, init_distributed, teardown
+from framework.dist import Dist, init_distributed, launch_env, teardown
 from framework.metrics import Metrics, perplexity, setup_logging
 from framework.model.sampling import sample
 from framework.optim import lr_at, schedule_change_warning
@@ -41,7 +41,8 @@ def train(cfg: C.Config) -> dict:
     """Run (or resume) training as configured; returns the last step's numbers."""
     resolve_vocab_size(cfg)  # model.vocab_size=auto -> the data's vocabulary, before validation
     resolve_task(cfg)  # task=classify: task.labels and model.num_labels from the manifests
-    C.validate(cfg, env_world_size())  # before any process group or device is touched
+    le = launch_env()  # before any process group or device is touched
+    C.validate(cfg, le.world_size, launched=le.launcher != "none")
     guard = faults.Guard(cfg, faults.StopSignal().install())  # a stop signal only sets a flag
     # steps are watched by guard's watchdog (trainer.collective_timeout_s); the group's own
     # timeout is the longer save limit, so barriers around a slow save do not fail

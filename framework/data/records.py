@@ -15,6 +15,7 @@ from __future__ import annotations
 import hashlib
 import io
 import json
+import logging
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -25,6 +26,8 @@ import pyarrow.parquet as pq
 import zstandard
 
 from framework.errors import DataError, PrepareError
+
+log = logging.getLogger(__name__)
 
 HF_MARKERS = ("state.json", "dataset_info.json", "dataset_dict.json")
 SUFFIXES = (
@@ -144,20 +147,56 @@ def read_lines(url: str) -> Iterator[str]:
         yield pending.decode("utf-8")
 
 
+# The record shapes of the fine-tuning formats: a jsonl record read as plain text (format=text,
+# the default) is named by the shape it has, so the message says which format= was forgotten.
+RECORD_SHAPES = (
+    ("chat", ("messages",), "chat data (a 'messages' list)"),
+    ("chat", ("prompt", "completion"), "chat data ('prompt' and 'completion')"),
+    ("classify", ("text", "label"), "classification data ('text' and 'label')"),
+)
+
+
+def guess_format(record: object) -> tuple[str, str] | None:
+    """(format, what the record looks like) of the first RECORD_SHAPES entry whose keys the
+    record has, else None."""
+    if isinstance(record, dict):
+        for fmt, keys, looks in RECORD_SHAPES:
+            if all(k in record for k in keys):
+                return fmt, looks
+    return None
+
+
+def _format_hint(record: object) -> str:
+    """'; these records look like chat data (...): add format=chat', or '' for no known shape."""
+    guess = guess_format(record)
+    return f"; these records look like {guess[1]}: add format={guess[0]}" if guess else ""
+
+
 def _file_texts(f: InputFile, text_key: str) -> Iterator[str]:
     if f.kind == "txt":
         with fsspec.open(f.url, "rb", compression="infer") as fh:
             yield decode_text_file(fh.read(), f.url)
     elif f.kind == "jsonl":
+        first = True
         for line_no, line in enumerate(read_lines(f.url), 1):
             if not line.strip():
                 continue
             try:
-                yield json.loads(line)[text_key]
+                record = json.loads(line)
             except json.JSONDecodeError as e:
                 raise PrepareError(f"{f.url} line {line_no}: not JSON ({e})") from e
+            try:
+                text = record[text_key]
             except (KeyError, TypeError) as e:
-                raise PrepareError(f"{f.url} line {line_no}: no {text_key!r} field (text_key)") from e
+                raise PrepareError(
+                    f"{f.url} line {line_no}: no {text_key!r} field (text_key){_format_hint(record)}"
+                ) from e
+            if first and (guess := guess_format(record)):  # e.g. {text, label}: the labels are lost
+                fmt, looks = guess
+                log.warning("%s: these records look like %s; they are read as plain text "
+                            "(format=text): add format=%s if that was meant", f.url, looks, fmt)  # fmt: skip
+            first = False
+            yield text
     elif f.kind == "parquet":
         with fsspec.open(f.url, "rb") as fh:
             pf = pq.ParquetFile(fh)

@@ -327,9 +327,9 @@ _SCALER_KEYS = ("cur_scale", "cur_iter", "last_overflow_iter", "cur_hysteresis")
 
 
 def ensure_process_group(dist: Dist) -> None:
-    """One process (e.g. `python -m framework.train strategy=zero2` on one GPU): DeepSpeed
-    needs a process group (also for zero.Init), and init_distributed only creates one for
-    world size > 1."""
+    """One plain process (e.g. `python -m framework.train strategy=zero2` on one GPU): DeepSpeed
+    needs a process group (also for zero.Init), and init_distributed only creates one under a
+    launcher."""
     if tdist.is_initialized():
         return
     backend = "nccl" if dist.device.type == "cuda" else "gloo"

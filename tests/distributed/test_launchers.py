@@ -122,6 +122,27 @@ def test_multi_process_strategy_in_one_plain_process_is_a_config_error(tmp_path)
     assert not (tmp_path / "checkpoints").exists()
 
 
+def test_torchrun_world_of_one_runs_every_strategy(tmp_path, sample_data):
+    """A job scaled down to one GPU: `torchrun --standalone --nproc_per_node 1 -m
+    framework.train strategy=X` runs ddp, fsdp, tp and tp_fsdp (strategy.tp=1) and trains
+    bitwise the losses of strategy=single in one plain process (one rank: the same arithmetic,
+    every collective over a group of one). All five runs start at once (one wall-clock wait)."""
+    steps = [*(o for o in PARITY if not o.startswith("trainer.max_steps=")), "trainer.max_steps=3"]
+    torchrun = [str(BIN / "torchrun"), "--standalone", "--nproc_per_node", "1", "-m", "framework.train"]
+    strategies = {"ddp": [], "fsdp": [], "tp": ["strategy.tp=1"], "tp_fsdp": ["strategy.tp=1"]}
+    cmds = [
+        ([sys.executable, "-m", "framework.train", *steps, f"run.dir={tmp_path / 'single'}"], _env())
+    ]
+    cmds += [
+        ([*torchrun, *steps, f"strategy={s}", *extra, f"run.dir={tmp_path / s}"], _env())
+        for s, extra in strategies.items()
+    ]
+    _run_all(cmds)
+    single = losses(tmp_path / "single")
+    assert len(single) == 3
+    assert {s: losses(tmp_path / s) for s in strategies} == {s: single for s in strategies}
+
+
 def test_single_matches_reference_sanity(tmp_path, reference, sample_data):
     """The launch references are real training: ddp equals single within the parity tolerance."""
     train(make_cfg([*PARITY, f"run.dir={tmp_path}"]))

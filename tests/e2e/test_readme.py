@@ -1,17 +1,20 @@
-"""Every command README.md shows runs (issue 7 Build 5).
+"""Every command README.md and the docs/ pages show runs (issue 7 Build 5, issue 17), and every
+relative link of those pages resolves.
 
-The fenced command blocks are extracted (untagged or sh/bash/console blocks; `\\` continuations
-joined, `#` comments dropped) and each command is classified by the table RULES:
-- `run`: executed in one scratch directory, in README order (so `checkpoint=runs/124m` finds
-  the run an earlier command wrote), with tiny sizes appended (the TINY model, 2 steps) and the
-  per-command substitutions of SUBS; inputs the README assumes (a corpus, a tokenizer file)
-  are made by `make_inputs`, and a ```yaml block whose first line is `# <path>` is written to
-  that path first (the README's own config files);
+The fenced command blocks of the PAGES are extracted (untagged or sh/bash/console blocks; `\\`
+continuations joined, `#` comments dropped) and each command is classified by the table RULES:
+- `run`: executed in one scratch directory, in PAGES order and in page order within a page (so
+  `checkpoint=runs/124m` finds the run an earlier command wrote, and fine-tuning finds the
+  tour's export), with tiny sizes appended (the TINY model, 2 steps) and the per-command
+  substitutions of SUBS; a command shown on several pages (the same words) runs once, where it
+  first appears; inputs the pages assume (a corpus, a tokenizer file) are made by `make_inputs`,
+  and a ```yaml block whose first line is `# <path>` is written to that path first (the pages'
+  own config files);
 - `plan`: multi-GPU / multi-node launches, validated with `python -m framework.plan` for the
   world size parsed from the launcher arguments, with the line's own overrides;
 - `skip`: only `make test` (this suite).
-A command no rule matches fails the fast test below, so a new README command cannot go
-untested: add a rule (and inputs) here.
+A command no rule matches fails the fast test below, so a new command on any page cannot go
+untested: add a rule (and inputs) here. A new page must be added to PAGES (a fast test says so).
 """
 
 from __future__ import annotations
@@ -26,18 +29,22 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
+import yaml
 
 from tests.helpers import TINY, read_metrics
 
 ROOT = Path(__file__).resolve().parents[2]
-README = ROOT / "README.md"
+# Every documentation page, in the order their commands run (one scratch directory: later pages
+# read what earlier ones wrote, e.g. fine-tuning starts from the tour's export hf/124m).
+PAGES = ("README.md", "docs/README.md", "docs/configs.md", "docs/data.md", "docs/parallelism.md",
+         "docs/checkpoints.md", "docs/launching.md", "docs/exporting.md", "docs/fine-tuning.md")  # fmt: skip
 COMMAND_LANGS = ("", "sh", "bash", "shell", "console")
 ENTRY = ["python", "-m"]  # replaced by sys.executable: the checkout's framework, not an installed one
 CONSOLE_SCRIPTS = {"fw-train": "train", "fw-prepare": "prepare", "fw-plan": "plan", "fw-generate": "generate",
                    "fw-export": "export", "fw-evaluate": "evaluate", "fw-report": "report"}  # fmt: skip
 TRAIN_TINY = [*TINY, "trainer.max_steps=2", "trainer.device=cpu"]
 
-# Per entry point: README values replaced by tiny ones (whole tokens), and overrides appended.
+# Per entry point: the pages' values replaced by tiny ones (whole tokens), and overrides appended.
 SUBS: dict[str, dict[str, str]] = {
     # max_tokens=256: the classify example's, which must equal TINY's trainer.seq_len=32
     "prepare": {
@@ -51,7 +58,7 @@ APPEND: dict[str, list[str]] = {
     "train": TRAIN_TINY,
     "prepare": ["val_fraction=0.05"],  # the scratch corpus is small: keep a few validation docs
 }
-# Inputs a README command expects beside the README's own outputs: data/<name> directories
+# Inputs a page's command expects beside the pages' own outputs: data/<name> directories
 # the text says are yours to prepare, here the prepared data/web under other names.
 LINKS = {"data/wiki": "data/web", "data/cc": "data/web", "data/webtext2": "data/web",
          "data/books1": "data/web", "data/books2": "data/web", "data/wikipedia": "data/web"}  # fmt: skip
@@ -61,6 +68,7 @@ LINKS = {"data/wiki": "data/web", "data/cc": "data/web", "data/webtext2": "data/
 class Command:
     line: int
     text: str
+    page: str = "README.md"
 
     @property
     def argv(self) -> list[str]:
@@ -82,7 +90,7 @@ def readme_blocks(text: str) -> list[tuple[str, int, list[str]]]:
     return blocks
 
 
-def readme_commands(text: str) -> list[Command]:
+def readme_commands(text: str, page: str = "README.md") -> list[Command]:
     cmds = []
     for lang, start, body in readme_blocks(text):
         if lang not in COMMAND_LANGS:
@@ -96,7 +104,7 @@ def readme_commands(text: str) -> list[Command]:
                 continue
             joined += line
             if joined.strip() and not joined.strip().startswith("#"):
-                cmds.append(Command(first, joined.strip()))
+                cmds.append(Command(first, joined.strip(), page))
             joined, first = "", None
     return cmds
 
@@ -122,9 +130,21 @@ def merge(overrides: list[str], extra: list[str]) -> list[str]:
     return [o for o in overrides if key(o) not in last] + extra
 
 
+def page_commands() -> list[Command]:
+    """Every command of every page, in PAGES order; a command already shown on an earlier page
+    or line (the same words, comments aside) is left out: it ran there."""
+    cmds, seen = [], set()
+    for page in PAGES:
+        for c in readme_commands((ROOT / page).read_text(), page):
+            if tuple(c.argv) not in seen:
+                seen.add(tuple(c.argv))
+                cmds.append(c)
+    return cmds
+
+
 @dataclass
 class Plan:
-    """What the test does with one README command."""
+    """What the test does with one command of a page."""
 
     kind: str  # run | plan | skip
     argv: list[str]  # the command to execute (run, plan)
@@ -201,7 +221,7 @@ def classify(cmd: Command) -> Plan | None:
 
 
 def make_inputs(cwd: Path) -> None:
-    """What the README's commands read but do not make: a jsonl.zst corpus, a books/ folder of
+    """What the pages' commands read but do not make: a jsonl.zst corpus, a books/ folder of
     text files, a `gpt2/tokenizer.json` (a small byte-level BPE trained here), `chat.jsonl` and
     `labelled.jsonl`."""
     import zstandard
@@ -221,7 +241,7 @@ def make_inputs(cwd: Path) -> None:
         (cwd / f"books/book{k}.txt").write_text("\n\n".join(docs[k::2]))
     (cwd / "gpt2").mkdir()
     train_bpe(iter(docs), 300, cwd / "gpt2/tokenizer.json")
-    (cwd / "tasks").mkdir()  # the data of the README's local lm-eval task
+    (cwd / "tasks").mkdir()  # the data of fine-tuning.md's local lm-eval task
     rows = [
         {"question": f"{a}+{b}=", "choices": [str(a + b), str(a + b + 1)], "answer": 0}
         for a, b in [(1, 2), (3, 4)]
@@ -233,7 +253,8 @@ def make_inputs(cwd: Path) -> None:
         {"text": f"message {i}" + "!" * (i % 3), "label": ["ham", "spam"][i % 2]} for i in range(100)
     ]
     (cwd / "labelled.jsonl").write_text("".join(json.dumps(x) + "\n" for x in labelled))
-    for path, content in readme_files(README.read_text()).items():
+    files = {p: c for page in PAGES for p, c in readme_files((ROOT / page).read_text()).items()}
+    for path, content in files.items():
         (cwd / path).parent.mkdir(parents=True, exist_ok=True)
         (cwd / path).write_text(content)
 
@@ -285,10 +306,17 @@ def check_outputs(plan: Plan, cwd: Path, out: str) -> str | None:
     return None
 
 
-def test_every_readme_command_is_classified():
-    cmds = readme_commands(README.read_text())
-    assert len(cmds) >= 10, [c.text for c in cmds]  # the extractor found the README's blocks
-    unknown = [f"README.md:{c.line}: {c.text}" for c in cmds if classify(c) is None]
+def test_every_page_is_in_the_run_order():
+    pages = ["README.md", *(str(p.relative_to(ROOT)) for p in sorted((ROOT / "docs").glob("*.md")))]
+    assert sorted(PAGES) == sorted(pages), "list every docs/*.md page in PAGES, in run order"
+
+
+def test_every_command_of_every_page_is_classified():
+    every = [c for page in PAGES for c in readme_commands((ROOT / page).read_text(), page)]
+    cmds = page_commands()
+    assert len(cmds) >= 10, [c.text for c in cmds]  # the extractor found the pages' blocks
+    assert {c.page for c in every} >= {"README.md", "docs/data.md", "docs/fine-tuning.md"}
+    unknown = [f"{c.page}:{c.line}: {c.text}" for c in every if classify(c) is None]
     assert unknown == [], "add a rule to tests/e2e/test_readme.py for:\n" + "\n".join(unknown)
 
 
@@ -318,18 +346,93 @@ def test_extractor_joins_continuations_and_tags():
     assert "$(BIN)/python -m framework.train $(ARGS)" in (ROOT / "Makefile").read_text()
 
 
+def prose(text: str) -> list[tuple[int, str]]:
+    """(line number, line) of the lines outside fenced blocks."""
+    out, fenced = [], False
+    for n, line in enumerate(text.splitlines(), 1):
+        if line.startswith("```"):
+            fenced = not fenced
+        elif not fenced:
+            out.append((n, line))
+    return out
+
+
+def anchors(text: str) -> set[str]:
+    """GitHub's heading anchors: lower case, punctuation but `-` and `_` dropped, spaces to `-`;
+    a repeated heading gets -1, -2, ..."""
+    found, count = set(), {}
+    for _, line in prose(text):
+        if m := re.match(r"#{1,6}\s+(.*?)\s*#*\s*$", line):
+            base = re.sub(r"[^\w\- ]", "", m[1].lower()).replace(" ", "-")
+            n = count[base] = count.get(base, -1) + 1
+            found.add(f"{base}-{n}" if n else base)
+    return found
+
+
+def page_links(page: str) -> list[tuple[int, str]]:
+    """(line, target) of the relative markdown links of a page (no URLs, none in code)."""
+    return [
+        (n, target)
+        for n, line in prose((ROOT / page).read_text())
+        for target in re.findall(r"\]\(([^)\s]+)\)", re.sub(r"`[^`]*`", "", line))
+        if not re.match(r"[a-z][a-z0-9+.-]*:", target)  # https:, mailto:
+    ]
+
+
+def test_anchor_rule():
+    text = "# A tour\n## The plan: memory and FLOPs\n```\n# not a heading\n```\n## `model.init_from` (HF)\n# A tour\n"
+    assert anchors(text) == {"a-tour", "the-plan-memory-and-flops", "modelinit_from-hf", "a-tour-1"}
+
+
+def test_every_relative_link_resolves():
+    broken = []
+    for page in PAGES:
+        for n, target in page_links(page):
+            path, _, anchor = target.partition("#")
+            dest = ((ROOT / page).parent / path).resolve() if path else ROOT / page
+            if not dest.exists():
+                broken.append(f"{page}:{n}: {target} (no {os.path.relpath(dest, ROOT)})")
+            elif anchor and (dest.suffix != ".md" or anchor not in anchors(dest.read_text())):
+                broken.append(f"{page}:{n}: {target} (no heading #{anchor} in {dest.name})")
+    assert broken == [], "\n".join(broken)
+
+
+def test_readme_links_every_docs_page():
+    """The README's table is the way in: one click to each page (and to resuming elsewhere)."""
+    linked = {t for _, t in page_links("README.md")}
+    assert {t.partition("#")[0] for t in linked} >= {p for p in PAGES if p != "README.md"}
+    assert "docs/checkpoints.md#resume-on-another-gpu-count-or-strategy" in linked
+
+
+def test_model_sizes_table_matches_conf():
+    """docs/configs.md's size table says what conf/model/*.yaml say."""
+    row = re.compile(
+        r"^\| `([\w.-]+)` \| (\w+) \| (\d+) \| (\d+)(?: \((\d+)\))? \| (\d+) \| (\d+) \|$", re.M
+    )
+    found = {
+        m[1]: (m[2], int(m[3]), int(m[4]), int(m[5] or m[4]), int(m[6]), int(m[7]))
+        for m in row.finditer((ROOT / "docs/configs.md").read_text())
+    }
+    want = {}
+    for f in sorted((ROOT / "conf/model").glob("*.yaml")):
+        c = yaml.safe_load(f.read_text())
+        kv = c.get("n_kv_head", c["n_head"])
+        want[f.stem] = (c["style"], c["n_layer"], c["n_head"], kv, c["n_embd"], c["block_size"])
+    assert found == want
+
+
 @pytest.mark.slow
-def test_every_readme_command_runs(tmp_path, sample_data):
+def test_every_page_command_runs(tmp_path, sample_data):
     cwd = tmp_path / "work"
     cwd.mkdir()
     make_inputs(cwd)
     env = dict(os.environ, PYTHONPATH=str(ROOT), OMP_NUM_THREADS="1")
-    plans = [(c, classify(c)) for c in readme_commands(README.read_text())]
+    plans = [(c, classify(c)) for c in page_commands()]
     failures = []
 
     def report(c: Command, p: Plan, proc: subprocess.CompletedProcess | None, out: str, why: str):
         failures.append(
-            f"README.md:{c.line}: {c.text}\n  ran: {shlex.join(p.argv)}\n  {why}\n{out[-2500:]}"
+            f"{c.page}:{c.line}: {c.text}\n  ran: {shlex.join(p.argv)}\n  {why}\n{out[-2500:]}"
         )
 
     # plan checks are independent of each other and of the runs: start them together
@@ -340,7 +443,7 @@ def test_every_readme_command_runs(tmp_path, sample_data):
         why = f"exit {proc.returncode}" if proc.returncode else check_outputs(p, cwd, out)
         if why:
             report(c, p, None, out, why)
-    for c, p in plans:  # in README order: later commands read what earlier ones wrote
+    for c, p in plans:  # in page order: later commands read what earlier ones wrote
         if p.kind != "run":
             continue
         link_inputs(cwd)

@@ -18,13 +18,16 @@ ROOT = Path(__file__).resolve().parents[2]
 
 @pytest.mark.slow
 def test_sweep_points_train_in_their_own_run_dirs(tmp_path, sample_data):
+    """Each point trains in `<its run.dir>/<job number>`; run.dir may use a Hydra resolver
+    (`${hydra:runtime.cwd}`, resolved by Hydra's sweeper before any job: issue 17) and a swept
+    key (`${optim.lr}`)."""
     env = dict(os.environ, PYTHONPATH=str(ROOT), OMP_NUM_THREADS="1")
     cmd = [sys.executable, "-m", "framework.train", "-m", *TINY, "trainer.max_steps=2",
-           "checkpoint.every=1", "optim.lr=1e-3,3e-4", f"run.dir={tmp_path}"]  # fmt: skip
-    proc = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
+           "checkpoint.every=1", "optim.lr=1e-3,3e-4",
+           "run.dir=${hydra:runtime.cwd}/sweep/lr${optim.lr}"]  # fmt: skip
+    proc = subprocess.run(cmd, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr[-4000:]
-    dirs = sorted(p for p in tmp_path.iterdir() if p.is_dir() and not p.name.startswith("."))
-    assert [d.name for d in dirs] == ["0", "1"]
+    dirs = [tmp_path / "sweep/lr0.001/0", tmp_path / "sweep/lr0.0003/1"]
     for d, lr in zip(dirs, (1e-3, 3e-4)):
         assert [r["step"] for r in read_metrics(d) if "loss" in r] == [1, 2]  # trained, not resumed
         assert f"lr: {lr}" in (d / "config.yaml").read_text()

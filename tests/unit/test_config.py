@@ -11,7 +11,7 @@ import pytest
 from hydra.core.config_store import ConfigStore
 from omegaconf import OmegaConf
 
-from framework.config import CONF_DIR, ConfigError, load, validate
+from framework.config import CONF_DIR, MULTI_PROCESS, ConfigError, load, validate
 from tests.helpers import ROOT, checkout_env, compose, make_cfg, run_module
 
 GROUPS = ("model", "data", "strategy", "precision", "logger", "task")
@@ -181,6 +181,20 @@ def test_unknown_key_fails_at_compose():
 def test_cross_field_errors_name_keys(overrides, world, expected):
     with pytest.raises(ConfigError, match=expected):
         validate(make_cfg(overrides), world)
+
+
+@pytest.mark.parametrize("strategy", MULTI_PROCESS)
+def test_multi_process_strategy_refused_only_in_a_plain_process(strategy):
+    """World 1 in one plain process: a forgotten launcher, refused. World 1 under a launcher
+    (torchrun --nproc_per_node 1, a job scaled down to one GPU): valid for every strategy."""
+    cfg = make_cfg(
+        [f"strategy={strategy}", "strategy.tp=1"] if "tp" in strategy else [f"strategy={strategy}"]
+    )
+    with pytest.raises(
+        ConfigError, match=f"strategy={strategy} needs several processes.*one plain process"
+    ):
+        validate(cfg, 1)
+    validate(cfg, 1, launched=True)
 
 
 def test_all_problems_reported_at_once():

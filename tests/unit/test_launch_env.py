@@ -12,6 +12,15 @@ def test_torchrun_variables_win_over_slurm():
     assert launch_env(env) == LaunchEnv(3, 8, 1, "torchrun")
 
 
+def test_torchrun_with_one_process_is_a_launch():
+    """`torchrun --nproc_per_node 1`: a world of 1 that still counts as launched (every strategy
+    runs, a process group is created), unlike one plain process."""
+    le = launch_env({"RANK": "0", "WORLD_SIZE": "1", "LOCAL_RANK": "0", "MASTER_ADDR": "localhost"})
+    assert (le.world_size, le.launcher) == (1, "torchrun")
+    # without a rendezvous address: what DeepSpeed's one-process set-up leaves in os.environ
+    assert launch_env({"RANK": "0", "WORLD_SIZE": "1", "LOCAL_RANK": "0"}).launcher == "none"
+
+
 def test_one_slurm_task_per_rank():
     env = {"SLURM_PROCID": "5", "SLURM_NTASKS": "8", "SLURM_LOCALID": "1", "SLURM_JOB_ID": "1234"}
     le = launch_env(env)

@@ -142,6 +142,48 @@ def test_empty_glob_missing_input_and_bad_lines_named(tmp_path):
         run(tmp_path, tmp_path / "bad.jsonl")
 
 
+@pytest.mark.parametrize(
+    "record, says",
+    [
+        (
+            {"messages": [{"role": "user", "content": "hi"}]},
+            "chat data (a 'messages' list): add format=chat",
+        ),
+        (
+            {"prompt": "1+1=", "completion": "2"},
+            "chat data ('prompt' and 'completion'): add format=chat",
+        ),
+        ({"body": "x", "label": "spam"}, None),  # no known shape: the plain message
+    ],
+)
+def test_records_of_another_format_are_named(tmp_path, record, says):
+    """Fine-tuning records read without format=: the error names the format they look like."""
+    (tmp_path / "in.jsonl").write_text(json.dumps(record) + "\n")
+    with pytest.raises(PrepareError) as e:
+        run(tmp_path, tmp_path / "in.jsonl")
+    assert str(e.value).startswith(f"{tmp_path / 'in.jsonl'} line 1: no 'text' field (text_key)")
+    assert (
+        (f"these records look like {says}" in str(e.value))
+        if says
+        else ("look like" not in str(e.value))
+    )
+
+
+def test_labelled_records_read_as_text_warn_of_classify(tmp_path, caplog):
+    """{text, label} records have a 'text': they prepare as plain text (as before), with one
+    warning per file that names format=classify (the labels are not kept)."""
+    rows = [{"text": t, "label": i % 2} for i, t in enumerate(TEXTS[:40])]
+    (tmp_path / "in.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    with caplog.at_level(logging.WARNING, logger="framework.prepare"):
+        out = run(tmp_path, tmp_path / "in.jsonl")
+    warned = [r.getMessage() for r in caplog.records if "look like" in r.getMessage()]
+    assert warned == [
+        f"{tmp_path / 'in.jsonl'}: these records look like classification data ('text' and "
+        "'label'); they are read as plain text (format=text): add format=classify if that was meant"
+    ]
+    assert sorted(decoded_docs(out)) == sorted(TEXTS[:40])
+
+
 def test_fsspec_url_input(tmp_path):
     import fsspec
 
