@@ -10,7 +10,8 @@ from torch import nn
 
 from framework.config import SCHEDULE_KEYS, OptimConfig
 
-NO_DECAY_NAMES = ("tok_emb", "pos_emb")
+# "_bias": a mixture of experts' stacked biases (experts.w1_bias, (E, H)) are 2-D but biases
+NO_DECAY_NAMES = ("tok_emb", "pos_emb", "_bias")
 
 
 def param_groups(model: nn.Module, weight_decay: float) -> list[dict]:
