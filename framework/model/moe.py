@@ -43,8 +43,11 @@ T, f_i^all = sum_r count_i^r / (R T k) (the reduced counts) and P_i^all = (1/R) 
 aux^all = (1/R) sum_r (E sum_i f_i^all P_i^r). Rank r computes the bracket (global f, its own
 P_i^r, whose gradient involves only its own tokens), and DDP/FSDP average the gradients over
 the R ranks: the gradient is exactly that of aux^all, as one process over all R micro-batches
-would compute. (The value logged on one rank is its own bracket; their mean is aux^all.)
-With the identity default each micro-batch balances on its own (f and P both local).
+would compute. (The value logged on one rank is its own bracket; their mean is aux^all.) So
+R ranks reducing their counts match one process whose micro-batch holds the R ranks' micro-
+batches together (micro_batch_size x R), not one with the same micro_batch_size. With the
+identity default each micro-batch balances on its own (f and P both local), which is why the
+dense strategies (ddp, fsdp, zero) match `single` at the same micro_batch_size as they are.
 
 Per-layer statistics of the last forward (detached) sit in `layer.stats` for the metrics
 (moe_metrics); `layer.aux_term` holds this layer's aux_loss_coef * aux + z_loss_coef * z with
@@ -129,26 +132,22 @@ class MoEConfig:
         return out
 
 
-@dataclass
-class Routing:
-    """One layer's routing of N tokens over E experts (all fp32)."""
-
-    logits: torch.Tensor  # (N, E)
-    probs: torch.Tensor  # (N, E), rows sum to 1: the distribution P_i and the entropy are over
-    ids: torch.Tensor  # (N, k) int64, the chosen experts
-    weights: torch.Tensor  # (N, k), their combine weights
-
-
 class Router(nn.Module):
     """A linear map to E logits (no bias), computed in fp32 whatever the autocast or parameter
-    dtype: top-k selection flips on rounding, and the z-loss squares the logits."""
+    dtype: top-k selection flips on rounding, and the z-loss squares the logits.
+
+    forward(x (N, C)) -> (logits (N, E), probs (N, E), ids (N, k) int64, weights (N, k)), all
+    fp32: probs is the distribution over experts (rows sum to 1) that P_i and the entropy use,
+    ids the chosen experts, weights their combine weights. A plain tuple, not a dataclass:
+    DeepSpeed ZeRO-3 re-gathers a module's weights for backward through hooks on the tensors
+    it returns, and finds them only in tensors, tuples and lists."""
 
     def __init__(self, dim: int, num_experts: int, top_k: int, score: str, norm_topk_prob: bool):
         super().__init__()
         self.weight = nn.Parameter(torch.empty(num_experts, dim))
         self.top_k, self.score, self.norm_topk_prob = top_k, score, norm_topk_prob
 
-    def forward(self, x: torch.Tensor) -> Routing:
+    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
         with torch.autocast(x.device.type, enabled=False):
             logits = F.linear(x.float(), self.weight.float())  # (N, E)
         if self.score == "softmax":
@@ -159,7 +158,7 @@ class Router(nn.Module):
         weights, ids = scores.topk(self.top_k, dim=-1)  # (N, k)
         if self.norm_topk_prob:
             weights = weights / weights.sum(-1, keepdim=True)
-        return Routing(logits, probs, ids, weights)
+        return logits, probs, ids, weights
 
 
 def dispatch(x: torch.Tensor, ids: torch.Tensor, num_experts: int):
@@ -196,16 +195,20 @@ class Experts(nn.Module):
     SwiGLU (llama style): w2 @ (silu(w1 @ x) * (w3 @ x)); GELU (gpt2 style): w2 @ gelu(w1 @ x),
     with stacked biases w1_bias (E, H), w3_bias (E, H), w2_bias (E, C) when model.bias.
 
-    Two ways to run them, chosen once here from the shapes (`grouped`), both on any device:
-      grouped  torch._grouped_mm over all experts at once (offsets on the device, no host sync).
-               On CUDA sm90/sm100 with bf16 operands it is one CUTLASS kernel; elsewhere torch
-               runs its own loop over the groups (CPU kernel, or the CUDA fallback, which syncs
-               to read the offsets). It is not covered by autocast, so under autocast the
-               operands are cast to the autocast dtype here, as autocast would cast a matmul.
+    Two ways to run them:
+      grouped  torch._grouped_mm over all experts at once (offsets on the device, no host sync):
+               for bf16 compute (bf16 weights or bf16 autocast) when the shapes fit. On CUDA
+               sm90/sm100 it is one CUTLASS kernel; elsewhere torch loops over the groups itself.
+               torch supports it for bf16 only (its compile-time shape function refuses fp32,
+               though the eager CPU kernel runs fp32: the tests use that to compare the two
+               paths exactly). It is not covered by autocast, so under autocast the operands are
+               cast to bf16 here, as autocast would cast a matmul.
       loop     a Python loop of F.linear over the experts' row ranges (one host sync for the
-               counts): used where the strides do not fit _grouped_mm. An expert with no rows
-               still runs a zero-row matmul.
-    tests/unit/test_moe.py checks that both give the same numbers (CPU fp32, forward and grads).
+               counts; under torch.compile a graph break): fp32 and fp16 compute, or shapes that
+               do not fit. An expert with no rows still runs a zero-row matmul.
+    Which dtypes take the grouped path is fixed here from the shapes (`grouped_dtypes`); the
+    compute dtype picks between the two per call, as a run's precision is not known at build.
+    tests/unit/test_moe.py checks that both give the same numbers (CPU: fp32 to 1e-6, bf16).
     """
 
     def __init__(self, num_experts: int, dim: int, hidden: int, swiglu: bool, bias: bool):
@@ -218,19 +221,21 @@ class Experts(nn.Module):
         self.w2_bias = nn.Parameter(torch.empty(E, dim)) if bias else None
         self.w3_bias = nn.Parameter(torch.empty(E, hidden)) if bias and swiglu else None
         self.swiglu = swiglu
-        self.grouped = grouped_mm_fits(dim, hidden)
+        self.grouped_dtypes = (torch.bfloat16,) if grouped_mm_fits(dim, hidden) else ()
 
     def forward(self, xs: torch.Tensor, counts: torch.Tensor) -> torch.Tensor:
         """xs (M, C) rows grouped by expert, counts (E_local,) -> (M, C). E is read from the
         weights, so expert parallelism can call it on a rank's slice of the experts."""
-        return self._grouped(xs, counts) if self.grouped else self._loop(xs, counts)
+        dev = xs.device.type
+        dtype = torch.get_autocast_dtype(dev) if torch.is_autocast_enabled(dev) else xs.dtype
+        if dtype in self.grouped_dtypes:
+            return self._grouped(xs, counts, dtype)
+        return self._loop(xs, counts)
 
     def _act(self, a: torch.Tensor, b: torch.Tensor | None) -> torch.Tensor:
         return F.silu(a) * b if self.swiglu else F.gelu(a, approximate="tanh")
 
-    def _grouped(self, xs: torch.Tensor, counts: torch.Tensor) -> torch.Tensor:
-        dev = xs.device.type
-        dtype = torch.get_autocast_dtype(dev) if torch.is_autocast_enabled(dev) else xs.dtype
+    def _grouped(self, xs: torch.Tensor, counts: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
         x = xs.to(dtype)
         offs = counts.cumsum(0).to(torch.int32)  # end row of each expert's group
 
@@ -334,19 +339,19 @@ class MoE(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         B, T, C = x.shape
         h = x.reshape(B * T, C)
-        r = self.router(h)
-        xs, counts, order = dispatch(h, r.ids, self.num_experts)
+        logits, probs, ids, weights = self.router(h)
+        xs, counts, order = dispatch(h, ids, self.num_experts)
         ys = self.run_experts(self.experts, xs, counts)
-        y = self.dropout(combine(ys, order, r.weights).to(x.dtype))
+        y = self.dropout(combine(ys, order, weights).to(x.dtype))
         if self.shared is not None:
             y = y + self.shared(h)
         with torch.no_grad():
             counts = self.reduce_counts(counts)
-        aux, z = load_balancing_loss(r.probs, counts), z_loss(r.logits)
+        aux, z = load_balancing_loss(probs, counts), z_loss(logits)
         self.aux_term = self.aux_loss_coef * aux + self.z_loss_coef * z
         with torch.no_grad():
             c = counts.float()
-            entropy = -(r.probs * r.probs.clamp(min=1e-20).log()).sum(-1).mean()
+            entropy = -(probs * probs.clamp(min=1e-20).log()).sum(-1).mean()
             self.stats = torch.stack([c.max() / c.mean().clamp(min=1e-20), aux, z, entropy])
             self.counts = counts
         return y.view(B, T, C)

@@ -40,8 +40,10 @@ def tiny(style="llama", **moe) -> ModelConfig:
     )  # fmt: skip
 
 
-def layer(style="llama", seed=0, **moe) -> MoE:
+def layer(style="llama", seed=0, bias=None, **moe) -> MoE:
     cfg = tiny(style, **moe)
+    if bias is not None:
+        cfg.bias = bias
     torch.manual_seed(seed)
     model = GPT(cfg)
     with torch.no_grad():  # non-zero biases, so the reference sees them
@@ -61,12 +63,12 @@ def test_softmax_router_takes_the_top_k_and_renormalises_only_when_asked():
         r = Router(E, E, K, "softmax", norm)
         with torch.no_grad():
             r.weight.copy_(torch.eye(E))  # logits = inputs
-        out = r(logits)
-        assert out.ids.tolist() == [[0, 2], [2, 1]]
-        chosen = probs.gather(1, out.ids)
+        _, got_probs, ids, weights = r(logits)
+        assert ids.tolist() == [[0, 2], [2, 1]]
+        chosen = probs.gather(1, ids)
         want = chosen / chosen.sum(-1, keepdim=True) if norm else chosen  # Mixtral / OLMoE
-        torch.testing.assert_close(out.weights, want, rtol=1e-5, atol=1e-6)
-        torch.testing.assert_close(out.probs, probs, rtol=1e-5, atol=1e-6)
+        torch.testing.assert_close(weights, want, rtol=1e-5, atol=1e-6)
+        torch.testing.assert_close(got_probs, probs, rtol=1e-5, atol=1e-6)
 
 
 def test_sigmoid_router_picks_the_highest_scores_and_normalises_them():
@@ -74,19 +76,19 @@ def test_sigmoid_router_picks_the_highest_scores_and_normalises_them():
     with torch.no_grad():
         r.weight.copy_(torch.randn(E, 3, generator=torch.Generator().manual_seed(1)))
     x = torch.randn(5, 3, generator=torch.Generator().manual_seed(2))
-    out = r(x)
+    _, probs, ids, weights = r(x)
     scores = (x @ r.weight.T).sigmoid()
-    top, ids = scores.topk(K, -1)
-    assert out.ids.tolist() == ids.tolist()
-    torch.testing.assert_close(out.weights, top / top.sum(-1, keepdim=True))
-    torch.testing.assert_close(out.probs, scores / scores.sum(-1, keepdim=True))
+    top, want_ids = scores.topk(K, -1)
+    assert ids.tolist() == want_ids.tolist()
+    torch.testing.assert_close(weights, top / top.sum(-1, keepdim=True))
+    torch.testing.assert_close(probs, scores / scores.sum(-1, keepdim=True))
 
 
 def test_router_math_is_fp32_under_bf16_autocast_and_bf16_weights():
     r = Router(8, E, K, "softmax", True).to(torch.bfloat16)
     with torch.autocast("cpu", dtype=torch.bfloat16):
         out = r(torch.randn(3, 8, dtype=torch.bfloat16))
-    assert out.logits.dtype == out.weights.dtype == out.probs.dtype == torch.float32
+    assert [t.dtype for t in out] == [torch.float32, torch.float32, torch.int64, torch.float32]
 
 
 # -- dispatch / combine ---------------------------------------------------------------------------
@@ -147,10 +149,10 @@ def reference(moe: MoE, x: torch.Tensor) -> torch.Tensor:
     ex, out = moe.experts, torch.zeros_like(x)
     logits = x @ moe.router.weight.T
     for t in range(x.shape[0]):
-        r = moe.router(x[t : t + 1])
-        assert torch.allclose(r.logits[0], logits[t], atol=1e-6)
-        for j in range(r.ids.shape[1]):
-            out[t] += r.weights[0, j] * one_expert(ex, r.ids[0, j].item(), x[t])
+        one_logits, _, ids, weights = moe.router(x[t : t + 1])
+        assert torch.allclose(one_logits[0], logits[t], atol=1e-6)
+        for j in range(ids.shape[1]):
+            out[t] += weights[0, j] * one_expert(ex, ids[0, j].item(), x[t])
     if moe.shared is not None:
         out += moe.shared(x)
     return out
@@ -165,7 +167,7 @@ def reference(moe: MoE, x: torch.Tensor) -> torch.Tensor:
 )  # fmt: skip
 def test_layer_equals_the_token_by_token_reference(style, moe, grouped):
     m = layer(style, **moe)
-    m.experts.grouped = grouped
+    m.experts.grouped_dtypes = (torch.float32,) if grouped else ()  # grouped: eager fp32 kernel
     x = torch.randn(2, 7, C, generator=torch.Generator().manual_seed(3))
     with torch.no_grad():
         got = m(x)
@@ -173,23 +175,38 @@ def test_layer_equals_the_token_by_token_reference(style, moe, grouped):
     assert (got - want).abs().max().item() <= 1e-6
 
 
-def test_grouped_mm_and_the_loop_give_the_same_numbers_and_gradients():
-    """Where both run (here: CPU, fp32, torch's own _grouped_mm kernel; on CUDA sm90 the bf16
-    CUTLASS kernel is a different code path, not run here)."""
+@pytest.mark.parametrize(
+    ("style", "dtype", "tol"),
+    [("gpt2", torch.float32, 1e-6), ("llama", torch.float32, 1e-6), ("llama", torch.bfloat16, 2e-2)],
+)
+def test_grouped_mm_and_the_loop_give_the_same_numbers_and_gradients(style, dtype, tol):
+    """Where both run: here CPU, torch's own _grouped_mm kernel, fp32 (which only eager mode
+    allows) and bf16 (the dtype the model sends to it; on CUDA sm90 the bf16 CUTLASS kernel is
+    another code path, not run here). bf16: the two sum in different orders, so to bf16's 2e-2."""
     results = []
     for grouped in (True, False):
-        m = layer("gpt2")  # biases too
-        m.experts.grouped = grouped
-        x = torch.randn(3, 5, C, generator=torch.Generator().manual_seed(4), requires_grad=True)
-        m(x).square().sum().backward()
+        m = layer(style, bias=True).to(dtype)  # biases too, and SwiGLU's w3
+        m.experts.grouped_dtypes = (dtype,) if grouped else ()
+        x = torch.randn(3, 5, C, generator=torch.Generator().manual_seed(4)).to(dtype).requires_grad_()
+        m(x).float().square().sum().backward()
         results.append([x.grad, *(p.grad for p in m.parameters())])
     for a, b in zip(*results):
-        torch.testing.assert_close(a, b, rtol=1e-6, atol=1e-6)
+        torch.testing.assert_close(a.float(), b.float(), rtol=tol, atol=tol)
 
 
-def test_the_expert_path_is_chosen_once_from_the_shapes():
-    assert layer().experts.grouped  # C=16, H=24: strides are multiples of 16 bytes
-    assert not layer(expert_hidden=20).experts.grouped  # 20 * 4 bytes: _grouped_mm refuses it
+def test_the_expert_path_is_chosen_from_the_shapes_and_the_compute_dtype():
+    m = layer()
+    assert m.experts.grouped_dtypes == (torch.bfloat16,)  # C=16, H=24: 16-byte strides
+    assert layer(expert_hidden=20).experts.grouped_dtypes == ()  # 20 * 2 bytes: refused by torch
+    calls = []
+    m.experts._loop = lambda xs, counts: calls.append("loop") or xs
+    m.experts._grouped = lambda xs, counts, dtype: calls.append(str(dtype)) or xs
+    x = torch.randn(1, 4, C)
+    m(x)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        m(x)
+    m.to(torch.bfloat16)(x.bfloat16())
+    assert calls == ["loop", "torch.bfloat16", "torch.bfloat16"]
 
 
 # -- aux and z losses -----------------------------------------------------------------------------
