@@ -376,6 +376,10 @@ def test_config_errors_name_the_moe_keys():
         ConfigError, match=r"model.moe.num_experts=4: strategy=tp has no tensor-parallel"
     ):
         validate(make_cfg(["model=debug-moe", "strategy=tp", "strategy.tp=2"]), 2)
+    with pytest.raises(ConfigError, match=r"model.qk_norm=true normalises the whole query/key"):
+        validate(
+            make_cfg(["model=debug-llama", "model.qk_norm=true", "strategy=tp", "strategy.tp=2"]), 2
+        )
 
 
 def test_a_saved_config_dict_rebuilds_the_moe_config():
