@@ -35,6 +35,9 @@ does not). Both are plain function attributes of a `MoE` layer, replaced from ou
         Default identity. Given the per-expert assignment counts (E,) of this micro-batch (no
         gradient), returns the counts the load-balancing loss and the statistics use. A
         data/expert-parallel wrapper sets it to a sum all-reduce over the data-parallel group.
+        Both hooks run in every forward of the layer: in eval too, and again in backward when
+        activation checkpointing recomputes the block (every rank recomputes the same blocks
+        in the same order, so collectives inside them stay matched).
 
 Why reducing the counts alone makes the aux loss exact: aux = E * sum_i f_i P_i, with f_i the
 fraction of assignments routed to expert i (a count, no gradient) and P_i the mean router
