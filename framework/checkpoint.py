@@ -79,6 +79,8 @@ SHAPE_KEYS = (
     "bias",
     "tie_embeddings",
     "num_labels",
+    "qk_norm",
+    "moe_shape",
 )
 
 
@@ -329,7 +331,8 @@ class Checkpointer:
         self.finish()
         state = verify(path, self.dist)
         saved_shape = state.get("model", {})
-        saved_shape = {"num_labels": 0, **saved_shape}  # checkpoints older than classifiers: LMs
+        # checkpoints older than classifiers, QK-norm and MoE: dense LMs without QK-norm
+        saved_shape = {"num_labels": 0, "qk_norm": False, "moe_shape": None, **saved_shape}
         diff = {k: (saved_shape.get(k), v) for k, v in expect_shape.items() if saved_shape.get(k) != v}
         if state.get("tokenizer") != tokenizer_fingerprint:
             diff["data.tokenizer"] = (state.get("tokenizer"), tokenizer_fingerprint)

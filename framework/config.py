@@ -430,6 +430,16 @@ def validate(
             errors.append(f"model.n_kv_head={m.kv_heads} is not divisible by strategy.tp={s.tp}")
         if m.ffn_dim % s.tp:
             errors.append(f"model ffn width {m.ffn_dim} is not divisible by strategy.tp={s.tp}")
+    if s.name in ("tp", "tp_fsdp") and m.moe.enabled:
+        errors.append(
+            f"model.moe.num_experts={m.moe.num_experts}: strategy={s.name} has no tensor-parallel "
+            "plan for expert layers; use strategy=fsdp, ddp or zero1/2/3"
+        )
+    if s.name in ("tp", "tp_fsdp") and m.qk_norm:
+        errors.append(
+            f"model.qk_norm=true normalises the whole query/key projection, which strategy={s.name} "
+            "splits over ranks; use strategy=fsdp, ddp or zero1/2/3"
+        )
     if s.name in MULTI_PROCESS and world_size == 1 and not launched:
         errors.append(
             f"strategy={s.name} needs several processes, but the world size is 1 (one plain "

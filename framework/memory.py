@@ -65,12 +65,16 @@ AC_MODES = ("none", "selective", "full")
 
 def block_matrix_params(m: ModelConfig) -> int:
     """Weights of the block linear layers (q, k, v, o and the MLP): what tensor parallel splits.
-    Embeddings, the output head, norms and biases stay whole on every tp rank."""
-    C, F = m.n_embd, m.ffn_dim
+    Embeddings, the output head, norms and biases stay whole on every tp rank. A sparse block's
+    MLP is its router, all its stacked experts and its shared experts (not split by tensor
+    parallel, which config.validate refuses for a mixture of experts)."""
+    C, F, moe = m.n_embd, m.ffn_dim, m.moe
     kv = m.kv_heads * m.head_dim
     attn = 2 * C * C + 2 * C * kv  # wq, wo (C x C); wk, wv (C x kv)
-    mlp = (3 if m.style == "llama" else 2) * C * F
-    return m.n_layer * (attn + mlp)
+    per_width = (3 if m.style == "llama" else 2) * C  # MLP matrices per unit of hidden width
+    sparse = len(moe.sparse_layers(m.n_layer))
+    experts = moe.num_experts * C + per_width * m.expert_dim * (moe.num_experts + moe.shared_experts)
+    return m.n_layer * attn + (m.n_layer - sparse) * per_width * F + sparse * experts
 
 
 def params_per_tp_rank(m: ModelConfig, tp: int, sequence_parallel: bool = True) -> float:

@@ -294,7 +294,8 @@ def summarize(
     Counts the train records after `start_step` (this invocation; 0: the whole run). tokens_per_s
     is the tokens of those steps over their summed step times (the harmonic mean of the per-step
     figures; eval and checkpoint time excluded); mfu is the mean of the steps that report one.
-    val_loss / val_loss_per_source come from the last eval record of the whole file."""
+    val_loss / val_loss_per_source come from the last eval record of the whole file. moe: a sparse
+    model's routing figures of the last train record (`moe/<stat>`, means over sparse layers)."""
     train = [r for r in records if "loss" in r and r["step"] > start_step]
     evals = [r for r in records if "val_loss" in r]
     last_step = max((r["step"] for r in records if "loss" in r), default=start_step)
@@ -316,6 +317,11 @@ def summarize(
         },
         "tokens_per_s": None,
         "mfu": None,
+        "moe": {
+            k.removeprefix("moe/"): v
+            for k, v in (train[-1] if train else {}).items()
+            if k.startswith("moe/") and k.count("/") == 1
+        },
     }
     if train:
         prev_tokens = next(
@@ -355,6 +361,11 @@ def summary_rows(s: dict) -> list[tuple[str, str]]:
         rows.append(("mean tokens/s", f"{s['tokens_per_s']:,.0f}"))
     if s["mfu"] is not None:
         rows.append(("mean MFU", f"{s['mfu']:.1%}"))
+    if moe := s.get("moe"):
+        labels = {"max_mean": "max/mean tokens per expert", "aux_loss": "aux loss",
+                  "z_loss": "z loss", "router_entropy": "router entropy"}  # fmt: skip
+        text = ", ".join(f"{labels.get(k, k)} {v:.3f}" for k, v in moe.items())
+        rows.append(("routing (last step)", text))
     return rows
 
 

@@ -8,7 +8,8 @@ import math
 import torch
 from torch import nn
 
-NO_DECAY_NAMES = ("tok_emb", "pos_emb")
+# "_bias": a mixture of experts' stacked biases (experts.w1_bias, (E, H)) are 2-D but biases
+NO_DECAY_NAMES = ("tok_emb", "pos_emb", "_bias")
 
 
 @dataclasses.dataclass

@@ -2,7 +2,8 @@
 
 One formula everywhere (DESIGN "Parallelism and precision"):
     FLOPs/token = 6 N + 12 L H Q T
-N non-embedding parameters (token/position tables and an untied output head left out), L layers,
+N non-embedding parameters a token goes through (token/position tables and an untied output head
+left out; in a mixture of experts the active ones: router, top_k experts, shared experts), L layers,
 H heads, Q head size, T sequence length (attention counted in full, causal mask ignored).
 The output projection is not in N, so our MFU is conservative against counts that include it.
 """
@@ -33,8 +34,9 @@ PEAK_BF16_FLOPS: list[tuple[str, float]] = [
 
 
 def flops_per_token(cfg: ModelConfig, seq_len: int) -> float:
-    """Training FLOPs per token (forward + backward)."""
-    n = num_params(cfg, non_embedding=True)
+    """Training FLOPs per token (forward + backward); a sparse model counts its active
+    parameters (the routed experts a token does not visit cost it nothing)."""
+    n = num_params(cfg, non_embedding=True, active=True)
     return 6.0 * n + 12.0 * cfg.n_layer * cfg.n_head * cfg.head_dim * seq_len
 
 

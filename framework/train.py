@@ -28,6 +28,8 @@ from framework.data.tokenizer import Tokenizer, load_tokenizer
 from framework.data.vocab import resolve_vocab_size
 from framework.dist import Dist, init_distributed, launch_env, teardown
 from framework.metrics import Metrics, perplexity, setup_logging
+from framework.model.gpt import num_params
+from framework.model.moe import moe_metrics
 from framework.model.sampling import sample
 from framework.optim import lr_at, schedule_change_warning
 from framework.parallel import build_engine
@@ -96,9 +98,11 @@ def _train(cfg: C.Config, dist: Dist, guard: faults.Guard) -> dict:
         peak_flops(torch.cuda.get_device_name()) if dist.device.type == "cuda" else None
     )
     log.info(
-        "model %s: %.2fM parameters; %d ranks (dp %d), %d micro-batches of %d per step, %d tokens/step",
+        "model %s: %.2fM parameters, %.2fM active per token; %d ranks (dp %d), %d micro-batches "
+        "of %d per step, %d tokens/step",
         cfg.model.name,
-        sum(p.numel() for p in engine.plain_model().parameters()) / 1e6,
+        num_params(cfg.model) / 1e6,
+        num_params(cfg.model, active=True) / 1e6,  # MFU counts these (framework.perf)
         dist.world_size,
         data_rank.size,
         accum,
@@ -153,6 +157,7 @@ def _train(cfg: C.Config, dist: Dist, guard: faults.Guard) -> dict:
                 "step %d: fp16 gradient overflow: update skipped, loss scale now %g", step, scale
             )
         record.update(guard.counters())
+        record.update(moe_metrics(engine.plain_model()))  # routing statistics; none when dense
         record.update(timer.record() | host_memory() | engine.device_memory())
         if save_s is not None:  # the save after the previous step, between the two
             record["time/checkpoint_s"], save_s = save_s, None

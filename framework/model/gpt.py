@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import hashlib
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import torch
@@ -18,6 +18,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from framework.errors import ConfigError
+from framework.model.moe import MoE, MoEConfig
 
 
 class ModelShapeError(ConfigError):
@@ -58,6 +59,14 @@ class ModelConfig:
     num_labels: int = 0
     """0: a language model (output head of vocab_size rows). >0: a sequence classifier, the
     output head `lm_head` has num_labels rows (HF's `score`, no bias); task=classify sets it."""
+    qk_norm: bool = False
+    """RMSNorm over the whole query and key projections before RoPE (OLMoE, OLMo-2)."""
+    moe: MoEConfig = field(default_factory=MoEConfig)
+    """Mixture of experts (framework/model/moe.py); num_experts=0: dense."""
+
+    def __post_init__(self):
+        if isinstance(self.moe, dict):  # ModelConfig(**saved_config["model"]) of a checkpoint
+            self.moe = MoEConfig(**self.moe)
 
     @property
     def kv_heads(self) -> int:
@@ -75,6 +84,24 @@ class ModelConfig:
             return 4 * self.n_embd
         hidden = int(2 * 4 * self.n_embd / 3)
         return self.multiple_of * ((hidden + self.multiple_of - 1) // self.multiple_of)
+
+    @property
+    def expert_dim(self) -> int:
+        """Each routed expert's MLP width (model.moe.expert_hidden, default the dense width)."""
+        return self.moe.expert_hidden or self.ffn_dim
+
+    @property
+    def moe_shape(self) -> dict | None:
+        """The keys that shape the sparse blocks' parameters (None: dense), for checkpoints."""
+        if not self.moe.enabled:
+            return None
+        m = self.moe
+        return {
+            "num_experts": m.num_experts,
+            "every": m.every,
+            "expert_hidden": self.expert_dim,
+            "shared_experts": m.shared_experts,
+        }
 
     def validate(self) -> None:
         """Raise ModelShapeError naming every impossible key (never a bare assert)."""
@@ -109,27 +136,39 @@ class ModelConfig:
             )
         if not 0.0 <= self.dropout < 1.0:
             errors.append(f"model.dropout={self.dropout} must be in [0, 1)")
+        errors += self.moe.errors(self.n_layer)
         if errors:
             raise ModelShapeError("; ".join(errors))
 
 
-def num_params(cfg: ModelConfig, non_embedding: bool = False) -> int:
+def num_params(cfg: ModelConfig, non_embedding: bool = False, active: bool = False) -> int:
     """Parameter count from the config alone (no tensors), as the model builds it.
 
     non_embedding=True leaves out token and position embeddings (and an untied output head),
-    which is the N of the 6N FLOPs-per-token formula.
+    which is the N of the 6N FLOPs-per-token formula. active=True counts what one token goes
+    through: in a sparse block the router, top_k routed experts and the shared experts, not
+    the other num_experts - top_k (equal to the total for a dense model).
     """
-    C, L, V, F_ = cfg.n_embd, cfg.n_layer, cfg.vocab_size, cfg.ffn_dim
+    C, L, V = cfg.n_embd, cfg.n_layer, cfg.vocab_size
     kv = cfg.kv_heads * cfg.head_dim
     b = 1 if cfg.bias else 0
     attn = C * C + 2 * C * kv + C * C + b * (C + 2 * kv + C)  # q, k, v, o
-    if cfg.style == "gpt2":
-        mlp = 2 * C * F_ + b * (F_ + C)
-        norm = 2 * C if cfg.bias else C
-    else:
-        mlp = 3 * C * F_ + b * (2 * F_ + C)
-        norm = C
-    blocks = L * (attn + mlp + 2 * norm) + norm  # + final norm
+    if cfg.qk_norm:
+        attn += C + kv
+
+    def mlp(width: int) -> int:
+        if cfg.style == "gpt2":
+            return 2 * C * width + b * (width + C)
+        return 3 * C * width + b * (2 * width + C)
+
+    norm = 2 * C if cfg.style == "gpt2" and cfg.bias else C
+    m = cfg.moe
+    shared = mlp(cfg.expert_dim * m.shared_experts) if m.shared_experts else 0
+    routed = (m.top_k if active else m.num_experts) * mlp(cfg.expert_dim)
+    sparse = m.num_experts * C + routed + shared  # router, experts, shared experts
+    n_sparse = len(m.sparse_layers(L))
+    blocks = L * (attn + 2 * norm) + (L - n_sparse) * mlp(cfg.ffn_dim) + n_sparse * sparse
+    blocks += norm  # the final norm
     embed = V * C + (cfg.block_size * C if cfg.style == "gpt2" else 0)
     head = 0 if cfg.tie_embeddings else (cfg.num_labels or V) * C
     return blocks if non_embedding else blocks + embed + head
@@ -187,10 +226,13 @@ def initial_value(
     name = canonical_name(name)
     if name.endswith("bias"):
         return torch.zeros(shape, dtype=dtype, device=device)
-    if len(shape) == 1:  # norm weights
+    if len(shape) == 1:  # norm weights (the stacked expert biases end in "bias": zeros)
         return torch.ones(shape, dtype=dtype, device=device)
     std = cfg.init_std
-    if name.endswith(("attn.wo.weight", "mlp.w2.weight")):
+    # residual output projections: attention's, the dense MLP's, a shared expert's and the
+    # routed experts' (the whole (E, C, H) tensor, drawn at once: every expert's slice is the
+    # same however expert parallelism later splits dim 0)
+    if name.endswith(("attn.wo.weight", "w2.weight", "experts.w2")):
         std = std / math.sqrt(2 * cfg.n_layer)
     generator = None
     if seed is not None:
@@ -228,12 +270,15 @@ class Attention(nn.Module):
         self.dropout = cfg.dropout
         self.resid_dropout = nn.Dropout(cfg.dropout)
         self.rope = cfg.style == "llama"
+        # OLMoE's QK-norm: over the whole projection (all heads at once), not per head
+        self.q_norm = RMSNorm(cfg.n_embd, cfg.norm_eps) if cfg.qk_norm else nn.Identity()
+        self.k_norm = RMSNorm(kv_dim, cfg.norm_eps) if cfg.qk_norm else nn.Identity()
 
     def forward(self, x, rope=None, attn_mask=None):
         B, T, _ = x.shape
         # -1 instead of n_head: under tensor parallel each rank holds a slice of the heads.
-        q = self.wq(x).view(B, T, -1, self.head_dim).transpose(1, 2)  # (B, nh, T, hs)
-        k = self.wk(x).view(B, T, -1, self.head_dim).transpose(1, 2)  # (B, nkv, T, hs)
+        q = self.q_norm(self.wq(x)).view(B, T, -1, self.head_dim).transpose(1, 2)  # (B, nh, T, hs)
+        k = self.k_norm(self.wk(x)).view(B, T, -1, self.head_dim).transpose(1, 2)  # (B, nkv, T, hs)
         v = self.wv(x).view(B, T, -1, self.head_dim).transpose(1, 2)
         if self.rope:
             cos, sin = rope
@@ -254,10 +299,10 @@ class Attention(nn.Module):
 
 
 class MLP(nn.Module):
-    def __init__(self, cfg: ModelConfig):
+    def __init__(self, cfg: ModelConfig, hidden: int | None = None):
         super().__init__()
         self.llama = cfg.style == "llama"
-        hidden = cfg.ffn_dim
+        hidden = hidden or cfg.ffn_dim
         self.w1 = nn.Linear(cfg.n_embd, hidden, bias=cfg.bias)  # gpt2: fc; llama: gate
         self.w2 = nn.Linear(hidden, cfg.n_embd, bias=cfg.bias)  # down projection
         self.w3 = nn.Linear(cfg.n_embd, hidden, bias=cfg.bias) if self.llama else None  # up
@@ -277,13 +322,21 @@ def make_norm(cfg: ModelConfig) -> nn.Module:
     return nn.LayerNorm(cfg.n_embd, eps=cfg.norm_eps, bias=cfg.bias)
 
 
+def make_moe(cfg: ModelConfig) -> MoE:
+    """A sparse MLP in the model's MLP style; its shared experts are one dense MLP."""
+    m = cfg.moe
+    shared = MLP(cfg, cfg.expert_dim * m.shared_experts) if m.shared_experts else None
+    swiglu = cfg.style == "llama"
+    return MoE(m, cfg.n_embd, cfg.expert_dim, swiglu, cfg.bias, cfg.dropout, shared)
+
+
 class Block(nn.Module):
-    def __init__(self, cfg: ModelConfig):
+    def __init__(self, cfg: ModelConfig, sparse: bool = False):
         super().__init__()
         self.attn_norm = make_norm(cfg)
         self.attn = Attention(cfg)
         self.mlp_norm = make_norm(cfg)
-        self.mlp = MLP(cfg)
+        self.mlp = make_moe(cfg) if sparse else MLP(cfg)
 
     def forward(self, x, rope=None, attn_mask=None):
         x = x + self.attn(self.attn_norm(x), rope, attn_mask)
@@ -301,7 +354,11 @@ class GPT(nn.Module):
         self.pos_emb = nn.Embedding(cfg.block_size, cfg.n_embd) if cfg.style == "gpt2" else None
         self.drop = nn.Dropout(cfg.dropout)
         # A ModuleDict keyed by index keeps FQNs stable when parallel code wraps blocks.
-        self.blocks = nn.ModuleDict({str(i): Block(cfg) for i in range(cfg.n_layer)})
+        self.blocks = nn.ModuleDict(
+            {str(i): Block(cfg, cfg.moe.is_sparse(i)) for i in range(cfg.n_layer)}
+        )
+        # the sparse layers, whose aux terms forward adds (a tuple: not registered twice)
+        self.moe_layers = tuple(b.mlp for b in self.blocks.values() if isinstance(b.mlp, MoE))
         self.norm = make_norm(cfg)
         # a classifier (num_labels > 0) scores every position like an LM head does; the task
         # trains and reads only the last text token's row
@@ -345,8 +402,16 @@ class GPT(nn.Module):
         doc_ids: torch.Tensor | None = None,
     ) -> torch.Tensor:
         """idx (B, T) token ids -> logits (B, T, V) (V: num_labels for a classifier), or the mean
-        cross-entropy if targets (B, T)
-        are given (ignore_index -100). doc_ids (B, T) optional: attention stays inside a document."""
+        cross-entropy if targets (B, T) are given (ignore_index -100). doc_ids (B, T) optional:
+        attention stays inside a document.
+
+        With sparse blocks the returned loss has the VALUE of the mean cross-entropy (what
+        metrics.jsonl's `loss` and `val_loss` show, comparable with a dense model's) and the
+        GRADIENT of the training objective
+            cross-entropy + mean over sparse blocks of (aux_loss_coef * aux + z_loss_coef * z)
+        by adding each layer's term as `t - t.detach()` (exactly 0 in value). The aux and z
+        values go to metrics.jsonl separately (moe/aux_loss, moe/z_loss). A NaN/Inf term still
+        makes the loss NaN, so the non-finite guard sees it."""
         B, T = idx.shape
         if T > self.cfg.block_size:
             raise ValueError(f"sequence length {T} exceeds model.block_size={self.cfg.block_size}")
@@ -365,6 +430,11 @@ class GPT(nn.Module):
         logits = self.lm_head(self.norm(x))  # (B, T, V)
         if targets is None:
             return logits
-        return F.cross_entropy(
+        loss = F.cross_entropy(
             logits.float().view(-1, logits.size(-1)), targets.reshape(-1), ignore_index=-100
         )
+        for layer in self.moe_layers:
+            term = layer.aux_term / len(self.moe_layers)
+            loss = loss + (term - term.detach())
+            layer.aux_term = None  # consumed: do not keep its graph alive until the next step
+        return loss

@@ -27,7 +27,9 @@ faults.sleep_in_step_s faults.spike_at_step faults.spike_factor
 logger.entity logger.mode logger.name logger.project logger.tags
 model.bias model.block_size model.dropout model.ffn_hidden model.init_from model.init_std model.multiple_of
 model.n_embd model.n_head model.n_kv_head model.n_layer model.name model.norm_eps model.num_labels model.rope_theta
-model.style model.tie_embeddings model.vocab_size
+model.style model.tie_embeddings model.vocab_size model.qk_norm
+model.moe.num_experts model.moe.top_k model.moe.every model.moe.expert_hidden model.moe.shared_experts
+model.moe.router model.moe.norm_topk_prob model.moe.aux_loss_coef model.moe.z_loss_coef
 optim.beta1 optim.beta2 optim.decay_fraction optim.eps optim.fused optim.grad_clip optim.lr optim.min_lr_ratio
 optim.schedule optim.warmup_steps optim.weight_decay
 plan.dry_run plan.gpu plan.mfu plan.world_size

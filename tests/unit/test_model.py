@@ -159,3 +159,34 @@ def test_model_package_imports_no_distributed_code():
                 names = [node.module]
             offenders += [f"{f.name}: {n}" for n in names if n.startswith(banned)]
     assert offenders == []
+
+
+def test_qk_norm_normalises_the_whole_projections_before_rope():
+    """OLMoE's QK-norm: RMSNorm over all heads of q (C wide) and of k (kv heads x head size)
+    at once, before the heads are split and rotated; written out by hand here."""
+    from framework.model.gpt import Attention, apply_rope, rope_cache
+
+    cfg = ModelConfig(style="llama", n_layer=1, n_head=4, n_kv_head=2, n_embd=32, block_size=8,
+                      bias=False, qk_norm=True)  # fmt: skip
+    torch.manual_seed(0)
+    attn = Attention(cfg)
+    with torch.no_grad():
+        attn.q_norm.weight.uniform_(0.5, 1.5)
+        attn.k_norm.weight.uniform_(0.5, 1.5)
+    assert attn.q_norm.weight.shape == (32,) and attn.k_norm.weight.shape == (16,)
+    x = torch.randn(2, 8, 32)
+    cos, sin = rope_cache(cfg)
+
+    def rms(t, w):
+        return w * t * torch.rsqrt(t.pow(2).mean(-1, keepdim=True) + cfg.norm_eps)
+
+    def heads(t):
+        return t.view(2, 8, -1, 8).transpose(1, 2)
+
+    q = apply_rope(heads(rms(attn.wq(x), attn.q_norm.weight)), cos, sin)
+    k = apply_rope(heads(rms(attn.wk(x), attn.k_norm.weight)), cos, sin).repeat_interleave(2, 1)
+    y = torch.nn.functional.scaled_dot_product_attention(q, k, heads(attn.wv(x)).repeat_interleave(2, 1),
+                                                         is_causal=True)  # fmt: skip
+    want = attn.wo(y.transpose(1, 2).reshape(2, 8, 32))
+    torch.testing.assert_close(attn(x, (cos, sin)), want, rtol=1e-5, atol=1e-6)
+    assert num_params(cfg) == sum(p.numel() for p in GPT(cfg).parameters())
