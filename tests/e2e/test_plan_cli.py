@@ -92,5 +92,6 @@ def test_unknown_key_fails_at_compose_time_naming_it():
     r = fw_plan("plan.bogus_key=1")
     assert r.returncode == EXIT_CONFIG
     assert (
-        "unknown key plan.bogus_key (valid keys under plan: world_size, gpu, mfu, dry_run)" in r.stderr
+        "unknown key plan.bogus_key (valid keys under plan: world_size, gpu, mfu, dry_run, "
+        "gpus_per_node, intra_node_gbps, inter_node_gbps, search)" in r.stderr
     )

@@ -197,8 +197,10 @@ def test_weight_copies():
     # autocast caches a bf16 copy of every matrix: blocks and the (tied) head.
     assert memory.weight_copies_bytes(GPT2, 1, "ddp", "bf16") == (84_934_656 + 50257 * 768) * 2
     block = memory.block_params_per_tp_rank(GPT2, 1)
-    embeddings = 50257 * 768 + 1024 * 768
-    assert memory.weight_copies_bytes(GPT2, 1, "fsdp", "bf16") == (3 * block + embeddings) * 2
+    # a block: q, k, v, o (4 C^2 + 4 C), fc and proj (8 C^2 + 5 C), two LayerNorms (4 C)
+    assert block == 12 * 768**2 + 13 * 768
+    root = 50257 * 768 + 1024 * 768 + 2 * 768  # the root unit: embeddings and the final norm
+    assert memory.weight_copies_bytes(GPT2, 1, "fsdp", "bf16") == (3 * block + root) * 2
     # Not resharding after forward keeps the whole unsharded model from forward to backward.
     kept = memory.weight_copies_bytes(GPT2, 1, "fsdp", "bf16", reshard_after_forward=False)
     assert kept == (num_params(GPT2) + block) * 2
