@@ -10,6 +10,8 @@ m micro-batches per optimizer step and pipeline (the gradient accumulation count
 
 from __future__ import annotations
 
+import functools
+
 from framework.model.gpt import ModelConfig, num_params
 
 SCHEDULES = ("gpipe", "1f1b", "interleaved_1f1b", "zero_bubble", "dualpipev")
@@ -68,6 +70,11 @@ def stage_layers(
                 f"(one per stage) summing to model.n_layer={n_layer}"
             )
         return list(pp_layers)
+    return list(_balanced(n_layer, n_stages, head_cost, embed_cost))
+
+
+@functools.lru_cache(maxsize=4096)
+def _balanced(n_layer: int, n_stages: int, head_cost: float, embed_cost: float) -> tuple[int, ...]:
     extra = [0.0] * n_stages
     extra[0] += embed_cost
     extra[-1] += head_cost
@@ -76,15 +83,26 @@ def stage_layers(
         return [max(int(limit - e + 1e-9), 0) for e in extra]
 
     # the smallest limit whose capacities hold every block is one of k + extra[i], and no
-    # stage costs less than what it holds besides blocks
+    # stage costs less than what it holds besides blocks; capacity grows with the limit
     floor = max(extra)
-    candidates = sorted({k + e for e in extra for k in range(n_layer + 1) if k + e >= floor})
-    limit = next(c for c in candidates if sum(capacity(c)) >= n_layer)
-    counts = capacity(limit)
-    for _ in range(sum(counts) - n_layer):  # take the surplus from the costliest, earliest stages
-        i = max(range(n_stages), key=lambda j: (counts[j] > 0, counts[j] + extra[j], -j))
-        counts[i] -= 1
-    return counts
+    candidates = sorted({k + e for e in set(extra) for k in range(n_layer + 1) if k + e >= floor})
+    lo, hi = 0, len(candidates) - 1
+    while lo < hi:
+        mid = (lo + hi) // 2
+        if sum(capacity(candidates[mid])) >= n_layer:
+            hi = mid
+        else:
+            lo = mid + 1
+    counts = capacity(candidates[lo])
+    # Take the surplus (fewer than one block per stage) from the costliest stages, earliest
+    # first: every stage at capacity costs within one block of the limit, so a stage that gave
+    # one up is cheaper than all the others and is not picked twice.
+    order = sorted(
+        (j for j in range(n_stages) if counts[j] > 0), key=lambda j: (-(counts[j] + extra[j]), j)
+    )
+    for j in order[: sum(counts) - n_layer]:
+        counts[j] -= 1
+    return tuple(counts)
 
 
 def stage_cost(counts: list[int], head_cost: float = 0.0, embed_cost: float = 0.0) -> list[float]:
@@ -138,25 +156,28 @@ def min_micro_batches(pp: int, schedule: str, pp_stages_per_rank: int = 2) -> in
     return 2 * pp if schedule == "dualpipev" else pp
 
 
-def in_flight(pp: int, micro_batches: int, schedule: str, pp_stages_per_rank: int = 2) -> float:
-    """Micro-batches of activations the first pipeline rank (the most loaded) holds at once, in
-    units of one micro-batch through all of its layers.
+def in_flight(
+    pp: int, micro_batches: int, schedule: str, pp_stages_per_rank: int = 2, rank: int = 0
+) -> float:
+    """Micro-batches of activations pipeline rank `rank` holds at once, in units of one
+    micro-batch through all of its layers; rank 0, the first, holds the most.
 
-    gpipe: all m (every forward runs before the first backward); 1f1b: p (Narayanan et al.
-    2021); interleaved_1f1b: p + (p-1)/v, Korthikanti et al. 2022 (sec. 4.2.3: p (1 + (p-1)/(p
-    v))) from Megatron's warm-up of 2(p-1) + (v-1)p chunks + 1; zero_bubble: the interleaved
-    figure (ZB-H1 keeps 1F1B's peak; its interleaved form keeps the interleaved one);
-    dualpipev: DualPipe's PP + 1 chunks with PP = 2p chunks of half a rank's layers, p + 1/2.
-    Never more than the m micro-batches there are."""
+    gpipe: all m (every forward runs before the first backward); 1f1b: p - rank (Narayanan et
+    al. 2021); interleaved_1f1b: (2(p - rank - 1) + (v-1)p + 1) / v, Megatron's warm-up in
+    chunks of 1/v of the rank's layers, which is p + (p-1)/v for rank 0 (Korthikanti et al.
+    2022, sec. 4.2.3: p (1 + (p-1)/(p v))); zero_bubble: the interleaved figure (ZB-H1 keeps
+    1F1B's peak, its interleaved form the interleaved one); dualpipev: DualPipe's PP + 1 chunks
+    (PP = 2p chunks of half a rank's layers) on every rank, p + 1/2. Never more than the m
+    micro-batches there are."""
     if pp <= 1:
         return 1.0
     v = stages_per_rank(schedule, pp_stages_per_rank)
     if schedule == "gpipe":
         held = float(micro_batches)
     elif schedule == "1f1b":
-        held = float(pp)
+        held = float(pp - rank)
     elif schedule == "dualpipev":
         held = pp + 0.5
     else:
-        held = pp + (pp - 1) / v
+        held = (2 * (pp - rank - 1) + (v - 1) * pp + 1) / v
     return min(held, float(micro_batches))
