@@ -31,7 +31,14 @@ import math
 import os
 from dataclasses import dataclass, field, replace
 
+import torch
+import torch.distributed as tdist
 from omegaconf import DictConfig
+from torch._subclasses.fake_tensor import FakeTensorMode
+from torch.distributed.distributed_c10d import _resolve_process_group
+from torch.distributed.tensor import DTensor
+from torch.testing._internal.distributed.fake_pg import FakeStore  # registers backend "fake"
+from torch.utils._python_dispatch import TorchDispatchMode
 
 from framework import comm, memory, stages
 from framework.cli import entry
@@ -44,8 +51,13 @@ from framework.config import (
     load,
     validate,
 )
+from framework.data.loader import Batch
 from framework.data.vocab import resolve_vocab_size
 from framework.model.gpt import ModelConfig, num_params
+from framework.parallel import build_engine
+from framework.parallel.ddp import apply_ddp, ddp_grad_sync
+from framework.parallel.dist import Dist
+from framework.parallel.materialize import allocate
 from framework.perf import flops_per_token, peak_flops
 from framework.task import resolve_task
 
@@ -734,15 +746,22 @@ def render_dry_run(d: dict, p: Plan) -> str:
     def row(name: str, real: float, planned: float) -> str:
         return f"    {name:13s} {real / GIB:9.2f}  plan {planned / GIB:.2f} ({real / planned - 1:+.2%})"
 
-    return "\n".join(
-        [
-            f"  dry run (meta build over a fake process group of {p.world_size} ranks; rank 0, "
-            f"the most loaded): {_count(d['params_per_rank'])} parameters per rank (GiB)",
-            row("weights", d["weight_bytes_per_rank"], p.params_bytes),
-            row("gradients", d["grad_bytes_per_rank"], p.grads_bytes),
-            row("optimizer", d["optimizer_bytes_per_rank"], p.optimizer_bytes),
-        ]
-    )
+    lines = [
+        f"  dry run (meta build over a fake process group of {p.world_size} ranks; rank 0, "
+        f"the most loaded): {_count(d['params_per_rank'])} parameters per rank (GiB)",
+        row("weights", d["weight_bytes_per_rank"], p.params_bytes),
+        row("gradients", d["grad_bytes_per_rank"], p.grads_bytes),
+        row("optimizer", d["optimizer_bytes_per_rank"], p.optimizer_bytes),
+    ]
+    counted = d.get("comm_bytes")
+    if counted is not None:
+        planned = p.comm_bytes
+        lines.append("  dry run: one step on fake tensors, bytes rank 0 sends (GB)")
+        for key in sorted(set(counted) | set(planned)):
+            real, plan_b = counted.get(key, 0.0), planned.get(key, 0.0)
+            diff = f"({plan_b / real - 1:+.2%})" if real else "(not counted: at the optimizer step)"
+            lines.append(f"    {key:22s} {real / 1e9:9.3f}  plan {plan_b / 1e9:.3f} {diff}")
+    return "\n".join(lines)
 
 
 def dry_run(cfg: Config, world_size: int) -> dict:
@@ -752,13 +771,6 @@ def dry_run(cfg: Config, world_size: int) -> dict:
     This process is rank 0 of the fake group. DTensor and FSDP2 split a dimension as
     torch.chunk does (the first ranks get the rounded-up chunks), so rank 0 holds the largest
     shard on every mesh dimension: its figures are the most loaded rank's."""
-    import torch.distributed as tdist
-    from torch.distributed.tensor import DTensor
-    from torch.testing._internal.distributed.fake_pg import FakeStore  # registers backend "fake"
-
-    from framework.parallel import build_engine
-    from framework.parallel.dist import Dist
-
     if tdist.is_initialized():
         raise ConfigError("plan.dry_run needs a process without a process group (run framework.plan)")
     if cfg.precision.name in ("auto", "fp8"):
@@ -782,6 +794,118 @@ def dry_run(cfg: Config, world_size: int) -> dict:
         }
     finally:
         tdist.destroy_process_group()
+
+
+# Where each collective a dry run issues goes in the plan's comm_bytes: op -> (key, kind, index
+# of the argument holding the buffer). c10d ops are FSDP's and DDP's (the process-group API),
+# functional collectives DTensor's (tensor parallel). Extension point: the pipeline dry run
+# adds send/recv (pp_send_recv), the expert and context-parallel ones their all-to-alls
+# (ep_all_to_all, cp_all_to_all, told apart by group size or by op); an op not listed here
+# stops the count naming it rather than leave bytes out.
+COUNTED_OPS = {
+    "c10d._allgather_base_": ("fsdp_all_gather", "all_gather", 0),  # (output, input, group, ...)
+    "c10d._reduce_scatter_base_": ("fsdp_reduce_scatter", "reduce_scatter", 1),  # (out, input, ..)
+    "c10d.allreduce_": ("ddp_all_reduce", "all_reduce", 0),  # ([tensors], group, op, ...)
+    "_c10d_functional.all_gather_into_tensor": ("tp_all_gather", "all_gather", 0),  # (input, n, g)
+    "_c10d_functional.reduce_scatter_tensor": ("tp_reduce_scatter", "reduce_scatter", 0),
+    "_c10d_functional.all_reduce": ("tp_all_reduce", "all_reduce", 0),  # (input, op, group)
+}
+NOT_COMMUNICATION = ("_c10d_functional.wait_tensor",)
+
+
+def count_comm(cfg: Config, world_size: int) -> dict[str, float]:
+    """Bytes rank 0 sends per optimizer step, by collective, counted on the real build path: the
+    engine built as in `dry_run` over torch's fake process group, its weights made fake tensors
+    (shapes without memory: FakeTensorMode), then the engine's own forward_backward over fake
+    micro-batches while a dispatch mode records every collective with its buffer and group.
+    FSDP2's and DDP's collectives go to the process group directly (c10d ops), DTensor's
+    (tensor parallel) are functional collectives: torch's CommDebugMode counts calls, not
+    bytes, hence the mode here. Bytes follow framework.comm's ring factors, so a test holds
+    the plan's comm_bytes to these counts. Each micro-batch but the last is the same (gradient
+    sync off), so two are run and the first counted accum - 1 times.
+
+    DDP: its reducer cannot use the fake group (the group's futures carry no tensors), so a
+    comm hook all-reduces each gradient bucket itself, the same buffers DDP would reduce. Not
+    counted: the optimizer step (pure tp reduces the norm weights' partial gradients there:
+    plan key tp_norm_grads), DeepSpeed's engines (no fake group)."""
+    if tdist.is_initialized():
+        raise ConfigError("plan.dry_run needs a process without a process group (run framework.plan)")
+    if cfg.precision.name in ("auto", "fp8"):
+        cfg = replace(cfg, precision=replace(cfg.precision, name="bf16"))
+    t = cfg.trainer
+    accum = grad_accum_steps(cfg, layout(cfg.strategy, world_size).dp)
+    tdist.init_process_group("fake", store=FakeStore(), rank=0, world_size=world_size)
+    try:
+        engine = build_engine(None, cfg, Dist(rank=0, world_size=world_size), dry_run=True)
+        with FakeTensorMode(allow_non_fake_inputs=True):
+            allocate(engine.plain_model(), torch.device("cpu"))  # fake tensors: no memory
+            if cfg.strategy.name == "ddp":
+                engine.model = apply_ddp(engine.plain_model(), torch.device("cpu"), init_sync=False)
+                engine.model.register_comm_hook(None, _all_reduce_bucket)
+                engine.grad_sync = ddp_grad_sync(engine.model)
+            ids = torch.zeros(t.micro_batch_size, t.seq_len, dtype=torch.long)
+            runs = []
+            for _ in range(min(accum, 2)):
+                with _CommCounter(cfg.strategy.name) as counter:
+                    engine.forward_backward(Batch(ids, ids), min(accum, 2))
+                runs.append(counter.bytes)
+    finally:
+        tdist.destroy_process_group()
+    total: dict[str, float] = {}
+    for i, run in enumerate(runs):
+        times = accum - 1 if i == 0 and len(runs) == 2 else 1
+        for key, b in run.items():
+            total[key] = total.get(key, 0.0) + times * b
+    return total
+
+
+def _all_reduce_bucket(state, bucket):
+    """DDP comm hook for the fake group: the bucket's all-reduce, its result already there."""
+    buffer = bucket.buffer()
+    tdist.all_reduce(buffer)
+    done = torch.futures.Future()
+    done.set_result(buffer)
+    return done
+
+
+class _CommCounter(TorchDispatchMode):
+    """Records the bytes each collective sends from this rank (framework.comm.ring_factor)."""
+
+    def __init__(self, strategy: str):
+        super().__init__()
+        self.strategy = strategy
+        self.bytes: dict[str, float] = {}
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        op = str(func.overloadpacket)
+        if ("c10d" in op) and op not in NOT_COMMUNICATION:
+            if op not in COUNTED_OPS:
+                raise ConfigError(f"plan.dry_run: collective {op} has no comm_bytes key in COUNTED_OPS")
+            key, kind, index = COUNTED_OPS[op]
+            buffer = args[index]
+            tensors = buffer if isinstance(buffer, (list, tuple)) else [buffer]
+            nbytes = sum(x.numel() * x.element_size() for x in tensors)
+            n = _group_size(args)
+            if op == "_c10d_functional.all_gather_into_tensor":
+                nbytes *= n  # its argument is this rank's part; the ring moves the whole
+            if key == "tp_all_reduce" and tensors[0].dim() == 1:
+                key = "tp_norm_grads"  # a norm weight's gradient, not an activation
+            if key == "ddp_all_reduce" and self.strategy != "ddp":
+                key = "hsdp_all_reduce"  # FSDP's only all-reduce: across HSDP replicas
+            self.bytes[key] = self.bytes.get(key, 0.0) + nbytes * comm.ring_factor(kind, n)
+        return func(*args, **(kwargs or {}))
+
+
+def _group_size(args) -> int:
+    """Ranks of the collective's group: a ProcessGroup argument (c10d ops), a group size
+    (functional all-gather / reduce-scatter), or a group name (functional all-reduce)."""
+    for a in args:
+        if isinstance(a, torch.ScriptObject) and "ProcessGroup" in str(a._type()):
+            return torch._C._distributed_c10d.ProcessGroup.unbox(a).size()
+    for a in args[1:]:
+        if isinstance(a, int) and not isinstance(a, bool):
+            return a
+    return _resolve_process_group(args[-1]).size()
 
 
 # -- search -------------------------------------------------------------------------------------
@@ -1010,6 +1134,9 @@ def main(dcfg: DictConfig) -> None:
     text = render(plan, cfg)
     if cfg.plan.dry_run:
         summary["dry_run"] = dry_run(cfg, plan.world_size)
+        summary["dry_run"]["comm_bytes"] = {
+            k: round(v) for k, v in count_comm(cfg, plan.world_size).items()
+        }
         text += "\n" + render_dry_run(summary["dry_run"], plan)
     print(text)
     print(json.dumps(summary))
