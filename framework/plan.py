@@ -321,8 +321,21 @@ class Plan:
     collectives: list[comm.Collective] = field(default_factory=list)
     """Of the pipeline rank that sets the pace."""
     net: comm.Cluster | None = None
+    reshard_after_forward: bool = True
+    hsdp_replicas: int = 1
     overrides: list[str] = field(default_factory=list)
     """The strategy / trainer keys that select this layout (search results)."""
+
+    @property
+    def label(self) -> str:
+        """The strategy with its data-parallel variant: fsdp-keep (no reshard after forward),
+        fsdp-hsdp8 (8 replicas of shard groups)."""
+        out = self.strategy
+        if self.strategy in ("fsdp", "tp_fsdp") and not self.reshard_after_forward:
+            out += "-keep"
+        if self.hsdp_replicas > 1:
+            out += f"-hsdp{self.hsdp_replicas}"
+        return out
 
     @property
     def memory_bytes(self) -> float:
@@ -516,6 +529,8 @@ def estimate(cfg: Config, world_size: int) -> Plan:
         schedule=s.pp_schedule if lay.pp > 1 else None,
         stage_layers=counts if lay.pp > 1 else [],
         unsharded_grads_bytes=unsharded,
+        reshard_after_forward=s.reshard_after_forward,
+        hsdp_replicas=lay.dp_replicate if kind == "fsdp" else 1,
         compute_s=st.compute_s,
         comm_s=st.comm_s,
         bubble_s=st.bubble_s,
@@ -941,7 +956,9 @@ def _dp_flavours(tp: int, pp: int, cp: int, dp: int, gpus_per_node: int) -> list
         out += [{"name": z} for z in ("zero1", "zero2", "zero3")]
     out += [{"name": "fsdp", "reshard_after_forward": r} for r in ([False] if pp > 1 else [True, False])]
     if cp == 1 and dp > gpus_per_node and dp % gpus_per_node == 0:
-        out.append({"name": "fsdp", "hsdp_replicas": dp // gpus_per_node})
+        out.append(
+            {"name": "fsdp", "hsdp_replicas": dp // gpus_per_node, "reshard_after_forward": pp == 1}
+        )
     return out
 
 
@@ -1081,6 +1098,8 @@ def search_row(p: Plan) -> dict:
         "cp": p.cp,
         "ep": p.ep,
         "strategy": p.strategy,
+        "reshard_after_forward": p.reshard_after_forward,
+        "hsdp_replicas": p.hsdp_replicas,
         "schedule": p.schedule,
         "micro_batch_size": p.micro_batch_size,
         "activation_checkpointing": p.activation_checkpointing,
@@ -1102,12 +1121,12 @@ def render_search(plans: list[Plan], cfg: Config, world_size: int) -> str:
         f"{net.intra_node_gbps:g} / {net.inter_node_gbps:g} Gb/s per GPU in / across nodes), "
         f"{t.global_batch_size} sequences x {t.seq_len} tokens per step, {cfg.plan.mfu:.0%} MFU "
         "assumed; the layouts that fit, fastest first",
-        "   #   tp  pp   dp  cp  ep  strategy  schedule          mbs  checkpointing  step s  "
-        "comm s  bubble  memory GiB  MFU",
+        "   #   tp  pp   dp  cp  ep  strategy          schedule          mbs  checkpointing  "
+        "step s  comm s  bubble  memory GiB  MFU",
     ]
     for i, p in enumerate(plans, 1):
         lines.append(
-            f"  {i:2d} {p.tp:4d} {p.pp:3d} {p.dp:4d} {p.cp:3d} {p.ep:3d}  {p.strategy:8s}  "
+            f"  {i:2d} {p.tp:4d} {p.pp:3d} {p.dp:4d} {p.cp:3d} {p.ep:3d}  {p.label:16s}  "
             f"{p.schedule or '-':16s} {p.micro_batch_size:4d}  {p.activation_checkpointing:13s} "
             f"{p.step_time_s:7.3g} {p.comm_s:7.3g} {p.bubble:7.1%} {p.memory_bytes / GIB:11.1f} "
             f"{p.mfu_estimated:4.0%}"
