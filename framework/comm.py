@@ -337,3 +337,84 @@ def context_parallel(
         calls = micro_batches * layers * (cp - 1) * (3 + (1 if recompute else 0))
         return [Collective("cp_send_recv", "send_recv", 2, kv, calls, intra, "attention")]
     raise ValueError(f"context-parallel method {method!r} is not ulysses or ring")
+
+
+# -- what the step waits for -------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class RankTimes:
+    """One rank's compute per micro-batch (seconds) and the collectives of its step."""
+
+    forward_s: float
+    backward_s: float
+    recompute_s: float
+    attention_share: float
+    """Share of this rank's compute in attention kernels (what ring attention hides behind)."""
+    collectives: list[Collective]
+    first_gather_s: float = 0.0
+    """FSDP / ZeRO-3: the gathers nothing overlaps (the root and first block of each forward)."""
+    reduction_tail: float = 0.0
+    """Share of the gradient reduction left after backward ends (DDP's last bucket, FSDP's
+    last unit)."""
+
+
+@dataclass(frozen=True)
+class StepTime:
+    compute_s: float
+    comm_s: float
+    bubble_s: float
+    bubble: float
+    pacing_rank: int
+
+    @property
+    def step_s(self) -> float:
+        return self.compute_s + self.comm_s + self.bubble_s
+
+
+def step_time(ranks: list[RankTimes], micro_batches: int, bubble_ratio: float, net: Cluster) -> StepTime:
+    """Seconds per optimizer step: compute at plan.mfu, plus the communication the strategy
+    cannot hide, plus the pipeline bubble. Overlap assumptions, per rank:
+
+    - on the critical path (overlap "none"): tensor-parallel collectives (our TP issues them
+      between the matmuls that need them; no async TP), context-parallel all-to-alls and the
+      expert all-to-alls: all exposed;
+    - FSDP / ZeRO-3 all-gathers are prefetched one unit ahead: the forward's hide behind the
+      forward compute, the backward's (and ZeRO-2/3's per-micro-batch reduce-scatters) behind
+      the backward compute (and recompute); only the excess over that compute is exposed, plus
+      the gathers nothing precedes (`first_gather_s`);
+    - gradient reductions once per step (DDP all-reduce, FSDP reduce-scatter, HSDP all-reduce,
+      ZeRO-1's reduce-scatter) run during the last micro-batch's backward, behind whatever
+      compute its backward gathers leave; the excess and the last bucket / unit
+      (`reduction_tail`) are exposed;
+    - after the optimizer step (ZeRO-1/2's weight all-gather): exposed;
+    - pipeline send/recv: exposed, once per transfer (each micro-batch boundary in each
+      direction; a rank's sends wait for the neighbour);
+    - ring attention's K/V exchange hides behind the attention kernels; the excess is exposed.
+    Per-micro-batch terms repeat on every micro-batch and stretch with the pipeline: the slowest
+    pipeline rank (compute + its exposed per-micro-batch communication) sets the pace, and the
+    bubble is `bubble_ratio` (framework.stages) of that busy time. Compute-communication
+    contention for memory bandwidth and SMs is left out (plan.mfu absorbs it)."""
+    m = micro_batches
+    paced, per_step, compute = [], [], []
+    for r in ranks:
+        t = {k: 0.0 for k in OVERLAPS}
+        for c in r.collectives:
+            t[c.overlap] += c.seconds(net)
+        work = r.forward_s + r.backward_s + r.recompute_s
+        first = r.first_gather_s
+        exposed = t["none"] + first + max(0.0, t["forward"] - first - m * r.forward_s)
+        exposed += max(0.0, t["backward"] - m * (r.backward_s + r.recompute_s))
+        exposed += max(0.0, t["attention"] - m * work * r.attention_share)
+        window = max(0.0, r.backward_s + r.recompute_s - t["backward"] / m)
+        reduction = max(0.0, t["reduction"] * (1 - r.reduction_tail) - window)
+        reduction += t["reduction"] * r.reduction_tail
+        paced.append(m * work + exposed)
+        per_step.append(reduction + t["after_step"] + t["p2p"])
+        compute.append(m * work)
+    busy = max(paced)
+    pace = paced.index(busy)
+    bubble_s = bubble_ratio * busy
+    total = busy + bubble_s + max(per_step)
+    comp = max(compute)
+    return StepTime(comp, total - bubble_s - comp, bubble_s, bubble_s / total if total else 0.0, pace)

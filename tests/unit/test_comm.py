@@ -9,8 +9,8 @@ import pytest
 
 from framework import comm, stages
 from framework.config import Layout
+from framework.estimate import groups
 from framework.model.gpt import ModelConfig
-from framework.plan import groups
 
 # -- ring factors and links ------------------------------------------------------------------------
 

@@ -1,4 +1,4 @@
-"""framework.plan's step time (compute + exposed communication + bubble), the per-pipeline-rank
+"""framework.estimate's step time (compute + exposed communication + bubble), the per-pipeline-rank
 memory, and plan.search. Layouts with pp/cp/ep > 1 are planned through `estimate` (validate()
 refuses them until their engines exist; the search checks its own constraints)."""
 
@@ -11,8 +11,10 @@ from types import SimpleNamespace
 import pytest
 
 from framework import comm, memory, stages
+from framework.comm import RankTimes, step_time
+from framework.estimate import estimate, moe_of, search, search_row
 from framework.model.gpt import num_params
-from framework.plan import RankTimes, estimate, make_plan, moe_of, search, search_row, step_time
+from framework.plan import make_plan
 from tests.helpers import make_cfg
 
 GIB = 2**30
