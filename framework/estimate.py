@@ -187,6 +187,7 @@ class Plan:
     collectives: list[comm.Collective] = field(default_factory=list)
     """Of the pipeline rank that sets the pace."""
     net: comm.Cluster | None = None
+    cp_method: str = "ulysses"
     reshard_after_forward: bool = True
     hsdp_replicas: int = 1
     overrides: list[str] = field(default_factory=list)
@@ -195,12 +196,14 @@ class Plan:
     @property
     def label(self) -> str:
         """The strategy with its data-parallel variant: fsdp-keep (no reshard after forward),
-        fsdp-hsdp8 (8 replicas of shard groups)."""
+        fsdp-hsdp8 (8 replicas of shard groups), and the context-parallel method."""
         out = self.strategy
         if self.strategy in ("fsdp", "tp_fsdp") and not self.reshard_after_forward:
             out += "-keep"
         if self.hsdp_replicas > 1:
             out += f"-hsdp{self.hsdp_replicas}"
+        if self.cp > 1:
+            out += f" {self.cp_method}"
         return out
 
     @property
@@ -245,6 +248,7 @@ class Plan:
             "tp": self.tp,
             "pp": self.pp,
             "cp": self.cp,
+            "cp_method": self.cp_method if self.cp > 1 else None,
             "ep": self.ep,
             "schedule": self.schedule,
             "stage_layers": self.stage_layers,
@@ -387,6 +391,7 @@ def estimate(cfg: Config, world_size: int) -> Plan:
         schedule=s.pp_schedule if lay.pp > 1 else None,
         stage_layers=counts if lay.pp > 1 else [],
         unsharded_grads_bytes=unsharded,
+        cp_method=s.cp_method,
         reshard_after_forward=s.reshard_after_forward,
         hsdp_replicas=lay.dp_replicate if kind == "fsdp" else 1,
         compute_s=st.compute_s,
@@ -564,8 +569,9 @@ def search(cfg: Config, world_size: int, top: int = SEARCH_TOP) -> list[Plan]:
     trainer.global_batch_size, the data-parallel flavour (_dp_flavours), the schedule (pp > 1),
     the micro-batch size (dividing the batch per dp rank, up to MAX_MICRO_BATCH, with at least
     stages.min_micro_batches micro-batches) and activation checkpointing. Pruned: a larger
-    micro-batch or less checkpointing never needs less memory, so once one does not fit, the
-    larger ones are skipped. Ties (equal time) go to less checkpointing, then less memory."""
+    micro-batch never needs less memory (but for FSDP's accumulation buffer, gone once one
+    micro-batch is the whole step), so once one does not fit, the larger ones are skipped.
+    Ties (equal time) go to less checkpointing, then less memory."""
     _searchable(cfg, world_size)
     m, t = cfg.model, cfg.trainer
     gpn = cfg.plan.gpus_per_node
@@ -625,6 +631,8 @@ def _fitting(cfg: Config, strategy, world_size: int, per_dp: int) -> list[Plan]:
             s = replace(strategy, activation_checkpointing=mode)
             cand = replace(cfg, strategy=s, trainer=replace(cfg.trainer, micro_batch_size=mbs))
             p = estimate(cand, world_size)
+            if not p.fits and p.unsharded_grads_bytes:
+                continue  # a micro-batch of the whole per-rank batch drops FSDP's buffer
             if not p.fits:
                 break  # larger micro-batches need more memory still
             p.overrides = _overrides(s, mbs)
@@ -661,6 +669,7 @@ def search_row(p: Plan) -> dict:
         "pp": p.pp,
         "dp": p.dp,
         "cp": p.cp,
+        "cp_method": p.cp_method if p.cp > 1 else None,
         "ep": p.ep,
         "strategy": p.strategy,
         "reshard_after_forward": p.reshard_after_forward,

@@ -238,12 +238,12 @@ def render_search(plans: list[Plan], cfg: Config, world_size: int) -> str:
         f"{net.intra_node_gbps:g} / {net.inter_node_gbps:g} Gb/s per GPU in / across nodes), "
         f"{t.global_batch_size} sequences x {t.seq_len} tokens per step, {cfg.plan.mfu:.0%} MFU "
         "assumed; the layouts that fit, fastest first",
-        "   #   tp  pp   dp  cp  ep  strategy          schedule          mbs  checkpointing  "
+        "   #   tp  pp   dp  cp  ep  strategy              schedule          mbs  checkpointing  "
         "step s  comm s  bubble  memory GiB  MFU",
     ]
     for i, p in enumerate(plans, 1):
         lines.append(
-            f"  {i:2d} {p.tp:4d} {p.pp:3d} {p.dp:4d} {p.cp:3d} {p.ep:3d}  {p.label:16s}  "
+            f"  {i:2d} {p.tp:4d} {p.pp:3d} {p.dp:4d} {p.cp:3d} {p.ep:3d}  {p.label:20s}  "
             f"{p.schedule or '-':16s} {p.micro_batch_size:4d}  {p.activation_checkpointing:13s} "
             f"{p.step_time_s:7.3g} {p.comm_s:7.3g} {p.bubble:7.1%} {p.memory_bytes / GIB:11.1f} "
             f"{p.mfu_estimated:4.0%}"
