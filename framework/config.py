@@ -723,6 +723,11 @@ def _validate_targets(cfg: Config) -> list[str]:
         errors.append(f"plan.world_size={pl.world_size} must be >= 1")
     if pl.gpus_per_node < 1:
         errors.append(f"plan.gpus_per_node={pl.gpus_per_node} must be >= 1")
+    if pl.search and pl.dry_run:
+        errors.append(
+            "plan.search=true ranks layouts analytically; plan.dry_run=true builds one: run the "
+            "search, then the dry run with the chosen layout's keys"
+        )
     for key in ("intra_node_gbps", "inter_node_gbps"):
         value = getattr(pl, key)
         if value is not None and not (value > 0 and math.isfinite(value)):

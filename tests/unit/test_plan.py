@@ -339,6 +339,12 @@ def test_precision_auto_plans_as_bf16():
         (["plan.gpu=tpu-v5"], 1, ["plan.gpu='tpu-v5'"]),
         (["plan.mfu=1.5"], 1, ["plan.mfu=1.5"]),
         (["strategy=single"], 2, ["strategy=single", "world size is 2"]),
+        (
+            ["plan.gpus_per_node=0", "plan.inter_node_gbps=-1"],
+            1,
+            ["plan.gpus_per_node=0", "plan.inter_node_gbps=-1"],
+        ),
+        (["plan.search=true", "plan.dry_run=true"], 1, ["plan.search=true", "plan.dry_run=true"]),
     ],
 )
 def test_impossible_configs_are_refused_naming_the_keys(overrides, world, needles):
