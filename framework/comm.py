@@ -1,5 +1,6 @@
 """Communication per training step as small pure functions (bytes, seconds), used by
-framework.plan. No process groups, no tensors: every collective is counted from numbers.
+framework.estimate (the plan). No process groups, no tensors: every collective is counted
+from numbers.
 
 Cost of one collective on one rank, ring algorithms (what NCCL's bandwidth-bound ring and
 tree algorithms approach for large messages; Patarasuk & Yuan 2009; NCCL's "bus bandwidth"):
@@ -19,8 +20,8 @@ messages of a training step are MBs to GBs); nominal link rates are used (NCCL r
 80% of them: lower `plan.*_gbps` to calibrate against a measured bus bandwidth).
 
 What each parallel technique moves is written here from what our code does (the functions say
-which file); `framework.plan` adds them up per rank and step and decides what overlaps compute
-(its `step_time` docstring states the overlap assumptions).
+which file); framework.estimate adds them up per rank and step, and `step_time` below decides
+what overlaps compute (its docstring states the overlap assumptions).
 """
 
 from __future__ import annotations
@@ -30,7 +31,7 @@ from dataclasses import dataclass
 KINDS = ("all_reduce", "all_gather", "reduce_scatter", "all_to_all", "send_recv")
 
 OVERLAPS = ("none", "forward", "backward", "reduction", "after_step", "p2p", "attention")
-"""What a collective can hide behind (framework.plan.step_time): none (on the critical path),
+"""What a collective can hide behind (step_time): none (on the critical path),
 forward / backward (prefetched behind the compute of that pass), reduction (gradient
 reduction behind the last micro-batch's backward), after_step (after the optimizer step,
 before the next forward), p2p (pipeline transfers), attention (ring attention's K/V exchange
@@ -115,7 +116,7 @@ def fsdp(
 ) -> list[Collective]:
     """FSDP2 (framework/parallel/fsdp.py) on a shard group of `n` ranks, for `params`
     parameters (this tp rank's, before sharding): `forward_gathered` / `backward_gathered`
-    parameters all-gathered per step before forward / backward (framework.plan counts them per
+    parameters all-gathered per step before forward / backward (framework.estimate counts them per
     unit: the root keeps its weights from forward to backward, blocks gather again before
     backward when they resharded after forward), in the compute dtype (`param_bytes`:
     MixedPrecisionPolicy.param_dtype). Gradients are reduce-scattered in fp32 (reduce_dtype)

@@ -1,4 +1,4 @@
-"""Per-GPU training memory as small pure functions (all sizes in bytes), used by framework.plan.
+"""Per-GPU training memory as small pure functions (all sizes in bytes), used by framework.estimate.
 
 No tensors, no devices: everything is counted from the model config. The accounting, per GPU:
 

@@ -1,6 +1,6 @@
 """Pipeline-stage math as small pure functions: which blocks each stage holds (balanced by
 cost, the output head counted), which rank runs each stage, the bubble of each schedule and
-the micro-batches whose activations a rank holds at once. Shared by framework.plan and the
+the micro-batches whose activations a rank holds at once. Shared by framework.estimate and the
 pipeline builder (framework.parallel), so the plan sizes exactly the split that runs.
 
 Notation: p pipeline ranks (strategy.pp), v stages per rank (virtual stages: 1 for gpipe and
@@ -128,7 +128,7 @@ def bubble_ratio(pp: int, micro_batches: int, schedule: str, pp_stages_per_rank:
       rank's layers each: (p-1)(F&B + B - 3W) in stage units, a third of 1F1B's with W = F =
       B/2 and F&B = F + B (our stages do not overlap one micro-batch's forward with another's
       backward; DualPipe's gain beyond that is hiding the expert all-to-all, not modelled).
-    Approximations: equal stage times, communication left out (framework.plan adds it)."""
+    Approximations: equal stage times, communication left out (framework.comm.step_time adds it)."""
     if pp <= 1:
         return 0.0
     if micro_batches < 1:
