@@ -6,9 +6,10 @@ contracts enforce it (`make lint`, tests/unit/test_layers.py); a new module join
 
     train | evaluate | generate | export | plan | prepare | report
         the entry points (console scripts), one per command; none imports another
-    faults | task | metrics | cli | lm_eval_model
+    faults | task | metrics | cli | lm_eval_model | estimate
         pieces of a run: fault policies and the watchdog, the task's data and metrics, logging
-        sinks, the command-line front (errors, key suggestions), the lm-eval model wrapper
+        sinks, the command-line front (errors, key suggestions), the lm-eval model wrapper, the
+        plan's estimate of a layout (memory, communication, step time) and its search
     parallel
         strategies applied to the plain model (DDP, ZeRO, FSDP2, TP), the engines, the meta build
     checkpoint | hf
@@ -18,9 +19,10 @@ contracts enforce it (`make lint`, tests/unit/test_layers.py); a new module join
         token shards and manifests, the mixture loader, tokenizers, prepare's record formats
     config
         the typed config tree (dataclasses) and its cross-field validation
-    precision | memory | perf | optim | safeload | dist
+    precision | memory | perf | optim | safeload | dist | comm | stages
         precision policies, the memory and FLOP math, the optimizer and LR schedule, loading
-        checkpoint bytes without running code, the process group from the launcher's environment
+        checkpoint bytes without running code, the process group from the launcher's environment,
+        the bytes each collective moves over which link, the pipeline's stage split and bubble
     model
         the plain single-device GPT and its sampling (no torch.distributed, deepspeed, accelerate)
     errors

@@ -191,7 +191,19 @@ class PlanConfig:
     """MFU assumed for the step-time estimate."""
     dry_run: bool = False
     """Also build the model on meta over a fake process group of world_size ranks and report
-    the per-rank bytes of the real sharded tensors beside the analytic plan."""
+    the per-rank bytes of the real sharded tensors (and, for the torch strategies, the bytes
+    each collective moves in one step) beside the analytic plan."""
+    gpus_per_node: int = 8
+    """GPUs per node: groups of ranks inside one node communicate over intra_node_gbps."""
+    intra_node_gbps: float | None = None
+    """GPU-to-GPU bandwidth inside a node, per GPU and direction, in gigabits per second
+    (None: plan.gpu's NVLink / PCIe figure, e.g. 3600 = 450 GB/s for H100 SXM)."""
+    inter_node_gbps: float | None = None
+    """Network bandwidth between nodes, per GPU and direction, in gigabits per second (None:
+    plan.gpu's figure, 400 = one 400 Gb/s InfiniBand NIC per GPU for Hopper nodes)."""
+    search: bool = False
+    """Rank the layouts (tp x pp x dp x cp x schedule x micro-batch x checkpointing) of this
+    model, world size and GPU by estimated step time instead of planning strategy.* as given."""
 
 
 @dataclass
@@ -670,6 +682,17 @@ def _validate_targets(cfg: Config) -> list[str]:
         errors.append(f"plan.mfu={pl.mfu} must be in (0, 1]")
     if pl.world_size is not None and pl.world_size < 1:
         errors.append(f"plan.world_size={pl.world_size} must be >= 1")
+    if pl.gpus_per_node < 1:
+        errors.append(f"plan.gpus_per_node={pl.gpus_per_node} must be >= 1")
+    if pl.search and pl.dry_run:
+        errors.append(
+            "plan.search=true ranks layouts analytically; plan.dry_run=true builds one: run the "
+            "search, then the dry run with the chosen layout's keys"
+        )
+    for key in ("intra_node_gbps", "inter_node_gbps"):
+        value = getattr(pl, key)
+        if value is not None and not (value > 0 and math.isfinite(value)):
+            errors.append(f"plan.{key}={value} must be a positive number of gigabits per second")
     if s.zero_offload and s.name not in ("zero1", "zero2", "zero3"):
         errors.append(f"strategy.zero_offload=true needs strategy=zero1|zero2|zero3 (got {s.name})")
     if s.overlap_comm is not None and s.name not in ("zero1", "zero2", "zero3"):

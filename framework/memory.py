@@ -1,4 +1,4 @@
-"""Per-GPU training memory as small pure functions (all sizes in bytes), used by framework.plan.
+"""Per-GPU training memory as small pure functions (all sizes in bytes), used by framework.estimate.
 
 No tensors, no devices: everything is counted from the model config. The accounting, per GPU:
 
@@ -39,21 +39,33 @@ class Gpu:
     """Nominal size (the marketed GB; CUDA reports about 1% less, inside FIT_FRACTION)."""
     fp8: bool
     """Our fp8 path needs sm_90 or newer (precision.py checks the real device at train time)."""
+    intra_node_gbps: float
+    """GPU-to-GPU bandwidth inside a node, per GPU and direction, gigabits/s (plan.intra_node_gbps)."""
+    inter_node_gbps: float = 400.0
+    """Network bandwidth per GPU and direction, gigabits/s (plan.inter_node_gbps): one 400 Gb/s
+    InfiniBand / RoCE NIC per GPU, as in DGX / HGX H100 and B200 nodes."""
 
 
+# Intra-node: NVLink per GPU and direction from NVIDIA's data sheets (H100/H200 SXM NVLink 4,
+# 900 GB/s bidirectional = 450 GB/s = 3600 Gb/s each way; B200 NVLink 5 1.8 TB/s; A100 NVLink
+# 3 600 GB/s; V100 NVLink 2 300 GB/s); PCIe cards talk over PCIe (Gen5 x16 64 GB/s, Gen4 32
+# GB/s each way; H100 NVL's bridge joins pairs only). Inter-node: DGX A100 has one 200 Gb/s
+# HDR NIC per GPU; PCIe servers typically one 100 Gb/s NIC per GPU or fewer.
 GPUS: dict[str, Gpu] = {
-    "h100": Gpu("NVIDIA H100 80GB HBM3", 80, True),
-    "h100-pcie": Gpu("NVIDIA H100 PCIe", 80, True),
-    "h100-nvl": Gpu("NVIDIA H100 NVL", 94, True),
-    "h200": Gpu("NVIDIA H200", 141, True),
-    "gh200": Gpu("NVIDIA GH200 480GB", 96, True),
-    "b200": Gpu("NVIDIA B200", 180, True),
-    "a100": Gpu("NVIDIA A100-SXM4-80GB", 80, False),
-    "a100-40gb": Gpu("NVIDIA A100-SXM4-40GB", 40, False),
-    "l40s": Gpu("NVIDIA L40S", 48, False),  # sm_89: has fp8 units, but our fp8 path needs sm_90
-    "a10g": Gpu("NVIDIA A10G", 24, False),
-    "l4": Gpu("NVIDIA L4", 24, False),
-    "v100": Gpu("Tesla V100-SXM2-32GB", 32, False),
+    "h100": Gpu("NVIDIA H100 80GB HBM3", 80, True, 3600),
+    "h100-pcie": Gpu("NVIDIA H100 PCIe", 80, True, 512),
+    "h100-nvl": Gpu("NVIDIA H100 NVL", 94, True, 512),
+    "h200": Gpu("NVIDIA H200", 141, True, 3600),
+    "gh200": Gpu("NVIDIA GH200 480GB", 96, True, 3600),
+    "b200": Gpu("NVIDIA B200", 180, True, 7200),
+    "a100": Gpu("NVIDIA A100-SXM4-80GB", 80, False, 2400, 200),
+    "a100-40gb": Gpu("NVIDIA A100-SXM4-40GB", 40, False, 2400, 200),
+    "l40s": Gpu(
+        "NVIDIA L40S", 48, False, 256, 100
+    ),  # sm_89: has fp8 units, but our fp8 path needs sm_90
+    "a10g": Gpu("NVIDIA A10G", 24, False, 256, 100),
+    "l4": Gpu("NVIDIA L4", 24, False, 256, 100),
+    "v100": Gpu("Tesla V100-SXM2-32GB", 32, False, 1200, 100),
 }
 
 DEEPSPEED_STRATEGIES = ("zero1", "zero2", "zero3")
@@ -157,9 +169,74 @@ def model_state_bytes(n_local: float, sb: StateBytes, shards: Shards) -> dict[st
 
 
 def block_params_per_tp_rank(m: ModelConfig, tp: int) -> float:
-    """Parameters of one transformer block on one tensor-parallel rank (norms and biases whole)."""
-    matrices = block_matrix_params(m)
-    return (matrices / tp + num_params(m, non_embedding=True) - matrices) / m.n_layer
+    """Parameters of one transformer block on one tensor-parallel rank, split as
+    framework/parallel/tp.py splits them: the matrices and the colwise layers' biases (q, k, v,
+    fc / gate, up) over tp; norms and the rowwise layers' biases whole."""
+    C, F, L = m.n_embd, m.ffn_dim, m.n_layer
+    split = block_matrix_params(m) / L
+    if m.bias:
+        split += C + 2 * m.kv_heads * m.head_dim + F * (2 if m.style == "llama" else 1)
+    whole = (num_params(m, non_embedding=True) - final_norm_params(m)) / L - split
+    return split / max(tp, 1) + whole
+
+
+def final_norm_params(m: ModelConfig) -> int:
+    return 2 * m.n_embd if m.style == "gpt2" and m.bias else m.n_embd
+
+
+def root_params_per_tp_rank(
+    m: ModelConfig, tp: int, sequence_parallel: bool = True, *, first: bool = True, last: bool = True
+) -> float:
+    """Parameters outside the blocks that a rank holds, per tensor-parallel rank: the first
+    pipeline stage's token embedding (rows split over tp) and GPT-2's position table (split
+    under sequence parallel); the last stage's final norm and output head (rows split over
+    tp). A tied head is the embedding's own weight; when the first and last stages are on
+    different ranks, the last holds a copy (Megatron's tied embeddings under pipelining, its
+    gradient summed with the first stage's)."""
+    tp = max(tp, 1)
+    C, V = m.n_embd, m.vocab_size
+    n = 0.0
+    if first:
+        n += V * C / tp
+        if m.style == "gpt2":
+            n += m.block_size * C / (tp if sequence_parallel else 1)
+    if last:
+        n += final_norm_params(m)
+        if not m.tie_embeddings:
+            n += (m.num_labels or V) * C / tp
+        elif not first:
+            n += V * C / tp
+    return n
+
+
+def stage_params_per_tp_rank(
+    m: ModelConfig,
+    tp: int,
+    sequence_parallel: bool = True,
+    *,
+    blocks: int | None = None,
+    first: bool = True,
+    last: bool = True,
+) -> float:
+    """Parameters one rank holds before data-parallel sharding: `blocks` blocks (default all)
+    plus its part of the root (root_params_per_tp_rank). The whole model (pp=1) gives
+    params_per_tp_rank."""
+    blocks = m.n_layer if blocks is None else blocks
+    root = root_params_per_tp_rank(m, tp, sequence_parallel, first=first, last=last)
+    return blocks * block_params_per_tp_rank(m, tp) + root
+
+
+def unsharded_grads_bytes(
+    stage_params: float, strategy: str, grad_accum: int, pp: int = 1, grad_bytes: int = 4
+) -> float:
+    """FSDP's unsharded gradient buffer: with gradient sync off on all but the last
+    micro-batch (framework/parallel/fsdp.py; torch.distributed.pipelining does the same per
+    stage), FSDP2 keeps each parameter's whole gradient, upcast to the fp32 reduce dtype
+    (FSDPParam.unsharded_accumulated_grad), from the first micro-batch's backward to the
+    step's reduce-scatter."""
+    if strategy in ("fsdp", "tp_fsdp") and (grad_accum > 1 or pp > 1):
+        return stage_params * grad_bytes
+    return 0.0
 
 
 def stream_bytes(precision: str, strategy: str) -> int:
@@ -178,24 +255,35 @@ def weight_copies_bytes(
     strategy: str,
     precision: str,
     reshard_after_forward: bool = True,
+    *,
+    sequence_parallel: bool = True,
+    blocks: int | None = None,
+    first: bool = True,
+    last: bool = True,
+    pp: int = 1,
 ) -> float:
-    """Weights in the compute dtype held during a step, beside the model state.
+    """Weights in the compute dtype held during a step, beside the model state, on a rank that
+    holds `blocks` blocks (default all) and the root parts of the first / last stage.
 
     ZeRO-3 / FSDP: unsharded weights of two blocks (the one computing and the prefetched next),
-    one block's gradients before reduce-scatter, and the embeddings / head in the root unit,
-    gathered for the whole step; FSDP with reshard_after_forward=False keeps every gathered
-    weight from forward to backward. Autocast over fp32 weights (single, ddp, tp): its cached
-    16-bit cast of every matrix (blocks and output head) lives until backward.
+    one block's gradients before reduce-scatter, and the root unit (embeddings, final norm,
+    head), gathered for the whole step; FSDP with reshard_after_forward=False keeps every
+    gathered weight from forward to backward, and so does every pipeline stage (torch's
+    pipelining sets reshard_after_backward=False until the step's last backward). Autocast
+    over fp32 weights (single, ddp, tp): its cached 16-bit cast of every matrix (blocks and
+    output head) lives until backward.
     """
     a = 4 if precision == "fp32" else 2
+    blocks = m.n_layer if blocks is None else blocks
     if strategy in ("zero3", "fsdp", "tp_fsdp"):
         block = block_params_per_tp_rank(m, tp)
-        if strategy != "zero3" and not reshard_after_forward:
-            return (params_per_tp_rank(m, tp) + block) * a
-        embeddings = num_params(m) - num_params(m, non_embedding=True)
-        return (3 * block + embeddings) * a
+        root = root_params_per_tp_rank(m, tp, sequence_parallel, first=first, last=last)
+        if strategy != "zero3" and (not reshard_after_forward or pp > 1):
+            return (blocks * block + root + (block if pp == 1 else 0)) * a
+        return (min(blocks, 3) * block + root) * a
     if precision != "fp32" and strategy in ("single", "ddp", "tp"):
-        return (block_matrix_params(m) / tp + m.vocab_size * m.n_embd) * a
+        head = (m.num_labels or m.vocab_size) * m.n_embd / max(tp, 1) if last else 0.0
+        return (blocks * block_matrix_params(m) / m.n_layer / max(tp, 1) + head) * a
     return 0.0
 
 
@@ -298,13 +386,24 @@ def activation_bytes(
     sequence_parallel: bool = True,
     compute_bytes: int = 2,
     stream: int | None = None,
+    *,
+    blocks: int | None = None,
+    last: bool = True,
+    in_flight: float = 1.0,
 ) -> float:
-    """Peak activation bytes of one micro-batch on one GPU: every block's saved tensors, one
-    block's recompute under full checkpointing, the final norm, and the loss."""
+    """Peak activation bytes on one GPU: the saved tensors of `blocks` blocks (default all) for
+    `in_flight` micro-batches (a pipeline rank holds several: framework.stages.in_flight), one
+    block's recompute under full checkpointing, and on the last stage the final norm and the
+    loss of the micro-batch in backward. Context parallel passes seq_len / cp: every term is
+    per token of this rank's slice of the sequence."""
     args = (tp, sequence_parallel, compute_bytes, stream)
-    layers = m.n_layer * layer_activation_bytes(m, seq_len, micro_batch, mode, *args)
-    if mode == "full":
+    blocks = m.n_layer if blocks is None else blocks
+    per_block = layer_activation_bytes(m, seq_len, micro_batch, mode, *args)
+    layers = blocks * per_block * in_flight
+    if mode == "full" and blocks:
         layers += recompute_bytes(m, seq_len, micro_batch, *args)
+    if not last:
+        return layers
     # The final norm keeps its input (stream) and hands the head its output (compute dtype).
     final_norm = seq_len * micro_batch * m.n_embd * ((stream or compute_bytes) + compute_bytes)
     return layers + final_norm + logits_bytes(m, seq_len, micro_batch)

@@ -12,10 +12,15 @@ from torch import nn
 from torch.nn.parallel import DistributedDataParallel
 
 
-def apply_ddp(model: nn.Module, device: torch.device) -> DistributedDataParallel:
+def apply_ddp(model: nn.Module, device: torch.device, init_sync: bool = True) -> DistributedDataParallel:
+    """init_sync=False skips the start-up broadcast of the weights (framework.plan's dry run,
+    whose fake tensors have no data to send)."""
     # broadcast_buffers off: the model's only buffers (RoPE tables) are identical by construction
     return DistributedDataParallel(
-        model, device_ids=[device.index] if device.type == "cuda" else None, broadcast_buffers=False
+        model,
+        device_ids=[device.index] if device.type == "cuda" else None,
+        broadcast_buffers=False,
+        init_sync=init_sync,
     )
 
 

@@ -130,14 +130,19 @@ def write_param(p: torch.Tensor, full: torch.Tensor) -> None:
         p.copy_(full)
 
 
-@torch.no_grad()
-def materialize(model: nn.Module, device: torch.device, values: Values) -> None:
-    """Allocate `model`'s parameters (only this rank's shards) on `device` and initialise them."""
+def allocate(model: nn.Module, device: torch.device) -> None:
+    """Give `model`'s parameters (only this rank's shards) storage on `device`, values unset."""
     model.to_empty(device=device)
     if model.cfg.tie_embeddings and model.lm_head.weight is not model.tok_emb.weight:
         # to_empty replaces each module's tensors one module at a time, which unties the
         # shared embedding / output head (FSDP2's sharded parameters keep it)
         model.lm_head.weight = model.tok_emb.weight
+
+
+@torch.no_grad()
+def materialize(model: nn.Module, device: torch.device, values: Values) -> None:
+    """Allocate `model`'s parameters (only this rank's shards) on `device` and initialise them."""
+    allocate(model, device)
     for name, p in model.named_parameters():
         write_param(p, values(name, p.shape))
     model.init_buffers()

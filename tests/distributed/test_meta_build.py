@@ -22,7 +22,7 @@ from framework.config import ConfigError
 from framework.dist import Dist
 from framework.model.gpt import num_params
 from framework.parallel import build_engine
-from framework.plan import dry_run, make_plan
+from framework.plan import count_comm, dry_run, make_plan
 from tests.distributed.build_harness import gathered_weights
 from tests.distributed.launch import BIN, ROOT, free_port
 from tests.helpers import make_cfg
@@ -119,6 +119,52 @@ def test_dry_run_agrees_with_the_analytic_plan(overrides, world):
     assert not torch.distributed.is_initialized()  # the fake group is torn down
 
 
+COUNT = ["model.n_layer=2", "model.n_embd=128", "model.n_head=4", "model.vocab_size=259",
+         "trainer.seq_len=64", "trainer.micro_batch_size=2", "trainer.global_batch_size=24",
+         "precision=bf16"]  # fmt: skip
+
+
+@pytest.mark.parametrize(
+    "overrides",
+    [
+        ["strategy=ddp"],
+        ["strategy=fsdp", "strategy.reshard_after_forward=false"],
+        ["strategy=fsdp", "strategy.hsdp_replicas=2"],
+        ["strategy=tp", "strategy.tp=4"],
+        [
+            "strategy=tp_fsdp",
+            "strategy.tp=2",
+            "strategy.sequence_parallel=false",
+            "strategy.activation_checkpointing=full",
+        ],
+        [
+            "strategy=tp_fsdp",
+            "strategy.tp=2",
+            "model=debug-llama",
+            "model.n_kv_head=2",
+            "strategy.activation_checkpointing=selective",
+        ],
+    ],  # fmt: skip
+    ids=["ddp", "fsdp-keep", "hsdp", "tp", "tp_fsdp-nosp-full", "llama-gqa-sel"],
+)
+def test_plan_comm_bytes_match_a_dry_run_count(overrides):
+    """The plan's per-step bytes of every collective within 5% of what the real build path
+    sends over the fake group in one step (3 micro-batches; gradient sync on the last; plain
+    fsdp: test_plan_cli_dry_run_adds_its_figures_to_the_json_line). FSDP
+    pads each parameter to a multiple of the group (the plan does not): within 0.1% here.
+    Pure tp reduces the norm weights' partial gradients in the optimizer step, which the count
+    does not run."""
+    cfg = make_cfg([*COUNT, *overrides])
+    counted = count_comm(cfg, 4)
+    planned = make_plan(cfg, 4).comm_bytes
+    assert not torch.distributed.is_initialized()
+    if cfg.strategy.name == "tp":
+        assert planned.pop("tp_norm_grads") < 0.01 * sum(planned.values())
+    assert set(counted) == set(planned)
+    for key, b in planned.items():
+        assert b == pytest.approx(counted[key], rel=0.05), (key, b, counted[key])
+
+
 def test_dry_run_refuses_deepspeed_strategies_by_name():
     cfg = make_cfg(["strategy=zero3", "trainer.global_batch_size=64", "trainer.micro_batch_size=1"])
     with pytest.raises(ConfigError, match="strategy=zero3"):
@@ -135,7 +181,10 @@ def test_plan_cli_dry_run_adds_its_figures_to_the_json_line():
     summary = json.loads(proc.stdout.strip().splitlines()[-1])
     d = summary["dry_run"]
     assert set(d) >= {"params_per_rank", "weight_bytes_per_rank", "grad_bytes_per_rank",
-                      "optimizer_bytes_per_rank"}  # fmt: skip
+                      "optimizer_bytes_per_rank", "comm_bytes"}  # fmt: skip
+    # one step over the fake group: FSDP's gathers and reduce-scatters, as the plan counts them
+    for key, b in summary["comm_bytes"].items():
+        assert d["comm_bytes"][key] == pytest.approx(b, rel=0.01), key
     # rank 0 of 64 holds the rounded-up shard of each parameter: a little over 1/64
     assert summary["params"] / 64 <= d["params_per_rank"] <= summary["params"] / 64 * 1.01
     assert "dry run (meta build over a fake process group of 64 ranks" in proc.stdout

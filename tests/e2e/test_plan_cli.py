@@ -92,5 +92,25 @@ def test_unknown_key_fails_at_compose_time_naming_it():
     r = fw_plan("plan.bogus_key=1")
     assert r.returncode == EXIT_CONFIG
     assert (
-        "unknown key plan.bogus_key (valid keys under plan: world_size, gpu, mfu, dry_run)" in r.stderr
+        "unknown key plan.bogus_key (valid keys under plan: world_size, gpu, mfu, dry_run, "
+        "gpus_per_node, intra_node_gbps, inter_node_gbps, search)" in r.stderr
     )
+
+
+def test_search_ranks_the_layouts_of_gpt3_175b_on_1024_h100():
+    # GPT-3's own batch (1536 x 2048 tokens): the ranking as a table, then the JSON line whose
+    # "search" rows are the table's, fastest first, and whose other keys are the top layout's
+    r = fw_plan("model=gpt3-175b", "plan.world_size=1024", "plan.search=true",
+                "trainer.seq_len=2048", "trainer.global_batch_size=1536")  # fmt: skip
+    assert r.returncode == 0, r.stderr
+    last = last_json(r.stdout)
+    rows = last["search"]
+    assert len(rows) == 10
+    assert [x["step_time_s"] for x in rows] == sorted(x["step_time_s"] for x in rows)
+    top = rows[0]
+    assert 1 < top["tp"] <= 8 and 8 % top["tp"] == 0 and top["pp"] > 1  # tp in a node, pp across
+    assert top["tp"] * top["pp"] * top["dp"] == 1024
+    assert all(x["memory_gib"] <= 0.9 * 80 for x in rows)
+    assert (last["tp"], last["pp"], last["step_time_s"]) == (top["tp"], top["pp"], top["step_time_s"])
+    assert f"launch #1 with: {top['overrides']}" in r.stdout
+    assert "search: gpt3-175b on 1024 x h100" in r.stdout

@@ -33,6 +33,7 @@ model.moe.router model.moe.norm_topk_prob model.moe.aux_loss_coef model.moe.z_lo
 optim.beta1 optim.beta2 optim.decay_fraction optim.eps optim.fused optim.grad_clip optim.lr optim.min_lr_ratio
 optim.schedule optim.warmup_steps optim.weight_decay
 plan.dry_run plan.gpu plan.mfu plan.world_size
+plan.gpus_per_node plan.inter_node_gbps plan.intra_node_gbps plan.search
 precision.fp8_min_dim precision.initial_loss_scale precision.loss_scale_window precision.min_loss_scale
 precision.max_overflows_at_min precision.name
 run.dir run.name
