@@ -56,11 +56,12 @@ class DataConfig:
     """Tokenizer the shards must have been written with: byte | path/to/tokenizer.json | tiktoken:NAME."""
     num_workers: int = 0
     """Background loader workers (the sample order does not depend on this)."""
-    doc_mask: bool = False
-    """Keep attention inside documents of a packed window."""
+    attend_across_documents: bool = False
+    """false: each packed document attends only to itself and its positions restart at 0;
+    true: attention runs over the whole window (documents see the ones before them)."""
     allow_empty_source: bool = False
     allow_change_on_resume: bool = False
-    """Resume on changed data (manifests, tokenizer, seq_len, mixture): logged, positions kept by source name."""
+    """Resume on changed data (manifests, tokenizer, seq_len, mixture, attend_across_documents): logged, positions kept by source name."""
     cache_dir: str = "${oc.env:FW_CACHE_DIR,${oc.env:HOME,.}/.cache/framework}"
     """Local cache for fsspec-URL shards."""
     root: str = "${oc.env:FW_DATA_ROOT,data}"

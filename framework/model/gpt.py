@@ -18,6 +18,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from framework.errors import ConfigErrorBase
+from framework.model.attention import KERNELS, doc_positions, sdpa_attention
 
 
 class ModelShapeError(ConfigErrorBase, ValueError):
@@ -210,7 +211,7 @@ def rope_cache(cfg: ModelConfig, device=None) -> tuple[torch.Tensor, torch.Tenso
 
 
 def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-    # x: (B, nh, T, hs); cos/sin: (T, hs)
+    # x: (B, nh, T, hs); cos/sin: (T, hs), or (B, 1, T, hs) for per-token positions
     x1, x2 = x.chunk(2, dim=-1)
     rotated = torch.cat([-x2, x1], dim=-1)
     return (x * cos + rotated * sin).to(x.dtype)
@@ -228,8 +229,13 @@ class Attention(nn.Module):
         self.dropout = cfg.dropout
         self.resid_dropout = nn.Dropout(cfg.dropout)
         self.rope = cfg.style == "llama"
+        # (q, k, v, mask, dropout_p) -> y: the kernel GPT.use_attention chose; context
+        # parallelism wraps it from outside (framework/parallel/cp.py)
+        self.core = sdpa_attention
 
     def forward(self, x, rope=None, attn_mask=None):
+        """x (B, T, C); rope: (cos, sin) of these T positions; attn_mask: what the core takes
+        (None: plain causal attention)."""
         B, T, _ = x.shape
         # -1 instead of n_head: under tensor parallel each rank holds a slice of the heads.
         q = self.wq(x).view(B, T, -1, self.head_dim).transpose(1, 2)  # (B, nh, T, hs)
@@ -237,18 +243,8 @@ class Attention(nn.Module):
         v = self.wv(x).view(B, T, -1, self.head_dim).transpose(1, 2)
         if self.rope:
             cos, sin = rope
-            q, k = apply_rope(q, cos[:T], sin[:T]), apply_rope(k, cos[:T], sin[:T])
-        if k.size(1) != q.size(1):  # grouped-query attention: share each kv head
-            k = k.repeat_interleave(q.size(1) // k.size(1), dim=1)
-            v = v.repeat_interleave(q.size(1) // v.size(1), dim=1)
-        y = F.scaled_dot_product_attention(
-            q,
-            k,
-            v,
-            attn_mask=attn_mask,
-            dropout_p=self.dropout if self.training else 0.0,
-            is_causal=attn_mask is None,
-        )  # (B, nh, T, hs)
+            q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
+        y = self.core(q, k, v, attn_mask, self.dropout if self.training else 0.0)  # (B, nh, T, hs)
         y = y.transpose(1, 2).reshape(B, T, -1)
         return self.resid_dropout(self.wo(y))
 
@@ -312,8 +308,16 @@ class GPT(nn.Module):
             cos, sin = rope_cache(cfg)
             self.register_buffer("rope_cos", cos, persistent=False)
             self.register_buffer("rope_sin", sin, persistent=False)
+        self.doc_mask = KERNELS["sdpa"][0]  # doc_ids -> the mask self.blocks' cores take
         if init and self.tok_emb.weight.device.type != "meta":
             self.init_weights()
+
+    def use_attention(self, kernel: str) -> None:
+        """Choose the document-mask kernel (framework.model.attention.KERNELS: sdpa | flex) of
+        every block; chosen once at build time (attention.kernel_for picks one per device)."""
+        self.doc_mask, core = KERNELS[kernel]
+        for block in self.blocks.values():
+            block.attn.core = core
 
     @torch.no_grad()
     def init_weights(self, seed: int | None = None) -> None:
@@ -343,23 +347,34 @@ class GPT(nn.Module):
         idx: torch.Tensor,
         targets: torch.Tensor | None = None,
         doc_ids: torch.Tensor | None = None,
+        positions: torch.Tensor | None = None,
     ) -> torch.Tensor:
         """idx (B, T) token ids -> logits (B, T, V) (V: num_labels for a classifier), or the mean
-        cross-entropy if targets (B, T)
-        are given (ignore_index -100). doc_ids (B, T) optional: attention stays inside a document."""
+        cross-entropy if targets (B, T) are given (ignore_index -100).
+
+        doc_ids (B, S) optional: each token's document within its window (0, 1, ...); attention
+        stays inside a document, and positions restart at each document start. S is T, except
+        under context parallelism: idx is then one chunk of an S-token sequence, doc_ids cover
+        the whole sequence (attention sees all S positions after an all-to-all) and the
+        chunk's `positions` are given.
+        positions (B, T) optional: each token's position (default: from doc_ids, else 0..T-1)."""
         B, T = idx.shape
         if T > self.cfg.block_size:
             raise ValueError(f"sequence length {T} exceeds model.block_size={self.cfg.block_size}")
+        if positions is None and doc_ids is not None:
+            positions = doc_positions(doc_ids)
         x = self.tok_emb(idx)  # (B, T, C)
         if self.pos_emb is not None:
-            x = x + self.pos_emb(torch.arange(T, device=idx.device))
+            where = torch.arange(T, device=idx.device)[None] if positions is None else positions
+            x = x + self.pos_emb(where)  # (1 or B, T, C)
         x = self.drop(x)
-        rope = (self.rope_cos, self.rope_sin) if self.cfg.style == "llama" else None
-        mask = None
-        if doc_ids is not None:
-            causal = torch.ones(T, T, dtype=torch.bool, device=idx.device).tril()
-            same_doc = doc_ids[:, :, None] == doc_ids[:, None, :]  # (B, T, T)
-            mask = (causal & same_doc)[:, None]  # (B, 1, T, T)
+        rope = None
+        if self.cfg.style == "llama":
+            if positions is None:
+                rope = (self.rope_cos[:T], self.rope_sin[:T])  # (T, hs)
+            else:
+                rope = (self.rope_cos[positions][:, None], self.rope_sin[positions][:, None])
+        mask = None if doc_ids is None else self.doc_mask(doc_ids)
         for block in self.blocks.values():
             x = block(x, rope, mask)
         logits = self.lm_head(self.norm(x))  # (B, T, V)

@@ -23,6 +23,7 @@ from torch import nn
 from torch.distributed.device_mesh import DeviceMesh
 
 from framework.config import Config, ConfigError, Layout, layout
+from framework.model.attention import kernel_for
 from framework.optim import build_optimizer
 from framework.parallel.ac import apply_ac
 from framework.parallel.compile import apply_compile
@@ -61,6 +62,7 @@ def _build_torch(
         model, values = meta_model(cfg.model), initial_values(cfg)
     else:
         model.to(dist.device)  # a plain model built and initialised by the caller
+    model.use_attention(kernel_for(dist.device.type, cfg.model.dropout, cfg.trainer.seq_len))
     if dry_run:
         values = None
     if precision.name == "fp8":
@@ -127,6 +129,7 @@ def _build_zero(model: nn.Module | None, cfg: Config, dist: Dist, dry_run: bool 
     elif model is None:
         model = meta_model(cfg.model)
         materialize(model, dist.device, initial_values(cfg))
+    model.use_attention(kernel_for(dist.device.type, cfg.model.dropout, cfg.trainer.seq_len))
     apply_ac(model, cfg.strategy.activation_checkpointing)
     if cfg.strategy.compile:
         apply_compile(model)

@@ -20,7 +20,7 @@ ROOT_CONFIGS = sorted(p.stem for p in Path(CONF_DIR).glob("*.yaml"))
 # The full set of training config keys. Adding a knob is a deliberate change: update this list.
 FROZEN_KEYS = """
 checkpoint.async_save checkpoint.every checkpoint.keep checkpoint.path checkpoint.resume checkpoint.save_timeout_s
-data.allow_change_on_resume data.allow_empty_source data.cache_dir data.doc_mask data.name data.num_workers data.root data.schedule
+data.allow_change_on_resume data.allow_empty_source data.attend_across_documents data.cache_dir data.name data.num_workers data.root data.schedule
 data.sources data.tokenizer
 faults.crash_in_async_save faults.hang_at_step faults.nan_grad_at_step faults.nan_loss_at_step faults.rank faults.sleep_in_save_s
 faults.sleep_in_step_s faults.spike_at_step faults.spike_factor

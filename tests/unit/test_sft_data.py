@@ -171,7 +171,7 @@ def step_loss(tmp_path: Path, src: Path, model: GPT, mb: int, dp: int) -> torch.
     G, T = 8, 16
     total = torch.zeros(())
     for rank in range(dp):
-        cfg = make_cfg([f"data.sources=[{{name: chat, path: {src}}}]", "data.doc_mask=true", "task=sft"])
+        cfg = make_cfg([f"data.sources=[{{name: chat, path: {src}}}]", "task=sft"])
         loader = MixtureLoader(cfg.data, TOK, T, G, mb, rank, dp, 0, 257)
         accum = G // (mb * dp)
         for _ in range(accum):
@@ -189,7 +189,7 @@ def test_sft_loss_is_global_trained_token_mean_for_any_accum_and_dp(tmp_path):
     with torch.no_grad():
         ref, trained = step_loss(tmp_path, src, model, 8, 1)  # one micro-batch: plain CE mean
         # the reference by hand: every trained target of the global batch, one mean
-        cfg = make_cfg([f"data.sources=[{{name: chat, path: {src}}}]", "data.doc_mask=true"])
+        cfg = make_cfg([f"data.sources=[{{name: chat, path: {src}}}]"])
         b = next(MixtureLoader(cfg.data, TOK, 16, 8, 8, 0, 1, 0, 257))
         n = int((b.targets != -100).sum())
         assert trained == n and 0 < n < 8 * 16
@@ -199,7 +199,7 @@ def test_sft_loss_is_global_trained_token_mean_for_any_accum_and_dp(tmp_path):
             assert trained_dp == trained
             assert got.item() == pytest.approx(ref.item(), rel=1e-6), (mb, dp)
         # a plain per-micro-batch mean would differ (the micro-batches hold unequal trained counts)
-        cfgm = make_cfg([f"data.sources=[{{name: chat, path: {src}}}]", "data.doc_mask=true"])
+        cfgm = make_cfg([f"data.sources=[{{name: chat, path: {src}}}]"])
         loader = MixtureLoader(cfgm.data, TOK, 16, 8, 1, 0, 1, 0, 257)
         naive = sum(model(x.inputs, x.targets, x.doc_ids) for x in [next(loader) for _ in range(8)]) / 8
         assert abs(naive.item() - ref.item()) > 1e-3
