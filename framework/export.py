@@ -45,6 +45,7 @@ from omegaconf import MISSING, DictConfig
 from framework.cli import entry, to_object
 from framework.config import ConfigError
 from framework.model import GPT, ModelConfig
+from framework.model.rope import rope_scaling_from_hf, rope_scaling_to_hf
 
 log = logging.getLogger("framework")
 
@@ -134,7 +135,10 @@ def _hf_config(m: ModelConfig) -> dict:
         "max_position_embeddings": m.block_size,
         "rms_norm_eps": m.norm_eps,
         "rope_theta": m.rope_theta,
-        "rope_parameters": {"rope_type": "default", "rope_theta": m.rope_theta},
+        # transformers 5 reads rope_parameters (theta + scaling), 4.x rope_scaling
+        "rope_parameters": {"rope_type": "default", "rope_theta": m.rope_theta}
+        | (rope_scaling_to_hf(m) or {}),
+        "rope_scaling": rope_scaling_to_hf(m),
         "hidden_act": "silu",
         "attention_bias": m.bias,
         "mlp_bias": m.bias,
@@ -556,7 +560,7 @@ _FIXED = {
         "scale_attn_by_inverse_layer_idx": (False,),
         "add_cross_attention": (False,),
     },
-    "llama": {"hidden_act": ("silu",), "rope_scaling": (None,)},
+    "llama": {"hidden_act": ("silu",)},
 }
 
 
@@ -582,10 +586,22 @@ def _model_fields(m: ModelConfig) -> dict[str, tuple[object, str]]:
         "num_key_value_heads": (m.kv_heads, "model.n_kv_head"),
         "head_dim": (m.head_dim, "model.n_embd/model.n_head"),
         "rms_norm_eps": (m.norm_eps, "model.norm_eps"),
-        "rope_theta": (m.rope_theta, "model.rope_theta"),
         "attention_bias": (m.bias, "model.bias"),
         "mlp_bias": (m.bias, "model.bias"),
     }
+
+
+def _rope_errors(hf_cfg: dict, m: ModelConfig) -> list[str]:
+    """A config.json's RoPE (theta, scaling type and parameters) against model.rope_*."""
+    try:
+        theirs = rope_scaling_from_hf(hf_cfg)
+    except ValueError as e:
+        return [str(e)]
+    return [
+        f"{key}: HF {value!r} vs ours {getattr(m, key)!r} (set model.{key} to match)"
+        for key, value in theirs.items()
+        if value != getattr(m, key)
+    ]
 
 
 def check_hf_config(hf_cfg: dict, m: ModelConfig, path: str | Path) -> None:
@@ -599,14 +615,11 @@ def check_hf_config(hf_cfg: dict, m: ModelConfig, path: str | Path) -> None:
             f"(style {m.style}) loads only {want_type!r} directories"
         )
     hf_cfg = dict(hf_cfg)
-    rope = hf_cfg.pop("rope_parameters", None)
-    if rope is not None:  # transformers 5 nests theta and the scaling type here
-        rope = dict(rope)
-        hf_cfg.setdefault("rope_theta", rope.pop("rope_theta", m.rope_theta))
-        if rope.get("rope_type", "default") != "default" or set(rope) - {"rope_type"}:
-            hf_cfg["rope_scaling"] = rope
-    if hf_cfg.get("rope_scaling") == {"rope_type": "default"}:
-        hf_cfg["rope_scaling"] = None
+    errors = []
+    if m.style == "llama":  # RoPE: theta and scaling, in either transformers' format
+        errors += _rope_errors(hf_cfg, m)
+        for k in ("rope_parameters", "rope_scaling", "rope_theta"):
+            hf_cfg.pop(k, None)
     if m.style == "gpt2" and hf_cfg.get("n_inner") is None:
         hf_cfg["n_inner"] = 4 * hf_cfg.get("n_embd", m.n_embd)  # HF's default
     if m.style == "llama":
@@ -616,7 +629,6 @@ def check_hf_config(hf_cfg: dict, m: ModelConfig, path: str | Path) -> None:
             hf_cfg.pop("head_dim", None)
     ours, fixed = _model_fields(m), _FIXED[want_type]
     ignored = _IGNORED_ANY | _IGNORED[want_type] | {"model_type"}
-    errors = []
     # A tied file loads into an untied model (the head starts as a copy); the reverse would
     # drop the file's separate output layer.
     if hf_cfg.pop("tie_word_embeddings", True) is False and m.tie_embeddings:

@@ -19,6 +19,7 @@ from torch import nn
 
 from framework.errors import ConfigErrorBase
 from framework.model.attention import KERNELS, doc_positions, sdpa_attention
+from framework.model.rope import inv_freq_and_scale, scaling_errors
 
 
 class ModelShapeError(ConfigErrorBase, ValueError):
@@ -53,6 +54,22 @@ class ModelConfig:
     tie_embeddings: bool = True
     norm_eps: float = 1e-5
     rope_theta: float = 10000.0
+    rope_scaling: str = "none"
+    """none | linear | llama3 | yarn: RoPE scaling for a longer context (style=llama only)."""
+    rope_factor: float = 1.0
+    """linear / llama3 / yarn: the context extension factor (e.g. 4 for 2k -> 8k)."""
+    rope_original_max_position: int | None = None
+    """llama3 / yarn: the context length the model was pretrained at."""
+    rope_low_freq_factor: float = 1.0
+    """llama3: wavelengths above original/low_freq_factor are fully scaled."""
+    rope_high_freq_factor: float = 4.0
+    """llama3: wavelengths below original/high_freq_factor are kept."""
+    rope_beta_fast: float = 32.0
+    """yarn: dimensions turning more often than this over the original context are kept."""
+    rope_beta_slow: float = 1.0
+    """yarn: dimensions turning less often than this are fully interpolated."""
+    rope_attention_factor: float | None = None
+    """yarn: factor on cos/sin (attention temperature); None: 0.1 ln(rope_factor) + 1."""
     init_std: float = 0.02
     init_from: str | None = None
     """A local Hugging Face GPT-2/Llama directory whose weights initialise the model."""
@@ -110,6 +127,7 @@ class ModelConfig:
             )
         if not 0.0 <= self.dropout < 1.0:
             errors.append(f"model.dropout={self.dropout} must be in [0, 1)")
+        errors += scaling_errors(self)
         if errors:
             raise ModelShapeError("; ".join(errors))
 
@@ -201,13 +219,15 @@ def initial_value(
 
 
 def rope_cache(cfg: ModelConfig, device=None) -> tuple[torch.Tensor, torch.Tensor]:
-    """cos, sin of shape (block_size, head_dim) in the rotate-half layout."""
-    hs = cfg.head_dim
-    inv_freq = 1.0 / (cfg.rope_theta ** (torch.arange(0, hs, 2, device=device).float() / hs))
+    """cos, sin of shape (block_size, head_dim) in the rotate-half layout, scaled as
+    model.rope_scaling says (framework/model/rope.py)."""
+    inv_freq, scale = inv_freq_and_scale(cfg)
     t = torch.arange(cfg.block_size, device=device).float()
-    freqs = torch.outer(t, inv_freq)  # (T, hs/2)
+    freqs = torch.outer(t, inv_freq.to(device))  # (T, hs/2)
     emb = torch.cat([freqs, freqs], dim=-1)  # (T, hs)
-    return emb.cos(), emb.sin()
+    if scale == 1.0:
+        return emb.cos(), emb.sin()
+    return emb.cos() * scale, emb.sin() * scale
 
 
 def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:

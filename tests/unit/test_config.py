@@ -27,6 +27,8 @@ faults.sleep_in_step_s faults.spike_at_step faults.spike_factor
 logger.entity logger.mode logger.name logger.project logger.tags
 model.bias model.block_size model.dropout model.ffn_hidden model.init_from model.init_std model.multiple_of
 model.n_embd model.n_head model.n_kv_head model.n_layer model.name model.norm_eps model.num_labels model.rope_theta
+model.rope_attention_factor model.rope_beta_fast model.rope_beta_slow model.rope_factor model.rope_high_freq_factor
+model.rope_low_freq_factor model.rope_original_max_position model.rope_scaling
 model.style model.tie_embeddings model.vocab_size
 optim.beta1 optim.beta2 optim.decay_fraction optim.eps optim.fused optim.grad_clip optim.lr optim.min_lr_ratio
 optim.schedule optim.warmup_steps optim.weight_decay
