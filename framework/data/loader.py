@@ -63,6 +63,9 @@ class Batch:
     makes the step's loss the mean over the trained tokens of the whole global batch, whatever
     the accumulation and data-parallel size: trained_here x accum x dp / trained_global. The
     engine multiplies by it (so does the loss it reports). None: pretraining, a plain mean."""
+    positions: torch.Tensor | None = None
+    """(B, T) position of each token; set by context parallelism, whose chunks of a sequence
+    take their positions from the whole sequence (None: the model derives them)."""
 
 
 @dataclass

@@ -12,10 +12,15 @@ from torch import nn
 from torch.nn.parallel import DistributedDataParallel
 
 
-def apply_ddp(model: nn.Module, device: torch.device) -> DistributedDataParallel:
+def apply_ddp(model: nn.Module, device: torch.device, group=None) -> DistributedDataParallel:
+    """group: the ranks that average gradients (None: all; under context parallelism the dp x cp
+    ranks, which hold the same weights)."""
     # broadcast_buffers off: the model's only buffers (RoPE tables) are identical by construction
     return DistributedDataParallel(
-        model, device_ids=[device.index] if device.type == "cuda" else None, broadcast_buffers=False
+        model,
+        device_ids=[device.index] if device.type == "cuda" else None,
+        broadcast_buffers=False,
+        process_group=group,
     )
 
 
