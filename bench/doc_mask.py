@@ -17,8 +17,9 @@ Kernels compared (framework.model.attention.KERNELS, plus two that were not kept
               the refusal is recorded there.
 Document lengths are drawn from a geometric distribution (--mean-doc tokens, seeded), packed
 back to back as the loader packs them. Each figure is the median over --reps timed steps after
-one warm-up, in one thread (the dev box is shared: one thread is what is stable). The last line
-printed is one JSON object {"device", "model", "results": [{"seq", "kernel", "fwd_bwd_s", ...}]}.
+one warm-up, in one thread: "fwd_bwd_s" is the process's CPU time (the work done, stable on a
+shared box), "wall_s" the wall clock. The last line printed is one JSON object {"device",
+"model", "results": [{"seq", "kernel", "fwd_bwd_s", "wall_s", "over_causal", ...}]}.
 """
 
 from __future__ import annotations
@@ -68,16 +69,19 @@ def packed_doc_ids(batch: int, seq: int, mean_doc: float, seed: int) -> torch.Te
     return torch.tensor(rows)
 
 
-def time_step(model, idx, doc_ids, reps: int) -> float:
-    times = []
+def time_step(model, idx, doc_ids, reps: int) -> tuple[float, float]:
+    """Median (CPU seconds, wall seconds) of one forward + backward. In one thread the process's
+    CPU time is the work done, whatever else the shared box runs; wall time is reported too."""
+    cpu, wall = [], []
     for i in range(reps + 1):
         model.zero_grad(set_to_none=True)
-        t = time.perf_counter()
+        c, t = time.process_time(), time.perf_counter()
         loss = model(idx, idx, doc_ids)
         loss.backward()
         if i:  # the first is a warm-up
-            times.append(time.perf_counter() - t)
-    return statistics.median(times)
+            cpu.append(time.process_time() - c)
+            wall.append(time.perf_counter() - t)
+    return statistics.median(cpu), statistics.median(wall)
 
 
 def main() -> None:
@@ -110,13 +114,13 @@ def main() -> None:
         for name in args.kernels:
             row = {"seq": seq, "batch": batch, "docs_per_window": docs, "kernel": name}
             if VARIANTS[name] is None:
-                row["fwd_bwd_s"] = time_step(model, idx, None, args.reps)
+                row["fwd_bwd_s"], row["wall_s"] = time_step(model, idx, None, args.reps)
             else:
                 model.doc_mask, core = VARIANTS[name]
                 for block in model.blocks.values():
                     block.attn.core = core
                 try:
-                    row["fwd_bwd_s"] = time_step(model, idx, doc_ids, args.reps)
+                    row["fwd_bwd_s"], row["wall_s"] = time_step(model, idx, doc_ids, args.reps)
                 except (NotImplementedError, RuntimeError) as e:
                     row["error"] = str(e).splitlines()[0][:160]
             print(json.dumps(row), flush=True)

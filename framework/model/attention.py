@@ -16,10 +16,11 @@ Two pieces, both chosen once when the model is built (`GPT.use_attention`):
 Kernels (`kernel_for` picks one; bench/doc_mask.py, figures in bench/RESULTS.md):
 - "sdpa": SDPA with a dense boolean (B, 1, S, S) mask; works on every device. On CPU as fast as
   unmasked causal attention up to S = 512, but the mask costs S^2 and the kernel cannot skip
-  the causal upper triangle: 1.3x at 1024, 1.6x at 2048, 5x at 4096 (debug model).
+  the causal upper triangle: 1.24x at 1024, 1.67x at 2048, 2.2x at 4096 (debug model).
 - "varlen": one causal SDPA call per document piece of every window (what varlen flash kernels
   do in one call; torch 2.13's nested-tensor SDPA has no causal kernel). Python overhead per
-  piece, but only sum(len^2) work: the fastest on CPU from S = 1024 on.
+  piece (1.25x at 512), but only sum(len^2) work: the fastest on CPU from S = 1024 on (0.87x,
+  0.74x, 0.56x of unmasked attention at 1024, 2048, 4096).
 - "flex": FlexAttention with a block mask (blocks outside every document are skipped; no
   (S, S) tensor), compiled. For CUDA: torch 2.13 refuses FlexAttention's backward on CPU. It
   has no attention dropout, so a model with dropout > 0 keeps "sdpa".
