@@ -59,11 +59,12 @@ class DataConfig:
     """Tokenizer the shards must have been written with: byte | path/to/tokenizer.json | tiktoken:NAME."""
     num_workers: int = 0
     """Background loader workers (the sample order does not depend on this)."""
-    doc_mask: bool = False
-    """Keep attention inside documents of a packed window."""
+    attend_across_documents: bool = False
+    """false: each packed document attends only to itself and its positions restart at 0;
+    true: attention runs over the whole window (documents see the ones before them)."""
     allow_empty_source: bool = False
     allow_change_on_resume: bool = False
-    """Resume on changed data (manifests, tokenizer, seq_len, mixture): logged, positions kept by source name."""
+    """Resume on changed data (manifests, tokenizer, seq_len, mixture, attend_across_documents): logged, positions kept by source name."""
     cache_dir: str = "${oc.env:FW_CACHE_DIR,${oc.env:HOME,.}/.cache/framework}"
     """Local cache for fsspec-URL shards."""
     root: str = "${oc.env:FW_DATA_ROOT,data}"
@@ -481,6 +482,7 @@ def validate(
         )
     errors += _validate_hsdp(s, world_size)
     errors += _validate_axes(s, world_size)
+    errors += _validate_cp(cfg, device)
     if s.activation_checkpointing not in ("none", "full", "selective"):
         errors.append(
             f"strategy.activation_checkpointing={s.activation_checkpointing!r} must be none|full|selective"
@@ -498,7 +500,9 @@ def validate(
             errors.append(
                 f"trainer.global_batch_size={t.global_batch_size} is not divisible by "
                 f"trainer.micro_batch_size={t.micro_batch_size} x data-parallel degree {dp} "
-                f"(world size {world_size} / strategy.tp={s.tp}) = {per_step}, so gradient "
+                f"(world size {world_size} / strategy.tp={s.tp}"
+                + (f" / strategy.cp={s.cp}" if s.cp > 1 else "")
+                + f") = {per_step}, so gradient "
                 f"accumulation steps would be {t.global_batch_size / per_step:.3g}; nearest valid "
                 f"trainer.global_batch_size: {near}"
             )
@@ -640,10 +644,61 @@ def _validate_axes(s: StrategyConfig, world_size: int) -> list[str]:
             f"world size {world_size} is not divisible by strategy.pp={s.pp} x strategy.cp={s.cp} "
             f"x strategy.tp={s.tp} = {model_ranks}: the data-parallel degree must be a whole number"
         )
-    # the axes are being built (issues 15, 16, 19); refused until their engines exist
-    for key, what in (("pp", "pipeline"), ("cp", "context"), ("ep", "expert")):
+    # the axes are being built (issues 15, 16); refused until their engines exist
+    for key, what in (("pp", "pipeline"), ("ep", "expert")):
         if getattr(s, key) > 1:
             errors.append(f"strategy.{key}={getattr(s, key)}: {what} parallelism is not built yet")
+    return errors
+
+
+CP_STRATEGIES = ("ddp", "fsdp", "tp_fsdp")
+
+
+def _validate_cp(cfg: Config, device: str | None) -> list[str]:
+    """Context parallelism: which strategies and methods it runs with, and that the sequence and
+    the heads split evenly (heads over tp, then over cp)."""
+    s, m, t = cfg.strategy, cfg.model, cfg.trainer
+    if s.cp <= 1:
+        return []
+    errors = []
+    if s.name not in CP_STRATEGIES:
+        errors.append(
+            f"strategy.cp={s.cp} needs strategy={'|'.join(CP_STRATEGIES)} (got {s.name}): the cp "
+            "ranks reduce gradients with the data-parallel ones"
+            + (" (DeepSpeed's engine does not)" if s.name.startswith("zero") else "")
+        )
+    tp = s.tp if s.name == "tp_fsdp" else 1
+    if m.n_head % (tp * s.cp):
+        errors.append(
+            f"model.n_head={m.n_head} is not divisible by strategy.tp={tp} x strategy.cp={s.cp}: "
+            "attention heads are split over tp, then over cp"
+        )
+    sp = tp if s.sequence_parallel else 1
+    chunks = s.cp * sp * (2 if s.cp_method == "ring" else 1)
+    if t.seq_len % chunks:
+        what = (
+            "2 x strategy.cp (ring's load-balanced chunks)" if s.cp_method == "ring" else "strategy.cp"
+        )
+        errors.append(
+            f"trainer.seq_len={t.seq_len} is not divisible by {what}"
+            + (f" x strategy.tp={tp} (sequence parallel)" if sp > 1 else "")
+            + f" = {chunks}: every rank takes an equal chunk of each sequence"
+        )
+    if s.cp_method == "ring":
+        device = device or target_device(t)
+        if device != "cuda":
+            errors.append(
+                f"strategy.cp_method=ring runs torch's ring attention (context_parallel), which "
+                f"needs CUDA's SDPA kernels (device {device}: the CPU SDPA op has no sharding "
+                "strategy): use strategy.cp_method=ulysses"
+            )
+        if not cfg.data.attend_across_documents:
+            errors.append(
+                "strategy.cp_method=ring supports causal attention only, not document masks: set "
+                "data.attend_across_documents=true, or use strategy.cp_method=ulysses"
+            )
+        if cfg.task.name != "pretrain":
+            errors.append(f"strategy.cp_method=ring is built for task=pretrain (got {cfg.task.name})")
     return errors
 
 
@@ -656,11 +711,11 @@ def _validate_hsdp(s: StrategyConfig, world_size: int) -> list[str]:
         return []
     if s.name != "fsdp":
         return [f"strategy.hsdp_replicas={s.hsdp_replicas} needs strategy=fsdp (got {s.name})"]
-    dp = world_size // s.tp if s.tp >= 1 else world_size
+    dp = world_size // (s.tp * max(s.cp, 1)) if s.tp >= 1 else world_size
     if dp % s.hsdp_replicas:
         return [
             f"strategy.hsdp_replicas={s.hsdp_replicas} does not divide the data-parallel degree {dp} "
-            f"(world size {world_size} / strategy.tp={s.tp})"
+            f"(world size {world_size} / strategy.tp={s.tp} / strategy.cp={s.cp})"
         ]
     return []
 

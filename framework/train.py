@@ -20,7 +20,7 @@ from framework import config as C
 from framework import faults
 from framework.checkpoint import Checkpointer, model_shape
 from framework.cli import entry
-from framework.data.identity import check_data_resume, data_identity
+from framework.data.identity import check_data_resume, data_identity, with_legacy_attention
 from framework.data.loader import DataRank, MixtureLoader, val_batches
 from framework.data.sample import generate as generate_sample_source
 from framework.data.shards import MANIFEST
@@ -201,7 +201,8 @@ def restore(ckpt, path, cfg: C.Config, engine, loader, guard, tok: Tokenizer, ro
         return 0
     state = ckpt.load(path, engine, model_shape(cfg.model), tok.fingerprint)
     identity = data_identity(loader, tok.fingerprint)
-    check_data_resume(state.get("data"), identity, cfg.data.allow_change_on_resume, path)
+    saved = with_legacy_attention(state.get("data"), state.get("config"))
+    check_data_resume(saved, identity, cfg.data.allow_change_on_resume, path)
     loader.load_state_dict(state["loader"])
     engine.load_extra_state(state["engine"])
     guard.load_state_dict(state.get("faults"))

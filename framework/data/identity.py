@@ -6,7 +6,10 @@ without any error. So the checkpoint records:
 - per source (by name): a fingerprint of its manifest's shard list (file, split, rows, tokens,
   bytes, sha256) and, for the message only, its path: two swapped paths show as two changed
   fingerprints, while moving a prepared directory elsewhere changes nothing;
-- the tokenizer fingerprint, seq_len, every source's weight and the schedule.
+- the tokenizer fingerprint, seq_len, every source's weight and the schedule;
+- data.attend_across_documents (how packed documents see each other: a resume must keep the
+  attention the run was trained with). A checkpoint from before that key recorded
+  data.doc_mask in its config instead (`with_legacy_attention`).
 A resume with any of them changed is refused (CheckpointError naming each change, old vs new)
 unless data.allow_change_on_resume=true: then each change is logged as a WARNING and the loader
 keeps each source's window position by name (MixtureLoader.load_state_dict).
@@ -41,6 +44,7 @@ def data_identity(loader, tokenizer_fingerprint: str) -> dict:
         },
         "tokenizer": tokenizer_fingerprint,
         "seq_len": loader.seq_len,
+        "attend_across_documents": cfg.attend_across_documents,
         "weights": {s.name: float(s.weight) for s in cfg.sources},
         "schedule": [
             {"step": e.step, "weights": {k: float(w) for k, w in sorted(e.weights.items())}}
@@ -73,9 +77,35 @@ def data_changes(saved: dict, now: dict) -> list[str]:
             out.append(
                 f"source {name!r} weight: {old_w.get(name)} in the checkpoint vs {new_w.get(name)} now"
             )
+    if saved.get("attend_across_documents") != now["attend_across_documents"]:
+        was = saved.get("attend_across_documents")
+        legacy = f" (data.doc_mask={not was} before the key existed)" if saved.get("legacy") else ""
+        out.append(
+            f"data.attend_across_documents: {was}{legacy} in the checkpoint vs "
+            f"{now['attend_across_documents']} now (set data.attend_across_documents={was} to "
+            "keep the attention the run was trained with)"
+        )
     if saved.get("schedule", []) != now["schedule"]:
         out.append(f"data.schedule: {saved.get('schedule')} in the checkpoint vs {now['schedule']} now")
     return out
+
+
+def with_legacy_attention(identity: dict | None, config: dict | None) -> dict | None:
+    """A checkpoint's data identity with attend_across_documents filled in when it was written
+    before the key existed: its config's data.doc_mask said the same thing the other way round
+    (doc_mask=false, the old default: attention across documents). A doc_mask=true run (sft)
+    masked documents but kept positions running through the window: under masking, positions
+    now restart at each document, which RoPE models do not see (attention scores depend on
+    relative positions only) and learned-position (gpt2) models do: logged as a WARNING."""
+    if identity is None or "attend_across_documents" in identity:
+        return identity
+    doc_mask = bool(((config or {}).get("data") or {}).get("doc_mask", False))
+    if doc_mask and ((config or {}).get("model") or {}).get("style") == "gpt2":
+        log.warning(
+            "this checkpoint was trained with data.doc_mask=true, before positions restarted at "
+            "each document: its learned position embeddings now see per-document positions"
+        )
+    return {**identity, "attend_across_documents": not doc_mask, "legacy": True}
 
 
 def check_data_resume(saved: dict | None, now: dict, allow_change: bool, checkpoint: Path) -> None:

@@ -57,12 +57,17 @@ class Batch:
     inputs: torch.Tensor
     targets: torch.Tensor
     doc_ids: torch.Tensor | None = None
-    """(B, T) document index within the window, when data.doc_mask keeps attention per document."""
+    """(B, T) document index of each token within its window (0, 1, ...) when attention stays
+    inside documents (data.attend_across_documents=false); None when every window of the
+    micro-batch holds one document (plain causal attention: nothing to mask)."""
     loss_weight: float | None = None
     """sft: factor on this micro-batch's mean loss (over its trained tokens, targets != -100) that
     makes the step's loss the mean over the trained tokens of the whole global batch, whatever
     the accumulation and data-parallel size: trained_here x accum x dp / trained_global. The
     engine multiplies by it (so does the loss it reports). None: pretraining, a plain mean."""
+    positions: torch.Tensor | None = None
+    """(B, T) position of each token; set by context parallelism, whose chunks of a sequence
+    take their positions from the whole sequence (None: the model derives them)."""
 
 
 @dataclass
@@ -108,7 +113,7 @@ def to_batches(
     t = torch.from_numpy(windows)
     d = torch.from_numpy(doc)[:, :-1] if doc is not None else None
     parts = [
-        (t[i : i + micro_batch_size], None if d is None else d[i : i + micro_batch_size])
+        (t[i : i + micro_batch_size], _several_docs(d, i, micro_batch_size))
         for i in range(0, len(t), micro_batch_size)
     ]
     if mask is not None:
@@ -126,6 +131,14 @@ def to_batches(
         Batch(x[:, :-1].pin_memory(), x[:, 1:].pin_memory(), None if dx is None else dx.pin_memory())
         for x, dx in parts
     ]
+
+
+def _several_docs(d: torch.Tensor | None, i: int, n: int) -> torch.Tensor | None:
+    """doc_ids of micro-batch rows [i, i+n), or None when each of its windows holds one document
+    (ids are non-decreasing from 0 per window: the last input's id is 0)."""
+    if d is None or not d[i : i + n, -1].any():
+        return None
+    return d[i : i + n]
 
 
 def loss_weights(
@@ -391,7 +404,11 @@ class MixtureLoader:
         )  # (n*R,)
         src_m, ks_m = src[mine], ks[mine]
         buf = np.empty((n_steps * R, self.seq_len + 1), dtype=np.int64)
-        doc = np.empty((n_steps * R, self.seq_len + 1), dtype=np.int32) if self.cfg.doc_mask else None
+        doc = (
+            np.empty((n_steps * R, self.seq_len + 1), dtype=np.int32)
+            if not self.cfg.attend_across_documents
+            else None
+        )
         for j, packed in enumerate(self.packed):
             rows = np.flatnonzero(src_m == j)
             packed.gather(ks_m[rows], buf, rows, doc)
@@ -576,7 +593,11 @@ def val_batches(
         total -= total % dp_size
         mine = np.arange(dp_rank, total, dp_size)
         buf = np.empty((len(mine), seq_len + 1), dtype=np.int64)
-        doc = np.empty((len(mine), seq_len + 1), dtype=np.int32) if cfg.doc_mask else None
+        doc = (
+            np.empty((len(mine), seq_len + 1), dtype=np.int32)
+            if not cfg.attend_across_documents
+            else None
+        )
         p.gather(mine, buf, np.arange(len(mine)), doc)
         mask, trained = None, 0
         if (mm := m.mask_manifest()) is not None:  # every rank's val masks: the global count

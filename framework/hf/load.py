@@ -31,6 +31,7 @@ from framework.hf.names import (
     out_features,
 )
 from framework.model import GPT, ModelConfig
+from framework.model.rope import rope_scaling_from_hf
 
 log = logging.getLogger("framework")
 
@@ -138,8 +139,21 @@ _FIXED = {
         "scale_attn_by_inverse_layer_idx": (False,),
         "add_cross_attention": (False,),
     },
-    "llama": {"hidden_act": ("silu",), "rope_scaling": (None,)},
+    "llama": {"hidden_act": ("silu",)},
 }
+
+
+def _rope_errors(hf_cfg: dict, m: ModelConfig) -> list[str]:
+    """A config.json's RoPE (theta, scaling type and parameters) against model.rope_*."""
+    try:
+        theirs = rope_scaling_from_hf(hf_cfg)
+    except ValueError as e:
+        return [str(e)]
+    return [
+        f"{key}: HF {value!r} vs ours {getattr(m, key)!r} (set model.{key} to match)"
+        for key, value in theirs.items()
+        if value != getattr(m, key)
+    ]
 
 
 def check_hf_config(hf_cfg: dict, m: ModelConfig, path: str | Path) -> None:
@@ -153,14 +167,11 @@ def check_hf_config(hf_cfg: dict, m: ModelConfig, path: str | Path) -> None:
             f"(style {m.style}) loads only {want_type!r} directories"
         )
     hf_cfg = dict(hf_cfg)
-    rope = hf_cfg.pop("rope_parameters", None)
-    if rope is not None:  # transformers 5 nests theta and the scaling type here
-        rope = dict(rope)
-        hf_cfg.setdefault("rope_theta", rope.pop("rope_theta", m.rope_theta))
-        if rope.get("rope_type", "default") != "default" or set(rope) - {"rope_type"}:
-            hf_cfg["rope_scaling"] = rope
-    if hf_cfg.get("rope_scaling") == {"rope_type": "default"}:
-        hf_cfg["rope_scaling"] = None
+    errors = []
+    if m.style == "llama":  # RoPE: theta and scaling, in either transformers' format
+        errors += _rope_errors(hf_cfg, m)
+        for k in ("rope_parameters", "rope_scaling", "rope_theta"):
+            hf_cfg.pop(k, None)
     if m.style == "gpt2" and hf_cfg.get("n_inner") is None:
         hf_cfg["n_inner"] = 4 * hf_cfg.get("n_embd", m.n_embd)  # HF's default
     if m.style == "llama":
@@ -170,7 +181,6 @@ def check_hf_config(hf_cfg: dict, m: ModelConfig, path: str | Path) -> None:
             hf_cfg.pop("head_dim", None)
     ours, fixed = config_fields(m), _FIXED[want_type]
     ignored = _IGNORED_ANY | _IGNORED[want_type] | {"model_type"}
-    errors = []
     # A tied file loads into an untied model (the head starts as a copy); the reverse would
     # drop the file's separate output layer.
     if hf_cfg.pop("tie_word_embeddings", True) is False and m.tie_embeddings:

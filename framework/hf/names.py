@@ -20,6 +20,7 @@ import torch
 
 from framework.errors import ConfigError
 from framework.model import GPT, ModelConfig
+from framework.model.rope import rope_scaling_to_hf
 
 INDEX = "model.safetensors.index.json"
 """The index of HF's sharded layout (`model-0000i-of-0000n.safetensors`)."""
@@ -196,7 +197,10 @@ def _hf_config(m: ModelConfig) -> dict:
         "max_position_embeddings": m.block_size,
         "rms_norm_eps": m.norm_eps,
         "rope_theta": m.rope_theta,
-        "rope_parameters": {"rope_type": "default", "rope_theta": m.rope_theta},
+        # transformers 5 reads rope_parameters (theta + scaling), 4.x rope_scaling
+        "rope_parameters": {"rope_type": "default", "rope_theta": m.rope_theta}
+        | (rope_scaling_to_hf(m) or {}),
+        "rope_scaling": rope_scaling_to_hf(m),
         "hidden_act": "silu",
         "attention_bias": m.bias,
         "mlp_bias": m.bias,
@@ -228,7 +232,6 @@ def config_fields(m: ModelConfig) -> dict[str, tuple[object, str]]:
         "num_key_value_heads": (m.kv_heads, "model.n_kv_head"),
         "head_dim": (m.head_dim, "model.n_embd/model.n_head"),
         "rms_norm_eps": (m.norm_eps, "model.norm_eps"),
-        "rope_theta": (m.rope_theta, "model.rope_theta"),
         "attention_bias": (m.bias, "model.bias"),
         "mlp_bias": (m.bias, "model.bias"),
     }

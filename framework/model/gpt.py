@@ -18,7 +18,9 @@ import torch.nn.functional as F
 from torch import nn
 
 from framework.errors import ConfigError
+from framework.model.attention import KERNELS, doc_positions, sdpa_attention
 from framework.model.moe import MoE, MoEConfig
+from framework.model.rope import inv_freq_and_scale, scaling_errors
 
 
 class ModelShapeError(ConfigError):
@@ -53,6 +55,22 @@ class ModelConfig:
     tie_embeddings: bool = True
     norm_eps: float = 1e-5
     rope_theta: float = 10000.0
+    rope_scaling: str = "none"
+    """none | linear | llama3 | yarn: RoPE scaling for a longer context (style=llama only)."""
+    rope_factor: float = 1.0
+    """linear / llama3 / yarn: the context extension factor (e.g. 4 for 2k -> 8k)."""
+    rope_original_max_position: int | None = None
+    """llama3 / yarn: the context length the model was pretrained at."""
+    rope_low_freq_factor: float = 1.0
+    """llama3: wavelengths above original/low_freq_factor are fully scaled."""
+    rope_high_freq_factor: float = 4.0
+    """llama3: wavelengths below original/high_freq_factor are kept."""
+    rope_beta_fast: float = 32.0
+    """yarn: dimensions turning more often than this over the original context are kept."""
+    rope_beta_slow: float = 1.0
+    """yarn: dimensions turning less often than this are fully interpolated."""
+    rope_attention_factor: float | None = None
+    """yarn: factor on cos/sin (attention temperature); None: 0.1 ln(rope_factor) + 1."""
     init_std: float = 0.02
     init_from: str | None = None
     """A local Hugging Face GPT-2/Llama directory whose weights initialise the model."""
@@ -137,6 +155,7 @@ class ModelConfig:
         if not 0.0 <= self.dropout < 1.0:
             errors.append(f"model.dropout={self.dropout} must be in [0, 1)")
         errors += self.moe.errors(self.n_layer)
+        errors += scaling_errors(self)
         if errors:
             raise ModelShapeError("; ".join(errors))
 
@@ -242,17 +261,19 @@ def initial_value(
 
 
 def rope_cache(cfg: ModelConfig, device=None) -> tuple[torch.Tensor, torch.Tensor]:
-    """cos, sin of shape (block_size, head_dim) in the rotate-half layout."""
-    hs = cfg.head_dim
-    inv_freq = 1.0 / (cfg.rope_theta ** (torch.arange(0, hs, 2, device=device).float() / hs))
+    """cos, sin of shape (block_size, head_dim) in the rotate-half layout, scaled as
+    model.rope_scaling says (framework/model/rope.py)."""
+    inv_freq, scale = inv_freq_and_scale(cfg)
     t = torch.arange(cfg.block_size, device=device).float()
-    freqs = torch.outer(t, inv_freq)  # (T, hs/2)
+    freqs = torch.outer(t, inv_freq.to(device))  # (T, hs/2)
     emb = torch.cat([freqs, freqs], dim=-1)  # (T, hs)
-    return emb.cos(), emb.sin()
+    if scale == 1.0:
+        return emb.cos(), emb.sin()
+    return emb.cos() * scale, emb.sin() * scale
 
 
 def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-    # x: (B, nh, T, hs); cos/sin: (T, hs)
+    # x: (B, nh, T, hs); cos/sin: (T, hs), or (B, 1, T, hs) for per-token positions
     x1, x2 = x.chunk(2, dim=-1)
     rotated = torch.cat([-x2, x1], dim=-1)
     return (x * cos + rotated * sin).to(x.dtype)
@@ -273,8 +294,13 @@ class Attention(nn.Module):
         # OLMoE's QK-norm: over the whole projection (all heads at once), not per head
         self.q_norm = RMSNorm(cfg.n_embd, cfg.norm_eps) if cfg.qk_norm else nn.Identity()
         self.k_norm = RMSNorm(kv_dim, cfg.norm_eps) if cfg.qk_norm else nn.Identity()
+        # (q, k, v, mask, dropout_p) -> y: the kernel GPT.use_attention chose; context
+        # parallelism wraps it from outside (framework/parallel/cp.py)
+        self.core = sdpa_attention
 
     def forward(self, x, rope=None, attn_mask=None):
+        """x (B, T, C); rope: (cos, sin) of these T positions; attn_mask: what the core takes
+        (None: plain causal attention)."""
         B, T, _ = x.shape
         # -1 instead of n_head: under tensor parallel each rank holds a slice of the heads.
         q = self.q_norm(self.wq(x)).view(B, T, -1, self.head_dim).transpose(1, 2)  # (B, nh, T, hs)
@@ -282,18 +308,8 @@ class Attention(nn.Module):
         v = self.wv(x).view(B, T, -1, self.head_dim).transpose(1, 2)
         if self.rope:
             cos, sin = rope
-            q, k = apply_rope(q, cos[:T], sin[:T]), apply_rope(k, cos[:T], sin[:T])
-        if k.size(1) != q.size(1):  # grouped-query attention: share each kv head
-            k = k.repeat_interleave(q.size(1) // k.size(1), dim=1)
-            v = v.repeat_interleave(q.size(1) // v.size(1), dim=1)
-        y = F.scaled_dot_product_attention(
-            q,
-            k,
-            v,
-            attn_mask=attn_mask,
-            dropout_p=self.dropout if self.training else 0.0,
-            is_causal=attn_mask is None,
-        )  # (B, nh, T, hs)
+            q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
+        y = self.core(q, k, v, attn_mask, self.dropout if self.training else 0.0)  # (B, nh, T, hs)
         y = y.transpose(1, 2).reshape(B, T, -1)
         return self.resid_dropout(self.wo(y))
 
@@ -369,8 +385,16 @@ class GPT(nn.Module):
             cos, sin = rope_cache(cfg)
             self.register_buffer("rope_cos", cos, persistent=False)
             self.register_buffer("rope_sin", sin, persistent=False)
+        self.doc_mask = KERNELS["sdpa"][0]  # doc_ids -> the mask self.blocks' cores take
         if init and self.tok_emb.weight.device.type != "meta":
             self.init_weights()
+
+    def use_attention(self, kernel: str) -> None:
+        """Choose the document-mask kernel (framework.model.attention.KERNELS: sdpa | flex) of
+        every block; chosen once at build time (attention.kernel_for picks one per device)."""
+        self.doc_mask, core = KERNELS[kernel]
+        for block in self.blocks.values():
+            block.attn.core = core
 
     @torch.no_grad()
     def init_weights(self, seed: int | None = None) -> None:
@@ -400,10 +424,17 @@ class GPT(nn.Module):
         idx: torch.Tensor,
         targets: torch.Tensor | None = None,
         doc_ids: torch.Tensor | None = None,
+        positions: torch.Tensor | None = None,
     ) -> torch.Tensor:
         """idx (B, T) token ids -> logits (B, T, V) (V: num_labels for a classifier), or the mean
-        cross-entropy if targets (B, T) are given (ignore_index -100). doc_ids (B, T) optional:
-        attention stays inside a document.
+        cross-entropy if targets (B, T) are given (ignore_index -100).
+
+        doc_ids (B, S) optional: each token's document within its window (0, 1, ...); attention
+        stays inside a document, and positions restart at each document start. S is T, except
+        under context parallelism: idx is then one chunk of an S-token sequence, doc_ids cover
+        the whole sequence (attention sees all S positions after an all-to-all) and the
+        chunk's `positions` are given.
+        positions (B, T) optional: each token's position (default: from doc_ids, else 0..T-1).
 
         With sparse blocks the returned loss has the VALUE of the mean cross-entropy (what
         metrics.jsonl's `loss` and `val_loss` show, comparable with a dense model's) and the
@@ -415,16 +446,20 @@ class GPT(nn.Module):
         B, T = idx.shape
         if T > self.cfg.block_size:
             raise ValueError(f"sequence length {T} exceeds model.block_size={self.cfg.block_size}")
+        if positions is None and doc_ids is not None:
+            positions = doc_positions(doc_ids)
         x = self.tok_emb(idx)  # (B, T, C)
         if self.pos_emb is not None:
-            x = x + self.pos_emb(torch.arange(T, device=idx.device))
+            where = torch.arange(T, device=idx.device)[None] if positions is None else positions
+            x = x + self.pos_emb(where)  # (1 or B, T, C)
         x = self.drop(x)
-        rope = (self.rope_cos, self.rope_sin) if self.cfg.style == "llama" else None
-        mask = None
-        if doc_ids is not None:
-            causal = torch.ones(T, T, dtype=torch.bool, device=idx.device).tril()
-            same_doc = doc_ids[:, :, None] == doc_ids[:, None, :]  # (B, T, T)
-            mask = (causal & same_doc)[:, None]  # (B, 1, T, T)
+        rope = None
+        if self.cfg.style == "llama":
+            if positions is None:
+                rope = (self.rope_cos[:T], self.rope_sin[:T])  # (T, hs)
+            else:
+                rope = (self.rope_cos[positions][:, None], self.rope_sin[positions][:, None])
+        mask = None if doc_ids is None else self.doc_mask(doc_ids)
         for block in self.blocks.values():
             x = block(x, rope, mask)
         logits = self.lm_head(self.norm(x))  # (B, T, V)

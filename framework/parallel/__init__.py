@@ -1,8 +1,9 @@
 """Parallelism applied to the plain model by functions, in one documented order:
 
-    fp8 conversion -> tensor parallel -> activation checkpointing -> torch.compile -> FSDP/DDP
+    fp8 conversion -> tensor parallel -> context parallel -> activation checkpointing
+    -> torch.compile -> FSDP/DDP
 
-(each a file here: tp.py, ac.py, compile.py, fsdp.py, ddp.py); the optimizer is built last,
+(each a file here: tp.py, cp.py, ac.py, compile.py, fsdp.py, ddp.py); the optimizer is built last,
 over the final (possibly DTensor) parameters. DeepSpeed ZeRO runs its own engine (zero.py)
 behind the same `Engine` interface, so the training loop never branches on the strategy.
 
@@ -22,16 +23,18 @@ from functools import partial
 from torch import nn
 from torch.distributed.device_mesh import DeviceMesh
 
-from framework.config import Config, ConfigError, Layout, layout
+from framework.config import Config, ConfigError, layout
 from framework.dist import Dist
+from framework.model.attention import kernel_for
 from framework.optim import build_optimizer
 from framework.parallel.ac import apply_ac
 from framework.parallel.compile import apply_compile
+from framework.parallel.cp import ContextSplit, RingContext, WholeSequence, apply_ulysses
 from framework.parallel.ddp import apply_ddp, ddp_grad_sync
 from framework.parallel.engine import Engine, NonFiniteError, StepResult, TorchEngine
 from framework.parallel.fsdp import apply_fsdp, fsdp_grad_sync, mixed_precision_policy
 from framework.parallel.materialize import initial_values, materialize, meta_model, zero3_model
-from framework.parallel.mesh import build_mesh
+from framework.parallel.mesh import Mesh, build_mesh
 from framework.parallel.tp import apply_tp
 from framework.parallel.zero import build_zero, deepspeed_config, ensure_process_group
 from framework.precision import OverflowGuard, apply_fp8, make_grad_scaler, resolve
@@ -41,12 +44,24 @@ __all__ = ["Engine", "NonFiniteError", "StepResult", "TorchEngine", "build_engin
 
 def _meshes(
     cfg: Config, dist: Dist, tp: bool, dp: str | None
-) -> tuple[DeviceMesh | None, DeviceMesh | None, Layout]:
-    """(tp_mesh, dp_mesh, layout) for this strategy; dp_mesh is 2-D (replicate, shard) under
-    HSDP. DDP needs no mesh: it reduces over the default group."""
-    lay = layout(cfg.strategy, dist.world_size)
-    mesh = build_mesh(lay, dist.device.type)
-    return (mesh.get("tp") if tp else None), (mesh.fsdp() if dp == "fsdp" else None), lay
+) -> tuple[DeviceMesh | None, DeviceMesh | None, Mesh]:
+    """(tp_mesh, dp_mesh, mesh) for this strategy; dp_mesh is 2-D (replicate, shard) under
+    HSDP. DDP needs no mesh: it reduces over the dp x cp group."""
+    mesh = build_mesh(layout(cfg.strategy, dist.world_size), dist.device.type)
+    return (mesh.get("tp") if tp else None), (mesh.fsdp() if dp == "fsdp" else None), mesh
+
+
+def _sequence(cfg: Config, mesh: Mesh, model: nn.Module, sp: int):
+    """What each rank computes of a sequence (framework/parallel/cp.py): its context-parallel
+    chunk (the model's attention wrapped for ulysses) or all of it. sp: the sequence-parallel
+    TP degree that splits each chunk again."""
+    cp_mesh = mesh.get("cp")
+    if cp_mesh is None:
+        return WholeSequence(sp)
+    if cfg.strategy.cp_method == "ring":
+        return RingContext(cp_mesh)
+    apply_ulysses(model, cp_mesh)
+    return ContextSplit(cp_mesh, sp)
 
 
 def _build_torch(
@@ -56,18 +71,22 @@ def _build_torch(
     model=None: built here on meta and materialised per rank (dry_run: left on meta)."""
     s = cfg.strategy
     precision = resolve(cfg.precision, dist.device.type)
-    tp_mesh, dp_mesh, lay = _meshes(cfg, dist, tp, dp)
+    tp_mesh, dp_mesh, mesh = _meshes(cfg, dist, tp, dp)
+    lay = mesh.layout
     values = None
     if model is None:
         model, values = meta_model(cfg.model), initial_values(cfg)
     else:
         model.to(dist.device)  # a plain model built and initialised by the caller
+    model.use_attention(kernel_for(dist.device.type, cfg.model.dropout, cfg.trainer.seq_len))
     if dry_run:
         values = None
     if precision.name == "fp8":
         apply_fp8(model, cfg.precision)
     if tp:
         apply_tp(model, tp_mesh, s.sequence_parallel)
+    sp = s.tp if tp and s.sequence_parallel else 1
+    sequence = _sequence(cfg, mesh, model, sp)
     apply_ac(model, s.activation_checkpointing)
     if s.compile:
         apply_compile(model)
@@ -77,7 +96,10 @@ def _build_torch(
     if dp == "ddp" and dry_run:
         extra = {}  # DDP cannot wrap meta tensors
     elif dp == "ddp":
-        wrapped = apply_ddp(model, dist.device)
+        group = None  # every rank
+        if lay.cp > 1:  # the dp x cp ranks (tp peers hold other weights)
+            group = mesh.get("dp_replicate", "dp_shard", "cp").get_group()
+        wrapped = apply_ddp(model, dist.device, group)
         extra = dict(grad_sync=ddp_grad_sync(wrapped))
     elif dp == "fsdp":
         apply_fsdp(
@@ -87,11 +109,12 @@ def _build_torch(
         if values is not None:
             materialize(model, dist.device, values)  # only this rank's shards
         extra = dict(grad_sync=fsdp_grad_sync(model))
-    # the loader's coordinate: ranks of one TP group share a dp rank (same data)
-    extra.update(dp_rank=lay.dp_rank(dist.rank), dp_size=lay.dp)
-    if tp and s.sequence_parallel:
-        extra["seq_multiple"] = s.tp
+    # the loader's coordinate: ranks of one TP or CP group share a dp rank (same data)
+    extra.update(dp_rank=lay.dp_rank(dist.rank), dp_size=lay.dp, sequence=sequence)
+    if sp > 1:
         extra["rng_rank"] = dist.rank  # every dropout acts on rank-local slices
+    elif lay.cp > 1:  # each cp rank its own chunk; TP peers (no SP) share their activations
+        extra["rng_rank"] = lay.dp_rank(dist.rank) * lay.cp + lay.coords(dist.rank)["cp"]
     optimizer = build_optimizer(model, cfg.optim, dist.device.type)
     scaler = make_grad_scaler(cfg.precision, precision)
     guard = OverflowGuard(cfg.precision) if scaler is not None else None
@@ -126,6 +149,7 @@ def _build_zero(model: nn.Module | None, cfg: Config, dist: Dist, dry_run: bool 
     elif model is None:
         model = meta_model(cfg.model)
         materialize(model, dist.device, initial_values(cfg))
+    model.use_attention(kernel_for(dist.device.type, cfg.model.dropout, cfg.trainer.seq_len))
     apply_ac(model, cfg.strategy.activation_checkpointing)
     if cfg.strategy.compile:
         apply_compile(model)

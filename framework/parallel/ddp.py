@@ -12,15 +12,19 @@ from torch import nn
 from torch.nn.parallel import DistributedDataParallel
 
 
-def apply_ddp(model: nn.Module, device: torch.device, init_sync: bool = True) -> DistributedDataParallel:
-    """init_sync=False skips the start-up broadcast of the weights (framework.plan's dry run,
-    whose fake tensors have no data to send)."""
+def apply_ddp(
+    model: nn.Module, device: torch.device, group=None, init_sync: bool = True
+) -> DistributedDataParallel:
+    """group: the ranks that average gradients (None: all; under context parallelism the dp x cp
+    ranks, which hold the same weights). init_sync=False skips the start-up broadcast of the
+    weights (framework.plan's dry run, whose fake tensors have no data to send)."""
     # broadcast_buffers off: the model's only buffers (RoPE tables) are identical by construction
     return DistributedDataParallel(
         model,
         device_ids=[device.index] if device.type == "cuda" else None,
         broadcast_buffers=False,
         init_sync=init_sync,
+        process_group=group,
     )
 
 

@@ -24,6 +24,7 @@ from torch.distributed.tensor import DTensor
 
 from framework.data.loader import Batch
 from framework.errors import NonFiniteError
+from framework.parallel.cp import WholeSequence
 from framework.precision import OverflowGuard, Precision
 from framework.safeload import dcp_load
 
@@ -147,8 +148,10 @@ class TorchEngine(Engine):
 
     grad_sync(last) is the strategy's context for one micro-batch: DDP/FSDP skip their
     gradient reduction on all but the last micro-batch of an optimizer step.
-    seq_multiple: sequence parallel splits T over the TP ranks, so logits() pads prompts to a
-    multiple of it (on the right: causal attention keeps earlier positions unaffected).
+    sequence: what each rank computes of a micro-batch's sequences (framework/parallel/cp.py):
+    the whole of them, or its context-parallel chunk; it also builds sampling logits (sequence
+    parallel splits T over the TP ranks, so prompts are padded to a multiple of it, on the
+    right: causal attention keeps earlier positions unaffected).
     """
 
     def __init__(
@@ -165,7 +168,7 @@ class TorchEngine(Engine):
         dp_rank: int = 0,
         dp_size: int = 1,
         rng_rank: int | None = None,
-        seq_multiple: int = 1,
+        sequence=None,
         overflow_guard: OverflowGuard | None = None,
         min_loss_scale: float = 1.0,
     ):
@@ -175,7 +178,7 @@ class TorchEngine(Engine):
         self.params = [p for g in optimizer.param_groups for p in g["params"]]
         self.grad_sync, self.dp_rank, self.dp_size = grad_sync, dp_rank, dp_size
         self.rng_rank = dp_rank if rng_rank is None else rng_rank
-        self.seq_multiple = seq_multiple
+        self.sequence = sequence or WholeSequence()
         self.overflow_guard, self.min_loss_scale = overflow_guard, min_loss_scale
         self.skipped_steps = 0
         self._micro = 0  # micro-batches since the last step()
@@ -183,17 +186,19 @@ class TorchEngine(Engine):
     def plain_model(self) -> nn.Module:
         return self._plain
 
-    def _to_device(self, batch: Batch) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
-        dev = self.device
-        doc = batch.doc_ids.to(dev, non_blocking=True) if batch.doc_ids is not None else None
-        return batch.inputs.to(dev, non_blocking=True), batch.targets.to(dev, non_blocking=True), doc
+    def _to_device(self, batch: Batch) -> list[torch.Tensor | None]:
+        """inputs, targets, doc_ids, positions on the device (None stays None)."""
+        parts = (batch.inputs, batch.targets, batch.doc_ids, batch.positions)
+        return [None if t is None else t.to(self.device, non_blocking=True) for t in parts]
 
     def forward_backward(self, batch, accum):
-        inputs, targets, doc_ids = self._to_device(batch)
+        batch = self.sequence.split(batch)  # context parallel: this rank's chunk
+        inputs, targets, doc_ids, positions = self._to_device(batch)
         self._micro += 1
-        with self.grad_sync(self._micro >= accum):
+        sharded = [t for t in (inputs, targets, positions) if t is not None]
+        with self.grad_sync(self._micro >= accum), self.sequence.context(*sharded):
             with self.precision.autocast():
-                loss = self.model(inputs, targets, doc_ids)
+                loss = self.model(inputs, targets, doc_ids, positions)
             if batch.loss_weight is not None:  # sft: the global batch's trained-token mean
                 loss = loss * batch.loss_weight
             scaled = loss / accum
@@ -288,20 +293,20 @@ class TorchEngine(Engine):
 
     @torch.no_grad()
     def eval_loss(self, batch):
-        inputs, targets, doc_ids = self._to_device(batch)
-        with self.precision.autocast():
-            loss = self.model(inputs, targets, doc_ids).detach()
+        batch = self.sequence.split(batch)
+        inputs, targets, doc_ids, positions = self._to_device(batch)
+        sharded = [t for t in (inputs, targets, positions) if t is not None]
+        with self.sequence.context(*sharded), self.precision.autocast():
+            loss = self.model(inputs, targets, doc_ids, positions).detach()
         return loss if batch.loss_weight is None else loss * batch.loss_weight
 
     @torch.no_grad()
     def logits(self, idx):
-        idx = idx.to(self.device)
-        T = idx.size(1)
-        pad = -T % self.seq_multiple
-        if pad:
-            idx = torch.nn.functional.pad(idx, (0, pad))
-        with self.precision.autocast():
-            return self.model(idx).float()[:, :T]
+        def forward(ids, positions):
+            with self.precision.autocast():
+                return self.model(ids, positions=positions).float()
+
+        return self.sequence.logits(forward, idx.to(self.device))
 
     # -- checkpoint: torch.distributed.checkpoint, so any strategy's shards load into any other
     def _init_optimizer_state(self) -> None:

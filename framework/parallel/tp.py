@@ -40,7 +40,8 @@ def _block_plan(style: str, sequence_parallel: bool) -> dict[str, ParallelStyle]
     # rowwise outputs go back to the residual layout: reduce-scatter (SP) or all-reduce
     row = RowwiseParallel(output_layouts=seq)
     plan: dict[str, ParallelStyle] = {
-        # (x, rope, attn_mask): only x is split; attention sees the whole sequence
+        # (x, rope, attn_mask): only x is split; attention sees the whole sequence, and
+        # GPT.forward made rope and the mask for the whole (replicated) sequence
         "attn": PrepareModuleInput(
             input_layouts=(seq, None, None),
             desired_input_layouts=(Replicate(), None, None),
@@ -76,8 +77,9 @@ def _root_plan(style: str, sequence_parallel: bool) -> dict[str, ParallelStyle]:
     if sequence_parallel:
         plan["norm"] = SequenceParallel()
         if style == "gpt2":
-            # positions (T,) -> (T, C) split along T, to add to the local (B, T/tp, C) slice
-            plan["pos_emb"] = RowwiseParallel(input_layouts=Replicate(), output_layouts=Shard(0))
+            # positions (1 or B, T) -> (1 or B, T, C) split along T, to add to the local
+            # (B, T/tp, C) slice (positions restart per document: one row per sequence)
+            plan["pos_emb"] = RowwiseParallel(input_layouts=Replicate(), output_layouts=Shard(1))
     return plan
 
 

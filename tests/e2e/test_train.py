@@ -217,8 +217,8 @@ def test_nan_loss_stops_before_the_update_and_saves_nothing(tmp_path, sample_dat
 
     real_forward, calls = GPT.forward, {"n": 0}
 
-    def poisoned(self, idx, targets=None, doc_ids=None):
-        out = real_forward(self, idx, targets, doc_ids)
+    def poisoned(self, idx, targets=None, *rest):
+        out = real_forward(self, idx, targets, *rest)
         if targets is not None and self.training:
             calls["n"] += 1
             if calls["n"] == 5:  # 2 micro-batches per step: the first one of step 3
@@ -240,8 +240,8 @@ def test_fp16_overflow_skips_step_halves_scale_and_logs(tmp_path, sample_data, m
 
     real_forward, calls = GPT.forward, {"n": 0}
 
-    def overflowing(self, idx, targets=None, doc_ids=None):
-        out = real_forward(self, idx, targets, doc_ids)
+    def overflowing(self, idx, targets=None, *rest):
+        out = real_forward(self, idx, targets, *rest)
         if targets is not None and self.training:
             calls["n"] += 1
             if calls["n"] == 3:  # the first micro-batch of step 2

@@ -20,13 +20,15 @@ ROOT_CONFIGS = sorted(p.stem for p in Path(CONF_DIR).glob("*.yaml"))
 # The full set of training config keys. Adding a knob is a deliberate change: update this list.
 FROZEN_KEYS = """
 checkpoint.async_save checkpoint.every checkpoint.keep checkpoint.path checkpoint.resume checkpoint.save_timeout_s
-data.allow_change_on_resume data.allow_empty_source data.cache_dir data.doc_mask data.name data.num_workers data.root data.schedule
+data.allow_change_on_resume data.allow_empty_source data.attend_across_documents data.cache_dir data.name data.num_workers data.root data.schedule
 data.sources data.tokenizer
 faults.crash_in_async_save faults.hang_at_step faults.nan_grad_at_step faults.nan_loss_at_step faults.rank faults.sleep_in_save_s
 faults.sleep_in_step_s faults.spike_at_step faults.spike_factor
 logger.entity logger.mode logger.name logger.project logger.tags
 model.bias model.block_size model.dropout model.ffn_hidden model.init_from model.init_std model.multiple_of
 model.n_embd model.n_head model.n_kv_head model.n_layer model.name model.norm_eps model.num_labels model.rope_theta
+model.rope_attention_factor model.rope_beta_fast model.rope_beta_slow model.rope_factor model.rope_high_freq_factor
+model.rope_low_freq_factor model.rope_original_max_position model.rope_scaling
 model.style model.tie_embeddings model.vocab_size model.qk_norm
 model.moe.num_experts model.moe.top_k model.moe.every model.moe.expert_hidden model.moe.shared_experts
 model.moe.router model.moe.norm_topk_prob model.moe.aux_loss_coef model.moe.z_loss_coef

@@ -102,13 +102,23 @@ def test_packing_loses_and_duplicates_no_token_across_docs_shards_epochs(three):
 
 
 def test_doc_ids_follow_document_boundaries(three):
-    cfg = cfg_for(three, doc_mask=True)
-    b = next(loader(cfg))
-    assert b.doc_ids.shape == b.inputs.shape
-    eot = (b.inputs == TOK.eot_id).long()
-    expected = torch.cumsum(eot, 1) - eot  # a document ends with (and includes) its EOT
-    assert torch.equal(b.doc_ids.long(), expected)
-    assert b.doc_ids.max() > 0
+    """Masking is the default: doc ids follow the EOTs; a micro-batch whose windows each hold one
+    document gets none (plain causal attention); attend_across_documents=true gets none at all."""
+    ld, seen = loader(cfg_for(three)), {"masked": 0, "single": 0}
+    for _ in range(16):
+        b = next(ld)
+        eot = (b.inputs == TOK.eot_id).long()
+        expected = torch.cumsum(eot, 1) - eot  # a document ends with (and includes) its EOT
+        if b.doc_ids is None:
+            assert not expected.any()
+            seen["single"] += 1
+        else:
+            assert b.doc_ids.shape == b.inputs.shape and b.doc_ids.max() > 0
+            assert torch.equal(b.doc_ids.long(), expected)
+            seen["masked"] += 1
+    assert seen["masked"] and seen["single"], seen
+    across = loader(cfg_for(three, attend_across_documents=True))
+    assert all(next(across).doc_ids is None for _ in range(16))
 
 
 def test_dp2_slices_concatenate_to_dp1_and_resume_across_dp(three):
@@ -147,13 +157,17 @@ def test_mid_shard_resume_no_gap_no_duplicate_same_order(three, workers):
 def test_same_seed_any_worker_count_identical_batches(three):
     hashes = []
     for workers in (0, 1, 3):
-        ld = loader(cfg_for(three, num_workers=workers, doc_mask=True))
+        ld = loader(cfg_for(three, num_workers=workers))
         h = []
         for _ in range(8):
             bs = [next(ld) for _ in range(G // MB)]
             h.append(
                 hashlib.sha256(
-                    b"".join(b.inputs.numpy().tobytes() + b.doc_ids.numpy().tobytes() for b in bs)
+                    b"".join(
+                        b.inputs.numpy().tobytes()
+                        + (b"-" if b.doc_ids is None else b.doc_ids.numpy().tobytes())
+                        for b in bs
+                    )
                 ).hexdigest()
             )
         ld.close()

@@ -82,8 +82,13 @@ def test_transformers_written_configs_load(tmp_path):
         (GPT2, {"my_new_trick": 3}, r"my_new_trick=3 is a field we do not implement"),
         (
             LLAMA,
+            {"rope_scaling": {"rope_type": "dynamic", "factor": 2.0}},
+            r"rope_type 'dynamic' is not implemented \(we support default \| linear \| llama3 \| yarn\)",
+        ),
+        (
+            LLAMA,
             {"rope_scaling": {"rope_type": "linear", "factor": 2.0}},
-            r"rope_scaling=\{.*'linear'.*\} is not implemented \(we support None\)",
+            r"rope_factor: HF 2.0 vs ours 1.0 \(set model.rope_factor",
         ),
         (
             LLAMA,

@@ -171,7 +171,7 @@ def step_loss(tmp_path: Path, src: Path, model: GPT, mb: int, dp: int) -> torch.
     G, T = 8, 16
     total = torch.zeros(())
     for rank in range(dp):
-        cfg = make_cfg([f"data.sources=[{{name: chat, path: {src}}}]", "data.doc_mask=true", "task=sft"])
+        cfg = make_cfg([f"data.sources=[{{name: chat, path: {src}}}]", "task=sft"])
         loader = MixtureLoader(
             cfg.data,
             TrainerConfig(seq_len=T, global_batch_size=G, micro_batch_size=mb, seed=0),
@@ -195,7 +195,7 @@ def test_sft_loss_is_global_trained_token_mean_for_any_accum_and_dp(tmp_path):
     with torch.no_grad():
         ref, trained = step_loss(tmp_path, src, model, 8, 1)  # one micro-batch: plain CE mean
         # the reference by hand: every trained target of the global batch, one mean
-        cfg = make_cfg([f"data.sources=[{{name: chat, path: {src}}}]", "data.doc_mask=true"])
+        cfg = make_cfg([f"data.sources=[{{name: chat, path: {src}}}]"])
         b = next(
             MixtureLoader(
                 cfg.data,
@@ -212,7 +212,7 @@ def test_sft_loss_is_global_trained_token_mean_for_any_accum_and_dp(tmp_path):
             assert trained_dp == trained
             assert got.item() == pytest.approx(ref.item(), rel=1e-6), (mb, dp)
         # a plain per-micro-batch mean would differ (the micro-batches hold unequal trained counts)
-        cfgm = make_cfg([f"data.sources=[{{name: chat, path: {src}}}]", "data.doc_mask=true"])
+        cfgm = make_cfg([f"data.sources=[{{name: chat, path: {src}}}]"])
         loader = MixtureLoader(
             cfgm.data,
             TrainerConfig(seq_len=16, global_batch_size=8, micro_batch_size=1, seed=0),
