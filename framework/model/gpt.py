@@ -153,6 +153,12 @@ WRAPPER_PREFIXES = ("_checkpoint_wrapped_module.", "_orig_mod.", "_fsdp_wrapped_
 """Name parts added by the activation checkpointing, torch.compile and FSDP1 wrappers."""
 
 
+def holds_tied_pair(model: nn.Module) -> bool:
+    """True when `model` ties its output head to its token embedding and holds both (a pipeline
+    stage may hold one of them: framework/parallel/pp.py)."""
+    return model.cfg.tie_embeddings and model.tok_emb is not None and model.lm_head is not None
+
+
 def canonical_name(name: str) -> str:
     """A parameter's name in the plain model, whatever wrappers the parallel code added."""
     for prefix in WRAPPER_PREFIXES:
@@ -345,23 +351,36 @@ class GPT(nn.Module):
         doc_ids: torch.Tensor | None = None,
     ) -> torch.Tensor:
         """idx (B, T) token ids -> logits (B, T, V) (V: num_labels for a classifier), or the mean
-        cross-entropy if targets (B, T)
-        are given (ignore_index -100). doc_ids (B, T) optional: attention stays inside a document."""
-        B, T = idx.shape
-        if T > self.cfg.block_size:
-            raise ValueError(f"sequence length {T} exceeds model.block_size={self.cfg.block_size}")
-        x = self.tok_emb(idx)  # (B, T, C)
-        if self.pos_emb is not None:
-            x = x + self.pos_emb(torch.arange(T, device=idx.device))
-        x = self.drop(x)
+        cross-entropy if targets (B, T) are given (ignore_index -100). doc_ids (B, T) optional:
+        attention stays inside a document.
+
+        A pipeline stage (framework/parallel/pp.py) is this model with the modules it does not
+        own set to None: without `tok_emb` (every stage but the first) `idx` is the previous
+        stage's hidden states (B, T, C), embedding and its dropout already applied; without
+        `lm_head` (every stage but the last) the hidden states (B, T, C) are returned and
+        `targets` is ignored. Under sequence parallel T is this rank's slice of the sequence;
+        the document mask is built from doc_ids, which always covers the whole sequence."""
+        if self.tok_emb is not None:
+            T = idx.size(1)
+            if T > self.cfg.block_size:
+                raise ValueError(f"sequence length {T} exceeds model.block_size={self.cfg.block_size}")
+            x = self.tok_emb(idx)  # (B, T, C)
+            if self.pos_emb is not None:
+                x = x + self.pos_emb(torch.arange(T, device=idx.device))
+            x = self.drop(x)
+        else:
+            x = idx  # (B, T, C) from the previous pipeline stage
         rope = (self.rope_cos, self.rope_sin) if self.cfg.style == "llama" else None
         mask = None
         if doc_ids is not None:
-            causal = torch.ones(T, T, dtype=torch.bool, device=idx.device).tril()
+            T = doc_ids.size(1)
+            causal = torch.ones(T, T, dtype=torch.bool, device=doc_ids.device).tril()
             same_doc = doc_ids[:, :, None] == doc_ids[:, None, :]  # (B, T, T)
             mask = (causal & same_doc)[:, None]  # (B, 1, T, T)
         for block in self.blocks.values():
             x = block(x, rope, mask)
+        if self.lm_head is None:
+            return x
         logits = self.lm_head(self.norm(x))  # (B, T, V)
         if targets is None:
             return logits

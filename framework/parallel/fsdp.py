@@ -17,6 +17,7 @@ import contextlib
 
 import torch
 from torch import nn
+from torch.distributed._composable.replicate_with_fsdp import replicate
 from torch.distributed.device_mesh import DeviceMesh
 from torch.distributed.fsdp import FSDPModule, MixedPrecisionPolicy, fully_shard
 
@@ -49,3 +50,14 @@ def fsdp_grad_sync(model: FSDPModule):
         return contextlib.nullcontext()
 
     return sync
+
+
+def apply_replicate(model: nn.Module, mesh: DeviceMesh, mp: MixedPrecisionPolicy) -> nn.Module:
+    """Whole replicas over `mesh`, gradients all-reduced (averaged) once per step: FSDP2's
+    `replicate` (DDP semantics on FSDP2's machinery), for pipeline stages
+    (framework/parallel/pp.py says why not DDP). Each block is its own all-reduce unit, as
+    under fully_shard, so the reduction of early blocks overlaps the backward of later ones."""
+    for block in model.blocks.values():
+        replicate(block, mesh=mesh, mp_policy=mp)
+    replicate(model, mesh=mesh, mp_policy=mp)
+    return model

@@ -36,7 +36,7 @@ from torch import nn
 from torch.distributed.tensor import DTensor, distribute_tensor
 
 from framework.config import Config
-from framework.model.gpt import GPT, ModelConfig, canonical_name, initial_value
+from framework.model.gpt import GPT, ModelConfig, canonical_name, holds_tied_pair, initial_value
 
 log = logging.getLogger("framework")
 
@@ -88,7 +88,7 @@ def write_param(p: torch.Tensor, full: torch.Tensor) -> None:
 def materialize(model: nn.Module, device: torch.device, values: Values) -> None:
     """Allocate `model`'s parameters (only this rank's shards) on `device` and initialise them."""
     model.to_empty(device=device)
-    if model.cfg.tie_embeddings and model.lm_head.weight is not model.tok_emb.weight:
+    if holds_tied_pair(model) and model.lm_head.weight is not model.tok_emb.weight:
         # to_empty replaces each module's tensors one module at a time, which unties the
         # shared embedding / output head (FSDP2's sharded parameters keep it)
         model.lm_head.weight = model.tok_emb.weight
