@@ -9,11 +9,14 @@ Usage:
     torchrun --nproc_per_node N tests/distributed/pp_harness.py OUT_DIR CASES_JSON
 
 CASES_JSON: a list of {"name", "overrides": [...], "steps", "masked": bool, "load": DIR|null,
-"save": bool}. masked: sft-style, a random part of every window's targets untrained, the loss
-weights from the loader's own function (framework.data.loader.to_batches). load: the engine
-state (engine.load) of DIR before training, the steps then starting after that checkpoint's
-steps ("start"); save: engine.save to OUT_DIR/<name>/state after the steps. Rank 0 writes
-OUT_DIR/<name>.json. `run_case` also runs in one plain process (strategy=single references).
+"start", "save": bool, "save_legacy": bool}. masked: sft-style, a random part of every window's
+targets untrained, the loss weights from the loader's own function
+(framework.data.loader.to_batches). load: the engine state (engine.load) of DIR before
+training, the steps then numbered from "start" + 1 (their batches: those of a run that went on);
+save: engine.save to OUT_DIR/<name>/state after the steps; save_legacy (non-pipeline engines):
+the same state in torch's per-group optimizer layout, as checkpoints were written before the
+layout became flat by name, to OUT_DIR/<name>/legacy. Rank 0 writes OUT_DIR/<name>.json.
+`run_case` also runs in one plain process (strategy=single references).
 """
 
 from __future__ import annotations
@@ -25,7 +28,9 @@ from pathlib import Path
 
 import numpy as np
 import torch
+import torch.distributed.checkpoint as dcp
 from hydra import compose, initialize_config_dir
+from torch.distributed.checkpoint.state_dict import get_state_dict
 
 from framework.config import CONF_DIR, grad_accum_steps, load, validate
 from framework.data.loader import to_batches
@@ -90,6 +95,9 @@ def run_case(case: dict, dist: Dist, out_dir: Path) -> dict:
     }
     if case.get("save"):
         engine.save(out_dir / case["name"] / "state")
+    if case.get("save_legacy"):
+        msd, osd = get_state_dict(engine.plain_model(), engine.optimizer)  # the former layout
+        dcp.save({"model": msd, "optim": osd}, checkpoint_id=str(out_dir / case["name"] / "legacy"))
     return result
 
 
