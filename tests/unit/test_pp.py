@@ -254,3 +254,25 @@ def test_checkpoint_in_torchs_per_group_layout_still_loads(tmp_path):
         for k, v in old.optimizer.state[p].items():
             assert torch.equal(v, new.optimizer.state[q][k]), k
     assert [g["weight_decay"] for g in new.optimizer.param_groups] == [0.1, 0.0]
+
+
+# -- the plan's dry run builds the stages -------------------------------------------------------
+
+
+def test_dry_run_builds_every_pipeline_rank_and_reports_the_most_loaded():
+    """pp=2 x fsdp=2 over a fake group of 4 ranks: each pipeline rank's bytes are those of its
+    stage module's FSDP shard (rank 0 of its shard group: torch.chunk's rounded-up half), by hand
+    from the stage modules; the most loaded (the first stage: embedding + position table against
+    the final norm and the tied head's copy) is reported."""
+    import math
+
+    from framework.plan import dry_run
+
+    cfg = make_cfg(["strategy=fsdp", "strategy.pp=2", "trainer.micro_batch_size=4"])
+    d = dry_run(cfg, 4)
+    by_hand = []
+    for st in plan_stages(cfg.model, cfg.strategy):
+        params = stage_module(cfg.model, st).parameters()
+        by_hand.append(sum(math.ceil(p.shape[0] / 2) * p[0].numel() * 4 for p in params))
+    assert d["weight_bytes_per_pp_rank"] == by_hand
+    assert d["pp_rank"] == 0 and d["weight_bytes_per_rank"] == max(by_hand) > min(by_hand)
