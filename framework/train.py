@@ -28,6 +28,7 @@ from framework.data.tokenizer import Tokenizer, load_tokenizer
 from framework.data.vocab import resolve_vocab_size
 from framework.generate import sample
 from framework.metrics import Metrics, perplexity, setup_logging
+from framework.model.gpt import num_params
 from framework.optim import lr_at, schedule_change_warning
 from framework.parallel import build_engine
 from framework.parallel.dist import Dist, env_world_size, init_distributed, teardown
@@ -114,7 +115,7 @@ def _train(cfg: C.Config, dist: Dist, guard: faults.Guard) -> dict:
     log.info(
         "model %s: %.2fM parameters; %d ranks (dp %d), %d micro-batches of %d per step, %d tokens/step",
         cfg.model.name,
-        sum(p.numel() for p in engine.plain_model().parameters()) / 1e6,
+        num_params(cfg.model) / 1e6,  # the whole model's (a pipeline rank holds its stages)
         dist.world_size,
         dp_size,
         accum,
