@@ -716,11 +716,18 @@ def _validate_pipeline(cfg: Config, world_size: int) -> list[str]:
             f"precision=fp16 (dynamic loss scaling) is not built for strategy.pp={s.pp}: use "
             "precision=bf16, which needs no loss scale"
         )
-    if s.pp_schedule in ("zero_bubble", "dualpipev") and s.compile:
+    split = s.pp_schedule in ("zero_bubble", "dualpipev")  # backward split in input, weight grads
+    if split and s.compile:
         errors.append(
             f"strategy.pp_schedule={s.pp_schedule} splits each backward into input and weight "
             "gradients, which torch.compile'd blocks do not support: set strategy.compile=false "
             "or strategy.pp_schedule=1f1b|interleaved_1f1b|gpipe"
+        )
+    if split and s.activation_checkpointing == "selective":
+        errors.append(
+            f"strategy.pp_schedule={s.pp_schedule} runs two backward passes over each block (input, "
+            "then weight gradients), which selective activation checkpointing refuses: set "
+            "strategy.activation_checkpointing=full, or strategy.pp_schedule=1f1b|interleaved_1f1b"
         )
     if s.pp_schedule == "dualpipev" and s.pp_stages_per_rank != 2:
         errors.append(
