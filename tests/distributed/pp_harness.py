@@ -39,10 +39,16 @@ from framework.parallel.dist import Dist, init_distributed, teardown
 
 
 def global_batch(step: int, cfg, masked: bool) -> tuple[np.ndarray, np.ndarray | None]:
-    """(global_batch_size, T+1) token windows of `step`, and sft masks (1: trained target)."""
+    """(global_batch_size, T+1) token windows of `step`, and sft masks (1: trained target) or,
+    for a classifier (model.num_labels), the loader's label masks (label id + 1 at the last
+    position, the target of the last text token)."""
     g = np.random.default_rng(1000 + step)
     t = cfg.trainer
     windows = g.integers(0, cfg.model.vocab_size, (t.global_batch_size, t.seq_len + 1))
+    if cfg.model.num_labels:
+        mask = np.zeros_like(windows, dtype=np.uint8)
+        mask[:, -1] = g.integers(0, cfg.model.num_labels, t.global_batch_size) + 1
+        return windows, mask
     if not masked:
         return windows, None
     # untrained prefixes of random length: micro-batches hold unequal trained-token counts
@@ -70,10 +76,10 @@ def run_case(case: dict, dist: Dist, out_dir: Path) -> dict:
     rows = []
     for step in range(start + 1, start + case.get("steps", 4) + 1):
         windows, mask = global_batch(step, cfg, case.get("masked", False))
-        trained = int(mask[:, 1:].sum()) if mask is not None else 0
+        trained = int(np.count_nonzero(mask[:, 1:])) if mask is not None else 0
         batches = to_batches(
             windows[lo:hi], None, cfg.trainer.micro_batch_size, False,
-            None if mask is None else mask[lo:hi], trained, engine.dp_size,
+            None if mask is None else mask[lo:hi], trained, engine.dp_size, bool(cfg.model.num_labels),
         )  # fmt: skip
         loss = torch.zeros(())
         for b in batches:
@@ -87,7 +93,8 @@ def run_case(case: dict, dist: Dist, out_dir: Path) -> dict:
     engine.train(False)
     windows, mask = global_batch(0, cfg, case.get("masked", False))
     (b,) = to_batches(windows[:2], None, 2, False, None if mask is None else mask[:2],
-                      0 if mask is None else int(mask[:2, 1:].sum()), 1)  # fmt: skip
+                      0 if mask is None else int(np.count_nonzero(mask[:2, 1:])), 1,
+                      bool(cfg.model.num_labels))  # fmt: skip
     result = {
         "rows": rows,
         "eval_loss": float(engine.eval_loss(b)),

@@ -49,6 +49,7 @@ TWO_RANKS = [
     case("dualpipev", FOUR_LAYERS, "strategy=pp", "strategy.pp_schedule=dualpipev"),
     case("llama-1f1b", LLAMA, "strategy=pp"),
     case("sft-1f1b", MODEL, "strategy=pp", masked=True),
+    case("classify-1f1b", [*LLAMA, "task=classify", "model.num_labels=3"], "strategy=pp"),
 ]
 FOUR_RANKS = [
     case("llama-pp2-fsdp2", LLAMA, "strategy=fsdp", "strategy.pp=2"),
@@ -125,6 +126,13 @@ def two_ranks(tmp_path_factory):
 @pytest.mark.parametrize("c", TWO_RANKS, ids=[c["name"] for c in TWO_RANKS])
 def test_every_schedule_matches_single(two_ranks, single, c):
     assert_matches_single(two_ranks[c["name"]], single(c), c["name"])
+
+
+def test_classifier_head_on_the_last_stage(two_ranks):
+    """task=classify: the last stage's head has num_labels rows and the loss reads the last
+    text token's row only (its parity with single is the test above); logits are (B, T, 3)."""
+    logits = np.array(two_ranks["classify-1f1b"]["logits"])
+    assert logits.shape == (2, 7, 3)
 
 
 def test_sft_masks_scale_gradients_as_single(two_ranks):
