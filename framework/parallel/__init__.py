@@ -40,6 +40,7 @@ from framework.parallel.materialize import (
 )
 from framework.parallel.mesh import Mesh, build_mesh
 from framework.parallel.pp import (
+    SPLIT_BACKWARD,
     TIED_COPY,
     TIED_NAME,
     PipelineEngine,
@@ -82,6 +83,7 @@ def _parallelize(
     if s.compile:
         apply_compile(module)
     replicas = mesh.get("dp_replicate") if pipeline and dp == "ddp" else None
+    per_block = not (pipeline and s.pp_schedule in SPLIT_BACKWARD)
     sharded = dp == "fsdp" or replicas is not None
     if values is not None and not sharded:
         materialize(module, device, values)  # the whole (tp: this rank's tp part of the) model
@@ -92,9 +94,9 @@ def _parallelize(
     elif sharded:
         policy = mixed_precision_policy(precision.compute_dtype)
         if dp == "fsdp":
-            apply_fsdp(module, mesh.fsdp(), s.reshard_after_forward, policy)
+            apply_fsdp(module, mesh.fsdp(), s.reshard_after_forward, policy, per_block)
         else:
-            apply_replicate(module, replicas, policy)
+            apply_replicate(module, replicas, policy, per_block)
         precision = replace(precision, autocast_dtype=None)  # the FSDP policy casts instead
         if values is not None:
             materialize(module, device, values)  # only this rank's shards

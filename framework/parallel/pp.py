@@ -21,7 +21,11 @@ already covers. ScheduleLoopedBFS is not offered (correct, but not bitwise: <= 5
 
 Each stage module is parallelised like a whole model (tensor parallel over the tp mesh, then
 FSDP over dp_shard or, for strategy=pp|ddp, FSDP2's `replicate` over dp_replicate) and has its
-own AdamW. Not DDP: torch's stages drive FSDP2-family modules explicitly (gradient sync off for
+own AdamW. Under the split-backward schedules (zero_bubble, dualpipev) the stage is one FSDP
+unit, not one per block: with per-block units torch 2.13 loses weight gradients of the blocks
+(the input-gradient pass runs each block's FSDP post-backward before the weight pass has written
+its gradients; measured: a gradient norm 11% low, block 3's gradients None), while the root
+unit's own parameters came out right; the cost is gathering the whole stage at once. Not DDP: torch's stages drive FSDP2-family modules explicitly (gradient sync off for
 every micro-batch, one reduction after the schedule's last backward, zero-bubble schedules'
 split input/weight backward included), while DDP's reducer follows autograd hooks; measured on
 torch 2.13: default DDP asserts in reducer.cpp at the second step, static_graph=True gives
@@ -69,6 +73,8 @@ SCHEDULES = {
     "zero_bubble": ScheduleInterleavedZeroBubble,
     "dualpipev": ScheduleDualPipeV,
 }
+SPLIT_BACKWARD = ("zero_bubble", "dualpipev")
+"""Schedules that run each backward in two passes, input gradients then weight gradients."""
 SINGLE_STAGE = ("gpipe", "1f1b")
 """Schedules that take one stage per rank (the others take the rank's list of stages)."""
 

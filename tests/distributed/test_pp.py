@@ -59,6 +59,9 @@ FOUR_RANKS = [
     case("gpt2-pp2-replicas2", MODEL, "strategy=pp"),
     case("gpt2-interleaved-fsdp2", FOUR_LAYERS, "strategy=fsdp", "strategy.pp=2",
          "strategy.pp_schedule=interleaved_1f1b"),
+    # the split backward over FSDP (one unit per stage: pp.py says why)
+    case("llama-zero_bubble-fsdp2", [*LLAMA, "model.n_layer=4"], "strategy=fsdp", "strategy.pp=2",
+         "strategy.pp_schedule=zero_bubble"),
 ]  # fmt: skip
 
 
