@@ -212,9 +212,11 @@ _DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 
 class PipelineEngine(TorchEngine):
     """TorchEngine over this rank's pipeline stages. forward_backward collects the step's
-    micro-batches and runs the schedule on the last one; every rank returns the same loss
-    (broadcast from the last stage over the pipeline group), so the loop's one all-reduce, the
-    NaN policy and the spike detector see the step's global mean. grad_norm sums squared norms
+    micro-batches and runs the schedule on the last one: it returns 0 for the first accum - 1
+    and, for the last, the sum of the step's micro-batch losses (x loss_weight), so the loop's
+    sum / accum is the mean as without a pipeline; every rank returns the same number (broadcast
+    from the last stage over the pipeline group), so the loop's one all-reduce, the NaN policy
+    and the spike detector see the step's global mean. grad_norm sums squared norms
     over the stages (pipeline group) and shards (DTensor); clipping, apply and skip are
     TorchEngine's. eval_loss and logits run the stages forward-only, outside the schedule, and
     broadcast the last stage's result. plain_model() is this rank's last stage (on the last
