@@ -27,10 +27,13 @@ commits, and runs at the next save, before a load and at the end of the run. A c
 leaves `latest` on the previous checkpoint; pruning runs only after a commit, so it never deletes
 the last committed checkpoint; the uncommitted .tmp-* folder is removed at the next start.
 
-Resharding (another strategy or world size on resume) happens on load, in one path: every
-engine, DeepSpeed ZeRO included, saves the keys torch's get_state_dict gives (parameter FQNs,
-optim.state.<fqn>.exp_avg / exp_avg_sq / step, optim.param_groups) and loads by asking DCP for
-the tensors of its own layout, which DCP cuts from whatever shards were written. The loader's
+Resharding (another strategy, world size or pipeline layout on resume) happens on load, in one
+path: every engine, DeepSpeed ZeRO included, saves the single-device model's keys (parameter
+FQNs; the optimizer state flattened by name, optim.state.<fqn>.exp_avg / exp_avg_sq / step and
+optim.param_groups.<fqn>.lr / betas / ..., so pipeline stages do not overwrite each other's
+groups) and loads by asking DCP for the tensors of its own layout, which DCP cuts from whatever
+shards were written. Checkpoints in torch's former per-group layout (optim.param_groups.<index>)
+still load (framework.parallel.engine). The loader's
 position is global (sequences consumed), so the data continues on any number of ranks; ranks
 beyond the saved ones get a reseeded RNG stream (logged).
 """

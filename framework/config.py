@@ -23,6 +23,7 @@ from framework.errors import ConfigError
 from framework.memory import GPUS
 from framework.model.gpt import ModelConfig, ModelShapeError
 from framework.optim import SCHEDULE_KEYS, OptimConfig
+from framework.perf import stage_layers
 from framework.precision import PrecisionConfig
 
 CONF_DIR = str(Path(__file__).resolve().parent.parent / "conf")
@@ -74,7 +75,7 @@ class DataConfig:
 @dataclass
 class StrategyConfig:
     name: str = "single"
-    """single | ddp | zero1 | zero2 | zero3 | fsdp | tp | tp_fsdp."""
+    """single | ddp | zero1 | zero2 | zero3 | fsdp | tp | tp_fsdp | pp (pipeline, replicas across dp)."""
     tp: int = 1
     """Tensor-parallel degree (tp, tp_fsdp); data-parallel degree = world_size / tp."""
     sequence_parallel: bool = True
@@ -97,7 +98,8 @@ class StrategyConfig:
     pp_schedule: str = "1f1b"
     """gpipe | 1f1b | interleaved_1f1b | zero_bubble | dualpipev (torch.distributed.pipelining)."""
     pp_stages_per_rank: int = 2
-    """interleaved_1f1b and the zero-bubble schedules: model chunks (virtual stages) per rank."""
+    """interleaved_1f1b and zero_bubble: model chunks (virtual stages) per rank, placed round-robin
+    (dualpipev always holds 2, in a V; gpipe and 1f1b hold 1)."""
     pp_layers: list[int] | None = None
     """Blocks per stage in order, e.g. [5, 6, 6, 5] (None: balanced by cost, the head counted)."""
     cp: int = 1
@@ -265,8 +267,8 @@ def register() -> None:
 register()
 
 TASKS = ("pretrain", "sft", "classify")  # framework/task.py builds each
-STRATEGIES = ("single", "ddp", "zero1", "zero2", "zero3", "fsdp", "tp", "tp_fsdp")
-MULTI_PROCESS = ("ddp", "fsdp", "tp", "tp_fsdp")
+STRATEGIES = ("single", "ddp", "zero1", "zero2", "zero3", "fsdp", "tp", "tp_fsdp", "pp")
+MULTI_PROCESS = ("ddp", "fsdp", "tp", "tp_fsdp", "pp")
 """Strategies whose engine needs a process group of >= 2 ranks (ZeRO makes its own of 1)."""
 PRECISIONS = ("auto", "fp32", "bf16", "fp16", "fp8")
 
@@ -395,6 +397,21 @@ def dp_degree(cfg: Config, world_size: int) -> int:
     return layout(cfg.strategy, world_size).dp
 
 
+PP_SCHEDULES = ("gpipe", "1f1b", "interleaved_1f1b", "zero_bubble", "dualpipev")
+ROUND_ROBIN_SCHEDULES = ("interleaved_1f1b", "zero_bubble")
+"""Schedules with strategy.pp_stages_per_rank stages per rank: rank r holds r, r + pp, ..."""
+
+
+def pipeline_stages(s: StrategyConfig) -> int:
+    """Pipeline stages in all (1 without a pipeline): pp ranks times the stages each holds
+    (round-robin schedules: pp_stages_per_rank; dualpipev: 2, in a V; gpipe, 1f1b: 1)."""
+    if s.pp <= 1:
+        return 1
+    if s.pp_schedule in ROUND_ROBIN_SCHEDULES:
+        return s.pp * s.pp_stages_per_rank
+    return s.pp * (2 if s.pp_schedule == "dualpipev" else 1)
+
+
 def validate(
     cfg: Config, world_size: int = 1, device: str | None = None, *, launched: bool = False
 ) -> None:
@@ -463,10 +480,12 @@ def validate(
         )
     if s.name == "single" and world_size > 1:
         errors.append(f"strategy=single runs on one process, but the world size is {world_size}")
-    if s.name == "tp" and world_size % max(s.tp, 1) == 0 and s.tp != world_size:
+    pp = max(s.pp, 1)
+    if s.name == "tp" and world_size % max(s.tp, 1) == 0 and s.tp * pp != world_size:
+        across = f" / strategy.pp={s.pp} = {world_size // pp}" if pp > 1 else ""
         errors.append(
             f"strategy=tp splits the model over all ranks: strategy.tp={s.tp} must equal the world "
-            f"size {world_size} (use strategy=tp_fsdp for tensor x data parallel)"
+            f"size {world_size}{across} (use strategy=tp_fsdp for tensor x data parallel)"
         )
     if s.name in ("tp", "tp_fsdp") and s.sequence_parallel and s.tp >= 1 and t.seq_len % s.tp:
         errors.append(
@@ -476,13 +495,15 @@ def validate(
     if s.name.startswith("zero") and p.name == "fp8":
         errors.append("precision=fp8 is not supported with DeepSpeed ZeRO: use strategy=fsdp")
     errors += _validate_device_precision(cfg, device)
-    if s.name == "tp_fsdp" and s.tp > 1 and world_size // s.tp < 2:
+    if s.name == "tp_fsdp" and s.tp > 1 and world_size // (s.tp * pp) < 2:
         errors.append(
             f"strategy=tp_fsdp needs a data-parallel degree >= 2: world {world_size} / tp {s.tp}"
+            + (f" / pp {s.pp}" if pp > 1 else "")
         )
     errors += _validate_hsdp(s, world_size)
     errors += _validate_axes(s, world_size)
     errors += _validate_cp(cfg, device)
+    errors += _validate_pipeline(cfg, world_size)
     if s.activation_checkpointing not in ("none", "full", "selective"):
         errors.append(
             f"strategy.activation_checkpointing={s.activation_checkpointing!r} must be none|full|selective"
@@ -494,15 +515,17 @@ def validate(
             errors.append(f"trainer.{key}={getattr(t, key)} must be > 0")
     if t.micro_batch_size > 0 and dp > 0 and t.global_batch_size > 0:
         per_step = t.micro_batch_size * dp  # sequences of one micro-batch on every dp rank
+        model_ranks = " x ".join(  # the ranks that share a micro-batch, outermost axis first
+            [f"strategy.{k}={getattr(s, k)}" for k in ("pp", "cp") if getattr(s, k) > 1]
+            + [f"strategy.tp={s.tp}"]
+        )
         if t.global_batch_size % per_step:
             lower = t.global_batch_size // per_step * per_step
             near = " or ".join(str(n) for n in (lower, lower + per_step) if n > 0)
             errors.append(
                 f"trainer.global_batch_size={t.global_batch_size} is not divisible by "
                 f"trainer.micro_batch_size={t.micro_batch_size} x data-parallel degree {dp} "
-                f"(world size {world_size} / strategy.tp={s.tp}"
-                + (f" / strategy.cp={s.cp}" if s.cp > 1 else "")
-                + f") = {per_step}, so gradient "
+                f"(world size {world_size} / {model_ranks}) = {per_step}, so gradient "
                 f"accumulation steps would be {t.global_batch_size / per_step:.3g}; nearest valid "
                 f"trainer.global_batch_size: {near}"
             )
@@ -621,7 +644,6 @@ def _validate_faults(cfg: Config, world_size: int) -> list[str]:
     return errors
 
 
-PP_SCHEDULES = ("gpipe", "1f1b", "interleaved_1f1b", "zero_bubble", "dualpipev")
 CP_METHODS = ("ulysses", "ring")
 
 
@@ -644,8 +666,8 @@ def _validate_axes(s: StrategyConfig, world_size: int) -> list[str]:
             f"world size {world_size} is not divisible by strategy.pp={s.pp} x strategy.cp={s.cp} "
             f"x strategy.tp={s.tp} = {model_ranks}: the data-parallel degree must be a whole number"
         )
-    # the axes are being built (issues 15, 16); refused until their engines exist
-    for key, what in (("pp", "pipeline"), ("ep", "expert")):
+    # the expert axis is being built (issue 16); refused until its engine exists
+    for key, what in (("ep", "expert"),):
         if getattr(s, key) > 1:
             errors.append(f"strategy.{key}={getattr(s, key)}: {what} parallelism is not built yet")
     return errors
@@ -702,6 +724,84 @@ def _validate_cp(cfg: Config, device: str | None) -> list[str]:
     return errors
 
 
+def _validate_pipeline(cfg: Config, world_size: int) -> list[str]:
+    """strategy.pp > 1: the strategies it composes with, the split of the blocks into stages, and
+    the micro-batches per step that the schedule needs (framework/parallel/pp.py)."""
+    s, t, errors = cfg.strategy, cfg.trainer, []
+    if s.pp < 1 or s.pp_stages_per_rank < 1 or s.pp_schedule not in PP_SCHEDULES:
+        return []  # named by _validate_axes
+    if s.pp == 1:
+        if s.pp_layers is not None:
+            errors.append(f"strategy.pp_layers={s.pp_layers} needs strategy.pp > 1")
+        return errors
+    if s.name.startswith("zero"):
+        return [
+            f"strategy={s.name} (DeepSpeed ZeRO) does not compose with strategy.pp={s.pp}: use "
+            "strategy=fsdp strategy.pp=... (ZeRO-3 like; strategy.reshard_after_forward=false "
+            "is the ZeRO-2 analogue) or strategy=pp (whole replicas, ZeRO-0)"
+        ]
+    if s.name == "single":
+        return [f"strategy.pp={s.pp} needs several processes: use strategy=pp (or ddp|fsdp|tp|tp_fsdp)"]
+    if s.cp > 1:
+        errors.append(
+            f"strategy.cp={s.cp} with strategy.pp={s.pp}: context parallelism inside pipeline "
+            "stages is not built; use one of them (the plan's search ranks both)"
+        )
+    if cfg.precision.name == "fp16":
+        errors.append(
+            f"precision=fp16 (dynamic loss scaling) is not built for strategy.pp={s.pp}: use "
+            "precision=bf16, which needs no loss scale"
+        )
+    split = s.pp_schedule in ("zero_bubble", "dualpipev")  # backward split in input, weight grads
+    if split and s.compile:
+        errors.append(
+            f"strategy.pp_schedule={s.pp_schedule} splits each backward into input and weight "
+            "gradients, which torch.compile'd blocks do not support: set strategy.compile=false "
+            "or strategy.pp_schedule=1f1b|interleaved_1f1b|gpipe"
+        )
+    if split and s.activation_checkpointing == "selective":
+        errors.append(
+            f"strategy.pp_schedule={s.pp_schedule} runs two backward passes over each block (input, "
+            "then weight gradients), which selective activation checkpointing refuses: set "
+            "strategy.activation_checkpointing=full, or strategy.pp_schedule=1f1b|interleaved_1f1b"
+        )
+    if s.pp_schedule == "dualpipev" and s.pp_stages_per_rank != 2:
+        errors.append(
+            f"strategy.pp_schedule=dualpipev holds exactly 2 stages per rank (a V): "
+            f"strategy.pp_stages_per_rank={s.pp_stages_per_rank} must be 2"
+        )
+    stages = pipeline_stages(s)
+    try:
+        stage_layers(cfg.model, stages, s.pp_layers)
+    except ValueError as e:
+        per_rank = f" ({s.pp} ranks x {stages // s.pp} stages each)" if stages > s.pp else ""
+        errors.append(f"strategy.pp={s.pp}, strategy.pp_schedule={s.pp_schedule}{per_rank}: {e}")
+    dp = dp_degree(cfg, world_size)
+    if t.micro_batch_size > 0 and t.global_batch_size % (t.micro_batch_size * dp) == 0:
+        accum = t.global_batch_size // (t.micro_batch_size * dp)
+        # torch's checks: 1F1B-style schedules fill the pipeline with one micro-batch per stage
+        # (the round-robin ones per rank, in rounds of pp); DualPipeV with one per stage of the V
+        need = 1 if s.pp_schedule == "gpipe" else stages if s.pp_schedule == "dualpipev" else s.pp
+        what = f"its {stages} stages" if s.pp_schedule == "dualpipev" else f"strategy.pp={s.pp}"
+        why = (
+            f"trainer.global_batch_size={t.global_batch_size} / (trainer.micro_batch_size="
+            f"{t.micro_batch_size} x data-parallel degree {dp}) = {accum} micro-batches per step"
+        )
+        if accum < need:
+            errors.append(
+                f"strategy.pp_schedule={s.pp_schedule} needs at least {need} micro-batches per step "
+                f"({what}), but {why}: raise "
+                f"trainer.global_batch_size to {need * t.micro_batch_size * dp} or lower "
+                "trainer.micro_batch_size (or use strategy.pp_schedule=gpipe)"
+            )
+        elif s.pp_schedule in ROUND_ROBIN_SCHEDULES and accum % s.pp:
+            errors.append(
+                f"strategy.pp_schedule={s.pp_schedule} runs the micro-batches in rounds of "
+                f"strategy.pp={s.pp}, but {why}: make it a multiple of {s.pp}"
+            )
+    return errors
+
+
 def _validate_hsdp(s: StrategyConfig, world_size: int) -> list[str]:
     """HSDP replicates FSDP shard groups: only strategy=fsdp has them, and the data-parallel
     ranks must split evenly into strategy.hsdp_replicas groups."""
@@ -711,11 +811,13 @@ def _validate_hsdp(s: StrategyConfig, world_size: int) -> list[str]:
         return []
     if s.name != "fsdp":
         return [f"strategy.hsdp_replicas={s.hsdp_replicas} needs strategy=fsdp (got {s.name})"]
-    dp = world_size // (s.tp * max(s.cp, 1)) if s.tp >= 1 else world_size
+    dp = world_size // (s.tp * max(s.cp, 1) * max(s.pp, 1)) if s.tp >= 1 else world_size
     if dp % s.hsdp_replicas:
         return [
             f"strategy.hsdp_replicas={s.hsdp_replicas} does not divide the data-parallel degree {dp} "
-            f"(world size {world_size} / strategy.tp={s.tp} / strategy.cp={s.cp})"
+            f"(world size {world_size} / strategy.tp={s.tp}"
+            + (f" / strategy.cp={s.cp}" if s.cp > 1 else "")
+            + (f" / strategy.pp={s.pp})" if s.pp > 1 else ")")
         ]
     return []
 

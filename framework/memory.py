@@ -145,7 +145,7 @@ class Shards:
 def dp_shards(strategy: str, dp: int, hsdp_replicas: int = 1) -> Shards:
     """ZeRO-1 shards the optimizer over dp, ZeRO-2 also the gradients, ZeRO-3 / FSDP also the
     weights. HSDP shards within groups of dp / hsdp_replicas and replicates across them."""
-    if strategy in ("single", "ddp", "tp"):
+    if strategy in ("single", "ddp", "tp", "pp"):  # pp: whole replicas of each pipeline stage
         return Shards(1, 1, 1)
     if strategy == "zero1":
         return Shards(1, 1, dp)

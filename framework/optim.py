@@ -8,6 +8,8 @@ import math
 import torch
 from torch import nn
 
+from framework.model.gpt import canonical_name
+
 # "_bias": a mixture of experts' stacked biases (experts.w1_bias, (E, H)) are 2-D but biases
 NO_DECAY_NAMES = ("tok_emb", "pos_emb", "_bias")
 
@@ -46,7 +48,10 @@ framework.optim.schedule_change_warning, with the LR before and after)."""
 
 
 def param_groups(model: nn.Module, weight_decay: float) -> list[dict]:
-    """Weight decay on 2-D weights of linear layers; none on norms, biases and embeddings."""
+    """Weight decay on 2-D weights of linear layers; none on norms, biases and embeddings. A tied
+    output head is the embedding: a pipeline's last stage holds it as `lm_head.weight` (a copy
+    of tok_emb.weight, framework/parallel/pp.py), which gets none either."""
+    tied = getattr(getattr(model, "cfg", None), "tie_embeddings", False)
     decay, no_decay = [], []
     for name, p in model.named_parameters():  # shared (tied) parameters appear once
         if not p.requires_grad:
@@ -54,7 +59,10 @@ def param_groups(model: nn.Module, weight_decay: float) -> list[dict]:
         # a ZeRO-3 parameter built under deepspeed.zero.Init is an empty 1-D placeholder: its
         # real shape is ds_shape (without this every matrix lost its weight decay under zero3)
         ndim = len(getattr(p, "ds_shape", p.shape))
-        if ndim < 2 or any(n in name for n in NO_DECAY_NAMES):
+        embedding = any(n in name for n in NO_DECAY_NAMES) or (
+            tied and canonical_name(name) == "lm_head.weight"
+        )
+        if ndim < 2 or embedding:
             no_decay.append(p)
         else:
             decay.append(p)

@@ -214,9 +214,13 @@ def render_dry_run(d: dict, p: Plan) -> str:
     def row(name: str, real: float, planned: float) -> str:
         return f"    {name:13s} {real / GIB:9.2f}  plan {planned / GIB:.2f} ({real / planned - 1:+.2%})"
 
+    where = "rank 0, the most loaded"
+    if "pp_rank" in d:
+        stages = ", ".join(f"{b / GIB:.2f}" for b in d["weight_bytes_per_pp_rank"])
+        where = f"pipeline rank {d['pp_rank']}, the most loaded; weights by pipeline rank {stages} GiB"
     lines = [
-        f"  dry run (meta build over a fake process group of {p.world_size} ranks; rank 0, "
-        f"the most loaded): {_count(d['params_per_rank'])} parameters per rank (GiB)",
+        f"  dry run (meta build over a fake process group of {p.world_size} ranks; {where}): "
+        f"{_count(d['params_per_rank'])} parameters per rank (GiB)",
         row("weights", d["weight_bytes_per_rank"], p.params_bytes),
         row("gradients", d["grad_bytes_per_rank"], p.grads_bytes),
         row("optimizer", d["optimizer_bytes_per_rank"], p.optimizer_bytes),
@@ -261,30 +265,43 @@ def dry_run(cfg: Config, world_size: int) -> dict:
 
     This process is rank 0 of the fake group. DTensor and FSDP2 split a dimension as
     torch.chunk does (the first ranks get the rounded-up chunks), so rank 0 holds the largest
-    shard on every mesh dimension: its figures are the most loaded rank's."""
+    shard on every mesh dimension: its figures are the most loaded rank's. Under a pipeline
+    (strategy.pp > 1) rank 0 holds the first stage only: the build runs as the first rank of
+    every pipeline stage in turn (ranks p x world / pp; pp is the outermost mesh axis) and
+    reports the most loaded one, beside every pipeline rank's weight bytes."""
     if tdist.is_initialized():
         raise ConfigError("plan.dry_run needs a process without a process group (run framework.plan)")
     if cfg.precision.name in ("auto", "fp8"):
         # the plan targets GPUs (auto = bf16); fp8's casts are transient, its weights bf16/fp32
         cfg = replace(cfg, precision=replace(cfg.precision, name="bf16"))
-    tdist.init_process_group("fake", store=FakeStore(), rank=0, world_size=world_size)
-    try:
-        engine = build_engine(None, cfg, Dist(rank=0, world_size=world_size), dry_run=True)
-        local = [
-            p.to_local() if isinstance(p, DTensor) else p for p in engine.plain_model().parameters()
-        ]
-        weight_bytes = sum(t.numel() * t.element_size() for t in local)
-        return {
-            "params_per_rank": sum(t.numel() for t in local),
-            "weight_bytes_per_rank": weight_bytes,
-            # torch strategies: gradients take the parameters' dtype and sharding, and AdamW's
-            # exp_avg / exp_avg_sq are zeros_like(param) (the fp32 weights are the master)
-            "grad_bytes_per_rank": weight_bytes,
-            "optimizer_bytes_per_rank": 2 * weight_bytes,
-            "device": str(local[0].device) if local else "meta",
-        }
-    finally:
-        tdist.destroy_process_group()
+    pp = max(cfg.strategy.pp, 1)
+    held = []  # per pipeline rank: this rank's local parameter tensors
+    for rank in range(0, world_size, world_size // pp):
+        tdist.init_process_group("fake", store=FakeStore(), rank=rank, world_size=world_size)
+        try:
+            engine = build_engine(None, cfg, Dist(rank=rank, world_size=world_size), dry_run=True)
+            parts = getattr(engine, "parts", [engine.plain_model()])  # a pipeline rank's stages
+            held.append(
+                [p.to_local() if isinstance(p, DTensor) else p for m in parts for p in m.parameters()]
+            )
+            del engine
+        finally:
+            tdist.destroy_process_group()
+    sizes = [sum(t.numel() * t.element_size() for t in local) for local in held]
+    most = max(range(pp), key=sizes.__getitem__)
+    local, weight_bytes = held[most], sizes[most]
+    out = {
+        "params_per_rank": sum(t.numel() for t in local),
+        "weight_bytes_per_rank": weight_bytes,
+        # torch strategies: gradients take the parameters' dtype and sharding, and AdamW's
+        # exp_avg / exp_avg_sq are zeros_like(param) (the fp32 weights are the master)
+        "grad_bytes_per_rank": weight_bytes,
+        "optimizer_bytes_per_rank": 2 * weight_bytes,
+        "device": str(local[0].device) if local else "meta",
+    }
+    if pp > 1:
+        out |= {"pp_rank": most, "weight_bytes_per_pp_rank": sizes}
+    return out
 
 
 # Where each collective a dry run issues goes in the plan's comm_bytes: op -> (key, kind, index
@@ -417,9 +434,10 @@ def main(dcfg: DictConfig) -> None:
     text = render(plan, cfg)
     if cfg.plan.dry_run:
         summary["dry_run"] = dry_run(cfg, plan.world_size)
-        summary["dry_run"]["comm_bytes"] = {
-            k: round(v) for k, v in count_comm(cfg, plan.world_size).items()
-        }
+        if cfg.strategy.pp == 1:  # the pipeline's send/recv run inside its schedule: not counted
+            summary["dry_run"]["comm_bytes"] = {
+                k: round(v) for k, v in count_comm(cfg, plan.world_size).items()
+            }
         text += "\n" + render_dry_run(summary["dry_run"], plan)
     print(text)
     print(json.dumps(summary))

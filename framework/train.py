@@ -101,7 +101,7 @@ def _train(cfg: C.Config, dist: Dist, guard: faults.Guard) -> dict:
         "model %s: %.2fM parameters, %.2fM active per token; %d ranks (dp %d), %d micro-batches "
         "of %d per step, %d tokens/step",
         cfg.model.name,
-        num_params(cfg.model) / 1e6,
+        num_params(cfg.model) / 1e6,  # the whole model's (a pipeline rank holds its stages)
         num_params(cfg.model, active=True) / 1e6,  # MFU counts these (framework.perf)
         dist.world_size,
         data_rank.size,

@@ -211,6 +211,12 @@ WRAPPER_PREFIXES = ("_checkpoint_wrapped_module.", "_orig_mod.", "_fsdp_wrapped_
 """Name parts added by the activation checkpointing, torch.compile and FSDP1 wrappers."""
 
 
+def holds_tied_pair(model: nn.Module) -> bool:
+    """True when `model` ties its output head to its token embedding and holds both (a pipeline
+    stage may hold one of them: framework/parallel/pp.py)."""
+    return model.cfg.tie_embeddings and model.tok_emb is not None and model.lm_head is not None
+
+
 def canonical_name(name: str) -> str:
     """A parameter's name in the plain model, whatever wrappers the parallel code added."""
     for prefix in WRAPPER_PREFIXES:
@@ -299,7 +305,8 @@ class Attention(nn.Module):
         self.core = sdpa_attention
 
     def forward(self, x, rope=None, attn_mask=None):
-        """x (B, T, C); rope: (cos, sin) of these T positions; attn_mask: what the core takes
+        """x (B, T, C); rope: (cos, sin), either tables (>= T, hs) of positions 0.. (their first
+        T rows apply) or (B, 1, T, hs) for these T positions; attn_mask: what the core takes
         (None: plain causal attention)."""
         B, T, _ = x.shape
         # -1 instead of n_head: under tensor parallel each rank holds a slice of the heads.
@@ -308,6 +315,8 @@ class Attention(nn.Module):
         v = self.wv(x).view(B, T, -1, self.head_dim).transpose(1, 2)
         if self.rope:
             cos, sin = rope
+            if cos.dim() == 2:  # positions 0..T-1
+                cos, sin = cos[:T], sin[:T]
             q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
         y = self.core(q, k, v, attn_mask, self.dropout if self.training else 0.0)  # (B, nh, T, hs)
         y = y.transpose(1, 2).reshape(B, T, -1)
@@ -436,6 +445,12 @@ class GPT(nn.Module):
         chunk's `positions` are given.
         positions (B, T) optional: each token's position (default: from doc_ids, else 0..T-1).
 
+        A pipeline stage (framework/parallel/pp.py) is this model with the modules it does not
+        own set to None: without `tok_emb` (every stage but the first) `idx` is the previous
+        stage's hidden states (B, T, C), embedding and its dropout already applied; without
+        `lm_head` (every stage but the last) the hidden states (B, T, C) are returned and
+        `targets` is ignored. Under sequence parallel T is this rank's slice of the sequence.
+
         With sparse blocks the returned loss has the VALUE of the mean cross-entropy (what
         metrics.jsonl's `loss` and `val_loss` show, comparable with a dense model's) and the
         GRADIENT of the training objective
@@ -443,25 +458,30 @@ class GPT(nn.Module):
         by adding each layer's term as `t - t.detach()` (exactly 0 in value). The aux and z
         values go to metrics.jsonl separately (moe/aux_loss, moe/z_loss). A NaN/Inf term still
         makes the loss NaN, so the non-finite guard sees it."""
-        B, T = idx.shape
-        if T > self.cfg.block_size:
-            raise ValueError(f"sequence length {T} exceeds model.block_size={self.cfg.block_size}")
         if positions is None and doc_ids is not None:
             positions = doc_positions(doc_ids)
-        x = self.tok_emb(idx)  # (B, T, C)
-        if self.pos_emb is not None:
-            where = torch.arange(T, device=idx.device)[None] if positions is None else positions
-            x = x + self.pos_emb(where)  # (1 or B, T, C)
-        x = self.drop(x)
+        if self.tok_emb is not None:
+            T = idx.size(1)
+            if T > self.cfg.block_size:
+                raise ValueError(f"sequence length {T} exceeds model.block_size={self.cfg.block_size}")
+            x = self.tok_emb(idx)  # (B, T, C)
+            if self.pos_emb is not None:
+                where = torch.arange(T, device=idx.device)[None] if positions is None else positions
+                x = x + self.pos_emb(where)  # (1 or B, T, C)
+            x = self.drop(x)
+        else:
+            x = idx  # (B, T, C) from the previous pipeline stage
         rope = None
         if self.cfg.style == "llama":
-            if positions is None:
-                rope = (self.rope_cos[:T], self.rope_sin[:T])  # (T, hs)
+            if positions is None:  # the whole table: each attention takes its first T rows
+                rope = (self.rope_cos, self.rope_sin)  # (block_size, hs)
             else:
                 rope = (self.rope_cos[positions][:, None], self.rope_sin[positions][:, None])
         mask = None if doc_ids is None else self.doc_mask(doc_ids)
         for block in self.blocks.values():
             x = block(x, rope, mask)
+        if self.lm_head is None:
+            return x
         logits = self.lm_head(self.norm(x))  # (B, T, V)
         if targets is None:
             return logits

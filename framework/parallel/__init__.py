@@ -20,35 +20,43 @@ from collections.abc import Callable
 from dataclasses import replace
 from functools import partial
 
+import torch
 from torch import nn
-from torch.distributed.device_mesh import DeviceMesh
 
-from framework.config import Config, ConfigError, layout
+from framework.config import Config, ConfigError, grad_accum_steps, layout
 from framework.dist import Dist
 from framework.model.attention import kernel_for
+from framework.model.gpt import canonical_name
 from framework.optim import build_optimizer
 from framework.parallel.ac import apply_ac
 from framework.parallel.compile import apply_compile
 from framework.parallel.cp import ContextSplit, RingContext, WholeSequence, apply_ulysses
 from framework.parallel.ddp import apply_ddp, ddp_grad_sync
 from framework.parallel.engine import Engine, NonFiniteError, StepResult, TorchEngine
-from framework.parallel.fsdp import apply_fsdp, fsdp_grad_sync, mixed_precision_policy
-from framework.parallel.materialize import initial_values, materialize, meta_model, zero3_model
+from framework.parallel.fsdp import apply_fsdp, apply_replicate, fsdp_grad_sync, mixed_precision_policy
+from framework.parallel.materialize import (
+    Values,
+    initial_values,
+    materialize,
+    meta_model,
+    zero3_model,
+)
 from framework.parallel.mesh import Mesh, build_mesh
+from framework.parallel.pp import (
+    SPLIT_BACKWARD,
+    TIED_COPY,
+    TIED_NAME,
+    PipelineEngine,
+    TiedEmbedding,
+    build_stages,
+    initial_name,
+    stage_rank,
+)
 from framework.parallel.tp import apply_tp
 from framework.parallel.zero import build_zero, deepspeed_config, ensure_process_group
-from framework.precision import OverflowGuard, apply_fp8, make_grad_scaler, resolve
+from framework.precision import OverflowGuard, Precision, apply_fp8, make_grad_scaler, resolve
 
 __all__ = ["Engine", "NonFiniteError", "StepResult", "TorchEngine", "build_engine"]
-
-
-def _meshes(
-    cfg: Config, dist: Dist, tp: bool, dp: str | None
-) -> tuple[DeviceMesh | None, DeviceMesh | None, Mesh]:
-    """(tp_mesh, dp_mesh, mesh) for this strategy; dp_mesh is 2-D (replicate, shard) under
-    HSDP. DDP needs no mesh: it reduces over the dp x cp group."""
-    mesh = build_mesh(layout(cfg.strategy, dist.world_size), dist.device.type)
-    return (mesh.get("tp") if tp else None), (mesh.fsdp() if dp == "fsdp" else None), mesh
 
 
 def _sequence(cfg: Config, mesh: Mesh, model: nn.Module, sp: int):
@@ -64,57 +72,95 @@ def _sequence(cfg: Config, mesh: Mesh, model: nn.Module, sp: int):
     return ContextSplit(cp_mesh, sp)
 
 
+def _parallelize(
+    module: nn.Module,
+    cfg: Config,
+    mesh: Mesh,
+    precision: Precision,
+    device: torch.device,
+    values: Values | None,
+    *,
+    tp: bool,
+    dp: str | None,
+    dry_run: bool,
+    pipeline: bool = False,
+) -> tuple[nn.Module, Precision, dict]:
+    """The documented order on one plain (meta or materialised) module: fp8 -> tensor parallel
+    -> context parallel -> activation checkpointing -> compile -> DDP/FSDP, each rank writing
+    its part of the initial values (`values`; None: the module already holds them, or a dry run
+    on meta). Returns (the module to call, the precision after FSDP's policy took over the
+    casts, the engine's extra arguments). Under a pipeline (a stage module), data parallel over
+    whole replicas is FSDP2's `replicate` instead of DDP (framework/parallel/pp.py says why)."""
+    s = cfg.strategy
+    module.use_attention(kernel_for(device.type, cfg.model.dropout, cfg.trainer.seq_len))
+    if precision.name == "fp8":
+        apply_fp8(module, cfg.precision)
+    if tp:
+        apply_tp(module, mesh.get("tp"), s.sequence_parallel)
+    sequence = _sequence(cfg, mesh, module, s.tp if tp and s.sequence_parallel else 1)
+    apply_ac(module, s.activation_checkpointing)
+    if s.compile:
+        apply_compile(module)
+    replicas = mesh.get("dp_replicate") if pipeline and dp == "ddp" else None
+    per_block = not (pipeline and s.pp_schedule in SPLIT_BACKWARD)
+    sharded = dp == "fsdp" or replicas is not None
+    if values is not None and not sharded:
+        materialize(module, device, values)  # the whole (tp: this rank's tp part of the) model
+    wrapped, extra = module, {"sequence": sequence}
+    if dp == "ddp" and not pipeline and not dry_run:  # (DDP cannot wrap a dry run's meta tensors)
+        group = None  # every rank
+        if mesh.layout.cp > 1:  # the dp x cp ranks (tp peers hold other weights)
+            group = mesh.get("dp_replicate", "dp_shard", "cp").get_group()
+        wrapped = apply_ddp(module, device, group)
+        extra["grad_sync"] = ddp_grad_sync(wrapped)
+    elif sharded:
+        policy = mixed_precision_policy(precision.compute_dtype)
+        if dp == "fsdp":
+            apply_fsdp(module, mesh.fsdp(), s.reshard_after_forward, policy, per_block)
+        else:
+            apply_replicate(module, replicas, policy, per_block)
+        precision = replace(precision, autocast_dtype=None)  # the FSDP policy casts instead
+        if values is not None:
+            materialize(module, device, values)  # only this rank's shards
+        extra["grad_sync"] = fsdp_grad_sync(module)
+    return wrapped, precision, extra
+
+
 def _build_torch(
     model: nn.Module | None, cfg: Config, dist: Dist, *, tp: bool, dp: str | None, dry_run: bool = False
 ) -> Engine:
-    """single / ddp / fsdp / tp / tp_fsdp: transform the plain model in the documented order.
-    model=None: built here on meta and materialised per rank (dry_run: left on meta)."""
+    """single / ddp / fsdp / tp / tp_fsdp (and pp): transform the plain model in the documented
+    order. model=None: built here on meta and materialised per rank (dry_run: left on meta)."""
     s = cfg.strategy
     precision = resolve(cfg.precision, dist.device.type)
-    tp_mesh, dp_mesh, mesh = _meshes(cfg, dist, tp, dp)
+    mesh = build_mesh(layout(s, dist.world_size), dist.device.type)
     lay = mesh.layout
     values = None
     if model is None:
-        model, values = meta_model(cfg.model), initial_values(cfg)
+        values = initial_values(cfg)
+    elif s.pp > 1:
+        whole = model.state_dict()  # a plain model built and initialised by the caller
+        values = lambda name, shape: whole[canonical_name(name)]  # noqa: E731
     else:
         model.to(dist.device)  # a plain model built and initialised by the caller
-    model.use_attention(kernel_for(dist.device.type, cfg.model.dropout, cfg.trainer.seq_len))
     if dry_run:
         values = None
-    if precision.name == "fp8":
-        apply_fp8(model, cfg.precision)
-    if tp:
-        apply_tp(model, tp_mesh, s.sequence_parallel)
-    sp = s.tp if tp and s.sequence_parallel else 1
-    sequence = _sequence(cfg, mesh, model, sp)
-    apply_ac(model, s.activation_checkpointing)
-    if s.compile:
-        apply_compile(model)
-    if values is not None and dp != "fsdp":
-        materialize(model, dist.device, values)  # the whole (tp: this rank's tp part of the) model
-    wrapped, extra = model, {}
-    if dp == "ddp" and dry_run:
-        extra = {}  # DDP cannot wrap meta tensors
-    elif dp == "ddp":
-        group = None  # every rank
-        if lay.cp > 1:  # the dp x cp ranks (tp peers hold other weights)
-            group = mesh.get("dp_replicate", "dp_shard", "cp").get_group()
-        wrapped = apply_ddp(model, dist.device, group)
-        extra = dict(grad_sync=ddp_grad_sync(wrapped))
-    elif dp == "fsdp":
-        apply_fsdp(
-            model, dp_mesh, s.reshard_after_forward, mixed_precision_policy(precision.compute_dtype)
-        )
-        precision = replace(precision, autocast_dtype=None)  # the FSDP policy casts instead
-        if values is not None:
-            materialize(model, dist.device, values)  # only this rank's shards
-        extra = dict(grad_sync=fsdp_grad_sync(model))
-    # the loader's coordinate: ranks of one TP or CP group share a dp rank (same data)
-    extra.update(dp_rank=lay.dp_rank(dist.rank), dp_size=lay.dp, sequence=sequence)
-    if sp > 1:
+    # the loader's coordinate: ranks of one TP or CP group (and pipeline stages) share a dp rank
+    extra = dict(dp_rank=lay.dp_rank(dist.rank), dp_size=lay.dp)
+    if tp and s.sequence_parallel:
         extra["rng_rank"] = dist.rank  # every dropout acts on rank-local slices
     elif lay.cp > 1:  # each cp rank its own chunk; TP peers (no SP) share their activations
         extra["rng_rank"] = lay.dp_rank(dist.rank) * lay.cp + lay.coords(dist.rank)["cp"]
+    common = dict(grad_clip=cfg.optim.grad_clip, device=dist.device)
+    if s.pp > 1:
+        return _build_pipeline(
+            cfg, dist, mesh, precision, values, tp=tp, dp=dp, dry_run=dry_run, **extra, **common
+        )
+    if model is None:
+        model = meta_model(cfg.model)
+    wrapped, precision, more = _parallelize(
+        model, cfg, mesh, precision, dist.device, values, tp=tp, dp=dp, dry_run=dry_run
+    )
     optimizer = build_optimizer(model, cfg.optim, dist.device.type)
     scaler = make_grad_scaler(cfg.precision, precision)
     guard = OverflowGuard(cfg.precision) if scaler is not None else None
@@ -122,13 +168,64 @@ def _build_torch(
         wrapped,
         model,
         optimizer,
-        precision,
-        cfg.optim.grad_clip,
-        dist.device,
-        scaler,
+        precision=precision,
+        scaler=scaler,
         overflow_guard=guard,
         min_loss_scale=cfg.precision.min_loss_scale,
+        **common,
         **extra,
+        **more,
+    )
+
+
+def _build_pipeline(
+    cfg: Config,
+    dist: Dist,
+    mesh: Mesh,
+    precision: Precision,
+    values: Values | None,
+    *,
+    tp: bool,
+    dp: str | None,
+    dry_run: bool,
+    **engine_kw,
+) -> Engine:
+    """strategy.pp > 1: this rank's stages (framework/parallel/pp.py), each parallelised like a
+    whole model and given its own optimizer, behind one PipelineEngine."""
+    m, s = cfg.model, cfg.strategy
+    pp_mesh = mesh.get("pp")
+    used = {}
+
+    def parallelize(module: nn.Module) -> nn.Module:
+        stage_values = None
+        if values is not None:
+            stage_values = lambda name, shape: values(initial_name(m, name), shape)  # noqa: E731
+        wrapped, used["precision"], more = _parallelize(
+            module, cfg, mesh, precision, dist.device, stage_values, tp=tp, dp=dp,
+            dry_run=dry_run, pipeline=True,
+        )  # fmt: skip
+        used["sequence"] = more["sequence"]  # (context parallel is refused under pp)
+        return wrapped
+
+    stages, parts = build_stages(m, s, pp_mesh.get_local_rank(), parallelize)
+    last = stage_rank(len(stages) - 1, s.pp, s.pp_schedule)
+    group = TiedEmbedding.pair_groups(dist.world_size, s.pp, last) if m.tie_embeddings else None
+    tie = None
+    if m.tie_embeddings:
+        tied = [p for part in parts for n, p in part.named_parameters() if n in (TIED_NAME, TIED_COPY)]
+        tie = TiedEmbedding(tied, group) if tied else None
+    return PipelineEngine(
+        parts,
+        stages,
+        s.pp_schedule,
+        [build_optimizer(part, cfg.optim, dist.device.type) for part in parts],
+        pp_mesh,
+        grad_accum_steps(cfg, mesh.layout.dp),
+        m.num_labels or m.vocab_size,
+        tie,
+        precision=used["precision"],
+        sequence=used["sequence"],
+        **engine_kw,
     )
 
 
@@ -166,6 +263,8 @@ BUILDERS: dict[str, Callable[[nn.Module, Config, Dist], Engine]] = {
     "zero1": _build_zero,
     "zero2": _build_zero,
     "zero3": _build_zero,
+    # pipeline alone (whole replicas across dp); strategy.pp > 1 builds stages in every torch strategy
+    "pp": partial(_build_torch, tp=False, dp="ddp"),
 }
 
 

@@ -9,24 +9,29 @@ from __future__ import annotations
 
 import contextlib
 import math
+import re
 import warnings
 from collections.abc import Callable
 from concurrent.futures import Future
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import torch
 import torch.distributed as tdist
 import torch.distributed.checkpoint as dcp
 from torch import nn
-from torch.distributed.checkpoint.state_dict import get_state_dict, set_state_dict
+from torch.distributed.checkpoint.state_dict import (
+    StateDictOptions,
+    get_state_dict,
+    set_state_dict,
+)
 from torch.distributed.tensor import DTensor
 
 from framework.data.loader import Batch
 from framework.errors import NonFiniteError
 from framework.parallel.cp import WholeSequence
 from framework.precision import OverflowGuard, Precision
-from framework.safeload import dcp_load
+from framework.safeload import SafeFileSystemReader, dcp_load
 
 
 @dataclass
@@ -183,6 +188,10 @@ class TorchEngine(Engine):
         self.skipped_steps = 0
         self._micro = 0  # micro-batches since the last step()
 
+    partial_model = False
+    """True when this rank holds a part of the model's modules (pipeline stages): loads then
+    take only their own keys of a checkpoint."""
+
     def plain_model(self) -> nn.Module:
         return self._plain
 
@@ -324,9 +333,27 @@ class TorchEngine(Engine):
         for g, lr in zip(self.optimizer.param_groups, lrs):
             g["lr"] = lr
 
+    def _parts(self) -> list[tuple[nn.Module, torch.optim.Optimizer, dict[str, str]]]:
+        """(module, its optimizer, {name held: name saved}) for each part of the model this rank
+        holds: the plain model here; one per pipeline stage under pp (framework/parallel/pp.py,
+        whose last stage saves its copy of a tied embedding's optimizer state under the
+        embedding's name)."""
+        return [(self._plain, self.optimizer, {})]
+
     def _state(self) -> dict:
-        msd, osd = get_state_dict(self._plain, self.optimizer)
-        return {"model": msd, "optim": osd}
+        """The DCP state: parameter FQNs, and the optimizer state flattened by name
+        (optim.state.<fqn>.exp_avg | exp_avg_sq | step, optim.param_groups.<fqn>.lr | ...), the
+        merge of every part's. Not torch's default layout: its param_groups are a list by group
+        index, which pipeline stages (several optimizers, one per stage) would overwrite in each
+        other's saves; by name, any rank's parts load from any layout's checkpoint."""
+        model, optim = {}, {}
+        for module, opt, alias in self._parts():
+            msd, osd = get_state_dict(
+                module, opt, options=StateDictOptions(flatten_optimizer_state_dict=True)
+            )
+            model.update(msd)
+            optim.update(_renamed(osd, alias))
+        return {"model": model, "optim": optim}
 
     def save(self, path: Path) -> None:
         with warnings.catch_warnings():  # DCP warns that a single process saves without a group
@@ -344,12 +371,26 @@ class TorchEngine(Engine):
         )
 
     def load(self, path: Path) -> None:
+        """Any strategy's checkpoint, at any world size. Each part takes its own keys of the
+        merged state (strict=False when the rank holds a part of the model)."""
         self._init_optimizer_state()
+        parts = self._parts()
+        options = StateDictOptions(strict=not self.partial_model)
+        if _per_group_optimizer_layout(path):
+            for module, opt, alias in parts:
+                _load_per_group_layout(module, opt, alias, path, options)
+            return
         state = self._state()
         dcp_load(state, path)
-        set_state_dict(
-            self._plain, self.optimizer, model_state_dict=state["model"], optim_state_dict=state["optim"]
-        )
+        flat = replace(options, flatten_optimizer_state_dict=True)
+        for module, opt, alias in parts:
+            set_state_dict(
+                module,
+                opt,
+                model_state_dict=state["model"],
+                optim_state_dict=_renamed(state["optim"], {v: k for k, v in alias.items()}),
+                options=flat,
+            )
 
     def loss_scale(self) -> float | None:
         return self.scaler.get_scale() if self.scaler is not None else None
@@ -360,3 +401,48 @@ class TorchEngine(Engine):
     def load_extra_state(self, state: dict) -> None:
         if self.scaler is not None and "scaler" in state:
             self.scaler.load_state_dict(state["scaler"])
+
+
+def _renamed(flat_osd: dict, alias: dict[str, str]) -> dict:
+    """A flattened optimizer state dict with parameter `a`'s keys (state.a.*, param_groups.a.*)
+    under name alias[a]."""
+    if not alias:
+        return flat_osd
+    out = {}
+    for key, value in flat_osd.items():
+        section, _, rest = key.partition(".")
+        for held, saved in alias.items():
+            if rest.startswith(held + "."):
+                key = f"{section}.{saved}{rest[len(held) :]}"
+                break
+        out[key] = value
+    return out
+
+
+_GROUP_INDEX_KEY = re.compile(r"optim\.param_groups\.\d+\.")
+
+
+def _per_group_optimizer_layout(path: Path) -> bool:
+    """True for checkpoints in torch's default optimizer layout (written before the state was
+    flattened by name, or by older DeepSpeed saves): param_groups as a list by group index
+    (optim.param_groups.<index>.lr, ...params). The state keys (optim.state.<fqn>.*) are the
+    same in both layouts."""
+    keys = SafeFileSystemReader(path).read_metadata().state_dict_metadata
+    return any(_GROUP_INDEX_KEY.match(k) for k in keys)
+
+
+def _load_per_group_layout(module, opt, alias: dict[str, str], path: Path, options) -> None:
+    """Load one part from a checkpoint in torch's default layout: the state by name, the groups'
+    hyperparameters by group index (every part has the same two groups, decay and no decay),
+    the groups' parameter lists kept as this part's own."""
+    msd, osd = get_state_dict(module, opt)
+    own = [g["params"] for g in osd["param_groups"]]
+    osd["state"] = {alias.get(k, k): v for k, v in osd["state"].items()}
+    state = {"model": msd, "optim": osd}
+    dcp_load(state, path)
+    back = {v: k for k, v in alias.items()}
+    osd = state["optim"]
+    osd["state"] = {back.get(k, k): v for k, v in osd["state"].items()}
+    for group, params in zip(osd["param_groups"], own, strict=True):
+        group["params"] = params
+    set_state_dict(module, opt, model_state_dict=state["model"], optim_state_dict=osd, options=options)

@@ -17,6 +17,7 @@ import contextlib
 
 import torch
 from torch import nn
+from torch.distributed._composable.replicate_with_fsdp import replicate
 from torch.distributed.device_mesh import DeviceMesh
 from torch.distributed.fsdp import FSDPModule, MixedPrecisionPolicy, fully_shard
 
@@ -30,10 +31,16 @@ def mixed_precision_policy(compute_dtype: torch.dtype | None) -> MixedPrecisionP
 
 
 def apply_fsdp(
-    model: nn.Module, mesh: DeviceMesh, reshard_after_forward: bool, mp: MixedPrecisionPolicy
+    model: nn.Module,
+    mesh: DeviceMesh,
+    reshard_after_forward: bool,
+    mp: MixedPrecisionPolicy,
+    per_block: bool = True,
 ) -> nn.Module:
-    """Shard each block, then the root (in place; `model` becomes an FSDPModule)."""
-    for block in model.blocks.values():
+    """Shard each block, then the root (in place; `model` becomes an FSDPModule). per_block=False:
+    the root alone, one unit for the whole module (a pipeline stage under a split-backward
+    schedule, framework/parallel/pp.py)."""
+    for block in model.blocks.values() if per_block else ():
         fully_shard(block, mesh=mesh, reshard_after_forward=reshard_after_forward, mp_policy=mp)
     # the root is all-gathered last in forward and needed first in backward: keeping it
     # unsharded after forward saves one all-gather per step for little memory
@@ -49,3 +56,16 @@ def fsdp_grad_sync(model: FSDPModule):
         return contextlib.nullcontext()
 
     return sync
+
+
+def apply_replicate(
+    model: nn.Module, mesh: DeviceMesh, mp: MixedPrecisionPolicy, per_block: bool = True
+) -> nn.Module:
+    """Whole replicas over `mesh`, gradients all-reduced (averaged) once per step: FSDP2's
+    `replicate` (DDP semantics on FSDP2's machinery), for pipeline stages
+    (framework/parallel/pp.py says why not DDP). Each block is its own all-reduce unit, as
+    under fully_shard, so the reduction of early blocks overlaps the backward of later ones."""
+    for block in model.blocks.values() if per_block else ():
+        replicate(block, mesh=mesh, mp_policy=mp)
+    replicate(model, mesh=mesh, mp_policy=mp)
+    return model

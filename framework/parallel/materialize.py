@@ -43,7 +43,7 @@ from framework.config import Config
 from framework.dist import Dist
 from framework.errors import CheckpointError
 from framework.hf.load import Readers, hf_import_readers
-from framework.model.gpt import GPT, ModelConfig, canonical_name, initial_value
+from framework.model.gpt import GPT, ModelConfig, canonical_name, holds_tied_pair, initial_value
 
 log = logging.getLogger("framework")
 
@@ -133,7 +133,7 @@ def write_param(p: torch.Tensor, full: torch.Tensor) -> None:
 def allocate(model: nn.Module, device: torch.device) -> None:
     """Give `model`'s parameters (only this rank's shards) storage on `device`, values unset."""
     model.to_empty(device=device)
-    if model.cfg.tie_embeddings and model.lm_head.weight is not model.tok_emb.weight:
+    if holds_tied_pair(model) and model.lm_head.weight is not model.tok_emb.weight:
         # to_empty replaces each module's tensors one module at a time, which unties the
         # shared embedding / output head (FSDP2's sharded parameters keep it)
         model.lm_head.weight = model.tok_emb.weight

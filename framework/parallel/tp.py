@@ -32,6 +32,7 @@ from torch.distributed.tensor.parallel import (
 )
 
 from framework.config import ConfigError
+from framework.model.gpt import holds_tied_pair
 
 
 def _block_plan(style: str, sequence_parallel: bool) -> dict[str, ParallelStyle]:
@@ -94,20 +95,23 @@ def tp_plan(style: str, n_layer: int, sequence_parallel: bool) -> dict[str, Para
 
 
 def apply_tp(model: nn.Module, mesh: DeviceMesh, sequence_parallel: bool) -> nn.Module:
-    """Parallelize `model` in place over the 1-D `mesh` following its style's plan."""
+    """Parallelize `model` in place over the 1-D `mesh` following its style's plan. Root modules
+    the model sets to None (llama's pos_emb; the embedding or the norm and head of a pipeline
+    stage, framework/parallel/pp.py) are skipped; any other entry that matches nothing is an
+    error (a plan out of step with the model)."""
     cfg = model.cfg
     plan = tp_plan(cfg.style, cfg.n_layer, sequence_parallel)
     names = [n for n, _ in model.named_modules()]
     resolved: dict[str, ParallelStyle] = {}
     for pattern, style in plan.items():
         hits = [n for n in names if fnmatch.fnmatchcase(n, pattern)]
-        if not hits and not pattern.endswith("pos_emb"):
+        if not hits and getattr(model, pattern.split(".")[0]) is not None:
             raise ConfigError(f"tensor-parallel plan entry {pattern!r} matches no module of the model")
         resolved.update({n: style for n in hits})
     # parents before children: PrepareModuleInput on `attn` and the colwise split of `attn.wq`
     # are independent hooks, so the order only has to be deterministic
     parallelize_module(model, mesh, dict(sorted(resolved.items())))
-    if cfg.tie_embeddings:
+    if holds_tied_pair(model):
         # parallelize_module gave tok_emb and lm_head separate DTensor parameters; both are
         # split along the vocabulary (Shard(0)), so the tied weight stays one parameter.
         model.lm_head.weight = model.tok_emb.weight

@@ -203,10 +203,10 @@ class DeepSpeedEngine(Engine):
         return self.ds(idx.to(self.device)).float()
 
     # -- checkpoint: our DCP layout, never DeepSpeed's pickles -----------------------------
-    # The keys are those torch.distributed.checkpoint.state_dict.get_state_dict gives the torch
-    # engines (parameter FQNs; optim.state.<fqn>.exp_avg / exp_avg_sq / step; optim.param_groups
-    # with FQN lists), with whole (unsharded) fp32 tensors, so a ZeRO checkpoint loads into any
-    # strategy and world size and any checkpoint loads here. DeepSpeed's save_checkpoint /
+    # The keys are those the torch engines save (TorchEngine._state: parameter FQNs;
+    # optim.state.<fqn>.exp_avg / exp_avg_sq / step; optim.param_groups.<fqn>.lr / betas / ...),
+    # with whole (unsharded) fp32 tensors, so a ZeRO checkpoint loads into any strategy and world
+    # size and any checkpoint loads here. DeepSpeed's save_checkpoint /
     # load_checkpoint are not used: they write pickles and read them with weights_only=False.
     # Cost: each rank gathers one whole parameter at a time (a collective under ZeRO-3) and the
     # state dict holds the whole model + Adam state in host memory on every rank while DCP writes
@@ -262,17 +262,16 @@ class DeepSpeedEngine(Engine):
             full = safe_get_full_fp32_param(t) if isinstance(t, nn.Parameter) else None
             model[name] = (full if full is not None else t.detach()).float().cpu()
         step = self._step_tensor()
-        state = {
-            name: {
-                "exp_avg": safe_get_full_optimizer_state(p, "exp_avg").float().cpu(),
-                "exp_avg_sq": safe_get_full_optimizer_state(p, "exp_avg_sq").float().cpu(),
-                "step": step.clone(),
-            }
-            for name, p in params.items()
-        }
+        optim: dict = {}  # flattened by name, as torch's get_state_dict(flatten_optimizer_state_dict)
+        for name, p in params.items():
+            optim[f"state.{name}.step"] = step.clone()
+            for key in ("exp_avg", "exp_avg_sq"):
+                optim[f"state.{name}.{key}"] = safe_get_full_optimizer_state(p, key).float().cpu()
         lr = self._inner_optimizer().param_groups[0]["lr"]
-        groups = [{**hyper, "lr": lr, "params": list(fqns)} for hyper, fqns in self.param_groups]
-        return {"model": model, "optim": {"state": state, "param_groups": groups}}
+        for hyper, fqns in self.param_groups:
+            for name in fqns:
+                optim.update({f"param_groups.{name}.{k}": v for k, v in {**hyper, "lr": lr}.items()})
+        return {"model": model, "optim": optim}
 
     def save(self, path: Path) -> None:
         dcp.save(self._state(), checkpoint_id=str(path))
@@ -284,6 +283,9 @@ class DeepSpeedEngine(Engine):
         from deepspeed.utils import safe_set_full_fp32_param, safe_set_full_optimizer_state
 
         state = self._state()  # the keys and shapes to read, filled in place
+        # hyperparameters (betas, eps, weight decay) come from the config, the lr from the loop:
+        # only the state is read (its keys are the same in torch's per-group optimizer layout)
+        state["optim"] = {k: v for k, v in state["optim"].items() if k.startswith("state.")}
         dcp_load(state, path)
         model, optim = state["model"], state["optim"]
         params = dict(self._params())
@@ -292,18 +294,17 @@ class DeepSpeedEngine(Engine):
                 full = model[name].to(self.device)
                 safe_set_full_fp32_param(p, full)
                 for key in ("exp_avg", "exp_avg_sq"):
-                    safe_set_full_optimizer_state(p, optim["state"][name][key].to(self.device), key)
+                    safe_set_full_optimizer_state(p, optim[f"state.{name}.{key}"].to(self.device), key)
                 # the module's (bf16 or fp32) copy: under ZeRO-3 gathered, set on every rank
                 # alike and re-partitioned on exit; under ZeRO-1/2 it is whole on every rank
                 with deepspeed.zero.GatheredParameters([p], modifier_rank=0):
                     p.data.copy_(full.view_as(p.data))
-        steps = {float(optim["state"][name]["step"]) for name in params}
+        steps = {float(optim[f"state.{name}.step"]) for name in params}
         if len(steps) != 1:
             raise RuntimeError(f"{path}: parameters have different Adam step counts {sorted(steps)}")
         step = steps.pop()
         for flat in self._flat_partitions():
             self._inner_optimizer().state[flat]["step"].fill_(step)
-        # hyperparameters (betas, eps, weight decay) come from the config, the lr from the loop
 
     def extra_state(self) -> dict:
         scaler = getattr(self.ds.optimizer, "loss_scaler", None)

@@ -21,7 +21,7 @@ from tests.helpers import read_metrics
 
 pytestmark = pytest.mark.slow
 
-TWO_RANKS = ["ddp", "fsdp", "tp", "zero1", "zero2", "zero3"]
+TWO_RANKS = ["ddp", "fsdp", "tp", "zero1", "zero2", "zero3", "pp"]
 
 
 def run_harness(out, strategies: list[str], nproc: int, *extra: str) -> list[list[dict]]:
@@ -66,7 +66,8 @@ def check_policy(per_rank: list[list[dict]], strategies: list[str]) -> None:
             assert len({s[key]["what"] for s in seen}) == 1, (strategy, key, [s[key] for s in seen])
         assert len({s["skip"]["loss"] for s in seen}) == 1, strategy
         # under DDP the gradients are replicated after the reduction: only the poisoned copy is
-        # non-finite, and the other rank still skips; elsewhere the norm is global
+        # non-finite, and the other rank still skips; elsewhere the norm is global (pp: summed
+        # over the stages)
         n_bad = 1 if strategy == "ddp" else nproc
         assert seen[0]["skip"]["what"] == f"gradient norm is non-finite on {n_bad} of {nproc} rank(s)"
 

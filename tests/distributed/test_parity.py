@@ -19,9 +19,13 @@ from __future__ import annotations
 import math
 
 import pytest
+import torch
+from safetensors.torch import load_file
 
+from framework import export, generate
 from framework.train import train
 from tests.distributed.launch import PARITY, grad_norms, losses, max_rel_diff, run_train
+from tests.distributed.test_reshard import read_tensors
 from tests.helpers import make_cfg, read_metrics
 
 FP32_RTOL = 1e-5
@@ -138,8 +142,6 @@ def test_launchers_give_the_torchrun_losses(runs, launcher, strategy):
 def test_zero3_checkpoint_loads_as_a_plain_model(runs):
     """A ZeRO checkpoint is DCP in the torch engines' layout, without DeepSpeed's own (pickle)
     files: generate and export read it like any other, and its weights are the single run's."""
-    import torch
-
     from framework.checkpoint import load_model
 
     zero, _ = load_model(runs("zero3") / "checkpoints/step_00000008")
@@ -162,12 +164,15 @@ def evals(run_dir) -> tuple[list[dict], list[str]]:
     return records, samples
 
 
-def test_eval_under_tensor_parallel_matches_single(runs):
+@pytest.mark.parametrize("strategy", ["tp", "pp"])
+def test_eval_under_tensor_parallel_matches_single(runs, strategy):
     """Eval on 2 TP ranks: per-source and mixture-weighted val loss (mean over ranks) equal
-    single's, and the text sampled through TP's gathered (sequence-padded) logits is the same."""
+    single's, and the text sampled through TP's gathered (sequence-padded) logits is the same.
+    pp: 2 pipeline stages, eval and sampling run forward-only through the stages and the last
+    stage's loss and logits are broadcast to both ranks."""
     (ref, ref_text), (got, got_text) = (
         evals(runs("single", "torchrun", *EVAL)),
-        evals(runs("tp", "torchrun", *EVAL)),
+        evals(runs(strategy, "torchrun", *EVAL)),
     )
     assert [r["step"] for r in ref] == [r["step"] for r in got] == [0, 4, 8]
     for a, b in zip(got, ref):
@@ -176,3 +181,33 @@ def test_eval_under_tensor_parallel_matches_single(runs):
             assert abs(a[k] - b[k]) <= 1e-5 * max(1.0, abs(b[k])), (k, a[k], b[k])
     assert len(ref_text) == 3 and len(set(ref_text)) > 1  # a text per eval, and training changed it
     assert got_text == ref_text
+
+
+def test_pipeline_through_train_matches_single(runs):
+    """`torchrun -m framework.train strategy=pp` (2 stages, 1f1b): per-step losses and grad
+    norms (the last stage's loss broadcast to every rank, the norm summed over the stages)."""
+    assert_matches(runs("pp", "torchrun", *EVAL), runs("single", "torchrun", *EVAL), FP32_RTOL)
+
+
+def test_pipeline_checkpoint_is_the_single_models(runs, tmp_path):
+    """The pp=2 checkpoint's DCP tensors have the single run's keys and values (model.tok_emb
+    .weight from the first stage, model.lm_head.weight from the last, equal; one optimizer state
+    for the tied weight), and generate and export read it as they read single's (evaluate loads
+    through the same framework.checkpoint.load_model as generate)."""
+    got, ref = (runs(s, "torchrun", *EVAL) / "checkpoints/step_00000008" for s in ("pp", "single"))
+    a, b = read_tensors(got / "state"), read_tensors(ref / "state")
+    assert sorted(a) == sorted(b)
+    assert torch.equal(a["model.tok_emb.weight"], a["model.lm_head.weight"])
+    assert not any("lm_head" in k for k in a if k.startswith("optim."))
+    for k in b:
+        torch.testing.assert_close(a[k], b[k], rtol=1e-4, atol=1e-6, msg=k)
+    outs = [generate.run(generate.GenerateConfig(checkpoint=str(d), prompt_ids=[10, 20],
+                                                 max_new_tokens=8, greedy=True))
+            for d in (got, ref)]  # fmt: skip
+    assert outs[0]["ids"] == outs[1]["ids"]
+    hf = [load_file(export.run(export.ExportConfig(checkpoint=str(d), out=str(tmp_path / name),
+                                                   with_tokenizer=False)) / "model.safetensors")
+          for d, name in ((got, "pp"), (ref, "single"))]  # fmt: skip
+    assert sorted(hf[0]) == sorted(hf[1])
+    for k in hf[1]:
+        torch.testing.assert_close(hf[0][k], hf[1][k], rtol=1e-4, atol=1e-6, msg=k)

@@ -1,8 +1,8 @@
 """Resume across strategies and world sizes (issue 8 Build 7 and failure 7, RELIABILITY A8).
 
-Every engine saves the same DCP layout (get_state_dict's keys: parameter FQNs, optim.state.
-<fqn>.exp_avg / exp_avg_sq / step, param_groups), ZeRO included, so any checkpoint loads into
-any strategy at any world size. Checked two ways, from a 2-rank zero3 run into ddp, fsdp, zero1,
+Every engine saves the same DCP layout (parameter FQNs, the optimizer state by name: optim.state.
+<fqn>.exp_avg / exp_avg_sq / step, optim.param_groups.<fqn>.*), ZeRO included, so any checkpoint
+loads into any strategy at any world size (pipeline layouts: tests/distributed/test_pp.py). Checked two ways, from a 2-rank zero3 run into ddp, fsdp, zero1,
 tp and tp_fsdp (tp=2) on 1-4 gloo ranks with vocab 257 (divisible by none of them): a load +
 save round trip through another engine gives back equal tensors, and the first step after a
 resume on another topology has the loss of a same-topology resume within 1e-6 (fp32)."""

@@ -192,9 +192,8 @@ def test_cross_field_errors_name_keys(overrides, world, expected):
 def test_multi_process_strategy_refused_only_in_a_plain_process(strategy):
     """World 1 in one plain process: a forgotten launcher, refused. World 1 under a launcher
     (torchrun --nproc_per_node 1, a job scaled down to one GPU): valid for every strategy."""
-    cfg = make_cfg(
-        [f"strategy={strategy}", "strategy.tp=1"] if "tp" in strategy else [f"strategy={strategy}"]
-    )
+    degree = {"tp": "strategy.tp=1", "tp_fsdp": "strategy.tp=1", "pp": "strategy.pp=1"}
+    cfg = make_cfg([f"strategy={strategy}", *([degree[strategy]] if strategy in degree else [])])
     with pytest.raises(
         ConfigError, match=f"strategy={strategy} needs several processes.*one plain process"
     ):
