@@ -469,6 +469,7 @@ def validate(
         )
     errors += _validate_hsdp(s, world_size)
     errors += _validate_axes(s, world_size)
+    errors += _validate_ep(cfg, world_size)
     if s.activation_checkpointing not in ("none", "full", "selective"):
         errors.append(
             f"strategy.activation_checkpointing={s.activation_checkpointing!r} must be none|full|selective"
@@ -628,10 +629,54 @@ def _validate_axes(s: StrategyConfig, world_size: int) -> list[str]:
             f"world size {world_size} is not divisible by strategy.pp={s.pp} x strategy.cp={s.cp} "
             f"x strategy.tp={s.tp} = {model_ranks}: the data-parallel degree must be a whole number"
         )
-    # the axes are being built (issues 15, 16, 19); refused until their engines exist
-    for key, what in (("pp", "pipeline"), ("cp", "context"), ("ep", "expert")):
+    # the axes are being built (issues 15, 19); refused until their engines exist
+    for key, what in (("pp", "pipeline"), ("cp", "context")):
         if getattr(s, key) > 1:
             errors.append(f"strategy.{key}={getattr(s, key)}: {what} parallelism is not built yet")
+    return errors
+
+
+EP_STRATEGIES = ("ddp", "fsdp")
+
+
+def _validate_ep(cfg: Config, world_size: int) -> list[str]:
+    """Expert parallelism (framework/parallel/ep.py): a mixture-of-experts model, experts split
+    evenly over ep, ep carved out of the data-parallel ranks of ddp or fsdp."""
+    s, moe = cfg.strategy, cfg.model.moe
+    if s.ep <= 1:
+        return []
+    if not moe.enabled:
+        return [
+            f"strategy.ep={s.ep} splits the experts of a mixture-of-experts model, but "
+            "model.moe.num_experts=0 (a dense model): set strategy.ep=1 or model=debug-moe|"
+            "olmoe-1b-7b|mixtral-8x7b"
+        ]
+    errors = []
+    if moe.num_experts % s.ep:
+        errors.append(
+            f"model.moe.num_experts={moe.num_experts} is not divisible by strategy.ep={s.ep}: every "
+            "ep rank holds the same number of experts"
+        )
+    if s.name in ("zero1", "zero2", "zero3"):
+        errors.append(
+            f"strategy.ep={s.ep} is not combined with DeepSpeed ZeRO (strategy={s.name}), whose "
+            "engine reduces every gradient over all ranks: use strategy=fsdp (ZeRO-3-like sharding)"
+            " or ddp"
+        )
+    elif s.name not in EP_STRATEGIES:
+        hint = "; tensor parallel has no plan for expert layers" if s.name.startswith("tp") else ""
+        errors.append(f"strategy.ep={s.ep} needs strategy=fsdp or ddp (got strategy={s.name}){hint}")
+    if s.pp > 1 or s.cp > 1 or s.hsdp_replicas > 1:
+        errors.append(
+            f"strategy.ep={s.ep} is not combined with strategy.pp={s.pp}, strategy.cp={s.cp} or "
+            f"strategy.hsdp_replicas={s.hsdp_replicas} yet: set those to 1"
+        )
+    dp = layout(s, world_size).dp
+    if dp % s.ep:
+        errors.append(
+            f"strategy.ep={s.ep} must divide the data-parallel degree {dp} (world size "
+            f"{world_size}): the expert-parallel groups are carved out of the data-parallel ranks"
+        )
     return errors
 
 

@@ -1,8 +1,9 @@
 """Parallelism applied to the plain model by functions, in one documented order:
 
-    fp8 conversion -> tensor parallel -> activation checkpointing -> torch.compile -> FSDP/DDP
+    fp8 conversion -> tensor / expert parallel -> activation checkpointing -> torch.compile
+    -> FSDP/DDP
 
-(each a file here: tp.py, ac.py, compile.py, fsdp.py, ddp.py); the optimizer is built last,
+(each a file here: tp.py, ep.py, ac.py, compile.py, fsdp.py, ddp.py); the optimizer is built last,
 over the final (possibly DTensor) parameters. DeepSpeed ZeRO runs its own engine (zero.py)
 behind the same `Engine` interface, so the training loop never branches on the strategy.
 
@@ -29,9 +30,10 @@ from framework.parallel.ac import apply_ac
 from framework.parallel.compile import apply_compile
 from framework.parallel.ddp import apply_ddp, ddp_grad_sync
 from framework.parallel.engine import Engine, NonFiniteError, StepResult, TorchEngine
+from framework.parallel.ep import apply_ep, expert_grad_sync, expert_param_names, shard_experts
 from framework.parallel.fsdp import apply_fsdp, fsdp_grad_sync, mixed_precision_policy
 from framework.parallel.materialize import initial_values, materialize, meta_model, zero3_model
-from framework.parallel.mesh import build_mesh
+from framework.parallel.mesh import Mesh, build_mesh
 from framework.parallel.tp import apply_tp
 from framework.parallel.zero import build_zero, deepspeed_config, ensure_process_group
 from framework.precision import OverflowGuard, apply_fp8, make_grad_scaler, resolve
@@ -41,12 +43,12 @@ __all__ = ["Engine", "NonFiniteError", "StepResult", "TorchEngine", "build_engin
 
 def _meshes(
     cfg: Config, dist: Dist, tp: bool, dp: str | None
-) -> tuple[DeviceMesh | None, DeviceMesh | None, Layout]:
-    """(tp_mesh, dp_mesh, layout) for this strategy; dp_mesh is 2-D (replicate, shard) under
-    HSDP. DDP needs no mesh: it reduces over the default group."""
+) -> tuple[DeviceMesh | None, DeviceMesh | None, Layout, Mesh]:
+    """(tp_mesh, dp_mesh, layout, the whole mesh) for this strategy; dp_mesh is 2-D (replicate,
+    shard) under HSDP. DDP needs no mesh: it reduces over the default group."""
     lay = layout(cfg.strategy, dist.world_size)
     mesh = build_mesh(lay, dist.device.type)
-    return (mesh.get("tp") if tp else None), (mesh.fsdp() if dp == "fsdp" else None), lay
+    return (mesh.get("tp") if tp else None), (mesh.fsdp() if dp == "fsdp" else None), lay, mesh
 
 
 def _build_torch(
@@ -56,7 +58,7 @@ def _build_torch(
     model=None: built here on meta and materialised per rank (dry_run: left on meta)."""
     s = cfg.strategy
     precision = resolve(cfg.precision, dist.device.type)
-    tp_mesh, dp_mesh, lay = _meshes(cfg, dist, tp, dp)
+    tp_mesh, dp_mesh, lay, mesh = _meshes(cfg, dist, tp, dp)
     values = None
     if model is None:
         model, values = meta_model(cfg.model), initial_values(cfg)
@@ -68,6 +70,10 @@ def _build_torch(
         apply_fp8(model, cfg.precision)
     if tp:
         apply_tp(model, tp_mesh, s.sequence_parallel)
+    experts, edp_mesh = [], None
+    if lay.ep > 1:
+        edp_mesh, ep_mesh = mesh.experts()
+        experts = apply_ep(model, ep_mesh, mesh.get("dp_replicate", "dp_shard").get_group())
     apply_ac(model, s.activation_checkpointing)
     if s.compile:
         apply_compile(model)
@@ -77,12 +83,17 @@ def _build_torch(
     if dp == "ddp" and dry_run:
         extra = {}  # DDP cannot wrap meta tensors
     elif dp == "ddp":
-        wrapped = apply_ddp(model, dist.device)
-        extra = dict(grad_sync=ddp_grad_sync(wrapped))
+        wrapped = apply_ddp(model, dist.device, ignore=expert_param_names(model, experts))
+        sync = ddp_grad_sync(wrapped)
+        if experts:  # the ranks that hold the same experts reduce their gradients themselves
+            edp = edp_mesh.get_group() if edp_mesh.size() > 1 else None
+            sync = expert_grad_sync(experts, edp, lay.dp, sync)
+        extra = dict(grad_sync=sync)
     elif dp == "fsdp":
-        apply_fsdp(
-            model, dp_mesh, s.reshard_after_forward, mixed_precision_policy(precision.compute_dtype)
-        )
+        mp = mixed_precision_policy(precision.compute_dtype)
+        if experts:  # their own units over the ranks holding the same experts, first
+            shard_experts(experts, edp_mesh, lay.dp, s.reshard_after_forward, mp)
+        apply_fsdp(model, dp_mesh, s.reshard_after_forward, mp)
         precision = replace(precision, autocast_dtype=None)  # the FSDP policy casts instead
         if values is not None:
             materialize(model, dist.device, values)  # only this rank's shards

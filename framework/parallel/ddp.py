@@ -12,7 +12,10 @@ from torch import nn
 from torch.nn.parallel import DistributedDataParallel
 
 
-def apply_ddp(model: nn.Module, device: torch.device) -> DistributedDataParallel:
+def apply_ddp(model: nn.Module, device: torch.device, ignore: list[str] = ()) -> DistributedDataParallel:
+    """`ignore`: parameter names DDP leaves alone (expert parallelism reduces those itself)."""
+    if ignore:
+        DistributedDataParallel._set_params_and_buffers_to_ignore_for_model(model, list(ignore))
     # broadcast_buffers off: the model's only buffers (RoPE tables) are identical by construction
     return DistributedDataParallel(
         model, device_ids=[device.index] if device.type == "cuda" else None, broadcast_buffers=False
