@@ -671,6 +671,14 @@ def _validate_ep(cfg: Config, world_size: int) -> list[str]:
             f"strategy.ep={s.ep} is not combined with strategy.pp={s.pp}, strategy.cp={s.cp} or "
             f"strategy.hsdp_replicas={s.hsdp_replicas} yet: set those to 1"
         )
+    if s.name == "fsdp" and s.activation_checkpointing == "selective":
+        # torch 2.13: selective checkpointing replays ops by count, and the experts' own FSDP
+        # units inside each block issue different profiler ops in forward and in recompute
+        errors.append(
+            f"strategy.activation_checkpointing=selective with strategy.ep={s.ep} under "
+            "strategy=fsdp fails in torch's selective-checkpoint replay (the experts' FSDP units "
+            "inside each block): use strategy.activation_checkpointing=full, or strategy=ddp"
+        )
     dp = layout(s, world_size).dp
     if dp % s.ep:
         errors.append(
