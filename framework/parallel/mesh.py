@@ -62,13 +62,12 @@ class Mesh:
         (dp_shard under fsdp, dp_replicate under ddp; validate() allows only one of them with ep)
         unflattened into (dp / ep, ep), ep innermost: an ep group is ep neighbouring dp ranks,
         an edp group the dp / ep ranks that hold the same experts (edp may have size 1)."""
-        if ("edp", "ep") not in self._flat:
+        if ("ep",) not in self._flat:
             ep = self.layout.ep
             (dim,) = [a for a in ("dp_replicate", "dp_shard") if a in self.axes]
             both = self.root._unflatten(dim, (self.root[dim].size() // ep, ep), ("edp", "ep"))
-            self._flat[("edp", "ep")] = both
-        both = self._flat[("edp", "ep")]
-        return both["edp"], both["ep"]
+            self._flat[("edp",)], self._flat[("ep",)] = both["edp"], both["ep"]
+        return self._flat[("edp",)], self._flat[("ep",)]
 
 
 def build_mesh(layout: Layout, device_type: str) -> Mesh:
