@@ -83,6 +83,12 @@ class Plan:
     activations_by_mode_bytes: dict[str, float]
     """Under each mode (none | selective | full), to show the trade-off."""
     gpu_memory_gib: float
+    ep: int = 1
+    """Expert-parallel degree (carved out of dp)."""
+    ep_buffers_bytes: float = 0.0
+    """One sparse layer's all-to-all send and receive buffers (memory.ep_buffer_bytes)."""
+    ep_all_to_all_bytes: float = 0.0
+    """Bytes one rank sends by all-to-all per step (memory.ep_all_to_all_bytes)."""
 
     @property
     def memory_bytes(self) -> float:
@@ -92,6 +98,7 @@ class Plan:
             + self.optimizer_bytes
             + self.weight_copies_bytes
             + self.activations_bytes
+            + self.ep_buffers_bytes
         )
 
     @property
@@ -115,6 +122,7 @@ class Plan:
             "strategy": self.strategy,
             "dp": self.dp,
             "tp": self.tp,
+            "ep": self.ep,
             "precision": self.precision,
             "activation_checkpointing": self.activation_checkpointing,
             "grad_accum": self.grad_accum,
@@ -131,6 +139,8 @@ class Plan:
             "weight_copies_gib": gib(self.weight_copies_bytes),
             "activations_gib": gib(self.activations_bytes),
             "activations_by_mode_gib": {k: gib(v) for k, v in self.activations_by_mode_bytes.items()},
+            "ep_buffers_gib": gib(self.ep_buffers_bytes),
+            "ep_all_to_all_gb_per_step": round(self.ep_all_to_all_bytes / 1e9, 3),
             "memory_gib": gib(self.memory_bytes),
             "gpu_memory_gib": self.gpu_memory_gib,
             "fits": self.fits,
@@ -152,7 +162,10 @@ def make_plan(cfg: Config, world_size: int) -> Plan:
     sb = memory.state_bytes(precision, s.name)
     shards = memory.dp_shards(s.name, dp, s.hsdp_replicas)
     n_local = memory.params_per_tp_rank(m, s.tp, s.sequence_parallel)
-    state = memory.model_state_bytes(n_local, sb, shards)
+    # expert parallelism: each rank holds 1/ep of the routed experts (framework/parallel/ep.py)
+    ep = max(s.ep, 1)
+    experts = memory.routed_expert_params(m) if ep > 1 else 0.0
+    state = memory.model_state_bytes(n_local, sb, shards, experts, ep)
     if s.zero_offload:  # DeepSpeed keeps the fp32 master and AdamW state in host memory
         state["optimizer"] = 0.0
     fpt = flops_per_token(m, t.seq_len)
@@ -177,7 +190,7 @@ def make_plan(cfg: Config, world_size: int) -> Plan:
         micro_batch_size=t.micro_batch_size,
         grad_accum=grad_accum_steps(cfg, dp),
         params=num_params(m),
-        params_per_gpu=n_local / shards.params,
+        params_per_gpu=memory.params_per_rank(n_local, shards.params, experts, ep),
         flops_per_token=fpt,
         tokens_per_step=tokens_per_step,
         peak_flops=peak,
@@ -187,11 +200,24 @@ def make_plan(cfg: Config, world_size: int) -> Plan:
         grads_bytes=state["grads"],
         optimizer_bytes=state["optimizer"],
         weight_copies_bytes=memory.weight_copies_bytes(
-            m, s.tp, s.name, precision, s.reshard_after_forward
+            m, s.tp, s.name, precision, s.reshard_after_forward, ep
         ),
         activations_bytes=by_mode[s.activation_checkpointing],
         activations_by_mode_bytes=by_mode,
         gpu_memory_gib=gpu.memory_gib,
+        ep=ep,
+        ep_buffers_bytes=(
+            memory.ep_buffer_bytes(m, t.seq_len, t.micro_batch_size, sb.compute) if ep > 1 else 0.0
+        ),
+        ep_all_to_all_bytes=memory.ep_all_to_all_bytes(
+            m,
+            t.seq_len,
+            t.micro_batch_size,
+            grad_accum_steps(cfg, dp),
+            ep,
+            sb.compute,
+            recompute=s.activation_checkpointing == "full",
+        ),  # fmt: skip
     )
 
 
@@ -238,9 +264,10 @@ def render(p: Plan, cfg: Config) -> str:
     sp_note = " / tp (sequence parallel)" if p.tp > 1 and s.sequence_parallel else ""
     gib = lambda x: f"{x / GIB:9.2f}"  # noqa: E731
     by_mode = ", ".join(f"{k} {v / GIB:.2f}" for k, v in p.activations_by_mode_bytes.items())
+    ep_note = f", ep={p.ep}" if p.ep > 1 else ""
     lines = [
         f"plan: {p.model} on {p.world_size} x {p.gpu} ({p.gpu_memory_gib:g} GiB), strategy={p.strategy} "
-        f"(dp={p.dp}, tp={p.tp}), precision={p.precision}, "
+        f"(dp={p.dp}, tp={p.tp}{ep_note}), precision={p.precision}, "
         f"activation_checkpointing={p.activation_checkpointing}",
         f"  parameters   {_count(p.params)} in the model, {_count(p.params_per_gpu)} stored per GPU",
         f"  batch        {cfg.trainer.global_batch_size} sequences x {cfg.trainer.seq_len} tokens = "
@@ -262,6 +289,13 @@ def render(p: Plan, cfg: Config) -> str:
         f"(plan limit {p.limit_gib:.0f} = {memory.FIT_FRACTION:.0%}): "
         + ("fits" if p.fits else "DOES NOT FIT"),
     ]
+    if p.ep > 1:
+        lines[1] += f" (each rank 1/{p.ep} of the routed experts)"
+        lines.insert(
+            -1,
+            f"    ep buffers    {gib(p.ep_buffers_bytes)}  one sparse layer's all-to-all send + "
+            f"receive rows; all-to-all {p.ep_all_to_all_bytes / 1e9:.3g} GB sent per rank per step",
+        )
     if not p.fits:
         lines.append(
             "  to fit: shard more (strategy=zero3|fsdp|tp_fsdp), raise strategy.tp, turn on "

@@ -94,3 +94,63 @@ def test_expert_parallel_exchange_on_one_rank_is_the_local_run():
     finally:
         tdist.destroy_process_group()
     torch.testing.assert_close(got, experts(xs, counts), rtol=0, atol=0)
+
+
+# -- the plan (framework/memory.py, framework/plan.py) --------------------------------------------
+
+
+def test_routed_expert_params_of_debug_moe_by_hand():
+    """4 blocks x 4 SwiGLU experts of width 128 on n_embd 128, no biases."""
+    from framework.memory import routed_expert_params
+    from framework.model.gpt import num_params
+
+    m = make_cfg(["model=debug-moe"]).model
+    assert routed_expert_params(m) == 4 * 4 * 3 * 128 * 128
+    # what the active count leaves out is the other num_experts - top_k experts
+    assert num_params(m) - num_params(m, active=True) == routed_expert_params(m) // 2
+
+
+def test_expert_state_per_rank_under_fsdp_and_ddp():
+    """fsdp: dense / dp + experts / ep / (dp / ep) (the total of plain fsdp); ddp: dense whole,
+    experts / ep."""
+    from framework.memory import params_per_rank
+
+    dense, experts = 100.0, 800.0
+    assert params_per_rank(dense + experts, 8, experts, ep=4) == dense / 8 + experts / 8
+    assert params_per_rank(dense + experts, 8, experts, ep=8) == dense / 8 + experts / 8
+    assert params_per_rank(dense + experts, 1, experts, ep=4) == dense + experts / 4
+    assert params_per_rank(dense + experts, 8) == (dense + experts) / 8
+
+
+def test_all_to_all_bytes_per_step_by_hand():
+    """mixtral-8x7b, 4096 tokens per micro-batch, 8 micro-batches, ep=8, bf16: per sparse layer
+    (32) dispatch + combine in forward and backward, 7/8 of the 4096 x 2 x 4096 rows leaving."""
+    from framework.memory import ep_all_to_all_bytes, ep_buffer_bytes
+
+    m = make_cfg(["model=mixtral-8x7b"]).model
+    rows = 4096 * 2 * 4096 * 2
+    assert ep_all_to_all_bytes(m, 4096, 1, 8, 8, 2) == 8 * 32 * 4 * rows * 7 / 8
+    assert ep_all_to_all_bytes(m, 4096, 1, 8, 8, 2, recompute=True) == 8 * 32 * 6 * rows * 7 / 8
+    assert ep_all_to_all_bytes(m, 4096, 1, 8, 1, 2) == 0
+    assert ep_buffer_bytes(m, 4096, 1, 2) == 2 * rows
+
+
+@pytest.mark.parametrize(
+    ("strategy", "world", "ep"), [("fsdp", 64, 8), ("ddp", 64, 8), ("fsdp", 16, 16)]
+)
+def test_dry_run_of_expert_parallel_agrees_with_the_plan(strategy, world, ep):
+    """plan.dry_run builds the real layout on meta over a fake group of `world` ranks: each
+    rank's local shards of mixtral-8x7b (fsdp ep=8 on 64: the one expert per rank sharded
+    along its width over the 8 ranks holding it) weigh what the plan says within 2%."""
+    from framework.plan import dry_run, make_plan
+
+    model = "model=mixtral-8x7b" if ep == 8 else "model=olmoe-1b-7b"
+    cfg = make_cfg([model, f"strategy={strategy}", f"strategy.ep={ep}", "trainer.seq_len=4096",
+                    "trainer.micro_batch_size=1", "trainer.global_batch_size=512"])  # fmt: skip
+    plan = make_plan(cfg, world)
+    d = dry_run(cfg, world)
+    assert d["device"] == "meta"
+    assert d["weight_bytes_per_rank"] == pytest.approx(plan.params_bytes, rel=0.02)
+    assert d["params_per_rank"] == pytest.approx(plan.params_per_gpu, rel=0.02)
+    # and ep counted: without it a ddp rank would hold all 46.7 B parameters
+    assert plan.params_per_gpu < 0.2 * plan.params
