@@ -95,3 +95,23 @@ def test_expert_parallel_checkpoint_resumes_under_single_and_fsdp_ep1(runs, tmp_
     for name in ("single", "fsdp"):
         (got,) = losses(tmp_path / name)
         assert abs(got - want) / abs(want) <= 1e-6, (name, got, want)
+
+
+def test_expert_parallel_checkpoint_exports_to_transformers(runs, tmp_path):
+    """framework.export of the ep=2 checkpoint (each expert tensor read whole through DCP) writes
+    debug-moe as OLMoE (QK-norm) that transformers runs with the checkpoint's logits."""
+    transformers = pytest.importorskip("transformers")
+    import torch
+
+    from framework.checkpoint import load_model
+    from framework.export import ExportConfig
+    from framework.export import run as export_run
+
+    ckpt = runs["split"] / CKPT
+    out = export_run(ExportConfig(checkpoint=str(ckpt), out=str(tmp_path / "hf")))
+    hf = transformers.AutoModelForCausalLM.from_pretrained(out, attn_implementation="eager").eval()
+    assert type(hf).__name__ == "OlmoeForCausalLM"
+    ours, _ = load_model(ckpt)
+    x = torch.randint(0, 257, (2, 32), generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        torch.testing.assert_close(hf(x).logits, ours.eval()(x), rtol=0, atol=1e-5)
