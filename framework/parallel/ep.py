@@ -83,7 +83,9 @@ def apply_ep(model: nn.Module, ep_mesh: DeviceMesh, dp_group: tdist.ProcessGroup
 def _forward_local(self: Experts, xs: torch.Tensor, counts: torch.Tensor) -> torch.Tensor:
     """Experts.forward on this rank's slices: FSDP's pre-forward hook has run by now (so the
     parameters are the unsharded DTensors over the ep mesh); their local (E/ep, ...) tensors
-    stand in for them during the call."""
+    stand in for them during the call. torch's _reparametrize_module (what
+    torch.func.functional_call uses) rather than functional_call itself, which would call the
+    module again and re-run FSDP's hooks, unsharding over the local tensors."""
     local = {n: p.to_local() for n, p in self.named_parameters(recurse=False) if isinstance(p, DTensor)}
     with _reparametrize_module(self, local):
         return type(self).forward(self, xs, counts)
