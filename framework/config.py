@@ -504,6 +504,7 @@ def validate(
     errors += _validate_axes(s, world_size)
     errors += _validate_cp(cfg, device)
     errors += _validate_pipeline(cfg, world_size)
+    errors += _validate_ep(cfg, world_size)
     if s.activation_checkpointing not in ("none", "full", "selective"):
         errors.append(
             f"strategy.activation_checkpointing={s.activation_checkpointing!r} must be none|full|selective"
@@ -666,10 +667,6 @@ def _validate_axes(s: StrategyConfig, world_size: int) -> list[str]:
             f"world size {world_size} is not divisible by strategy.pp={s.pp} x strategy.cp={s.cp} "
             f"x strategy.tp={s.tp} = {model_ranks}: the data-parallel degree must be a whole number"
         )
-    # the expert axis is being built (issue 16); refused until its engine exists
-    for key, what in (("ep", "expert"),):
-        if getattr(s, key) > 1:
-            errors.append(f"strategy.{key}={getattr(s, key)}: {what} parallelism is not built yet")
     return errors
 
 
@@ -799,6 +796,58 @@ def _validate_pipeline(cfg: Config, world_size: int) -> list[str]:
                 f"strategy.pp_schedule={s.pp_schedule} runs the micro-batches in rounds of "
                 f"strategy.pp={s.pp}, but {why}: make it a multiple of {s.pp}"
             )
+    return errors
+
+
+EP_STRATEGIES = ("ddp", "fsdp")
+
+
+def _validate_ep(cfg: Config, world_size: int) -> list[str]:
+    """Expert parallelism (framework/parallel/ep.py): a mixture-of-experts model, experts split
+    evenly over ep, ep carved out of the data-parallel ranks of ddp or fsdp."""
+    s, moe = cfg.strategy, cfg.model.moe
+    if s.ep <= 1:
+        return []
+    if not moe.enabled:
+        return [
+            f"strategy.ep={s.ep} splits the experts of a mixture-of-experts model, but "
+            "model.moe.num_experts=0 (a dense model): set strategy.ep=1 or model=debug-moe|"
+            "olmoe-1b-7b|mixtral-8x7b"
+        ]
+    errors = []
+    if moe.num_experts % s.ep:
+        errors.append(
+            f"model.moe.num_experts={moe.num_experts} is not divisible by strategy.ep={s.ep}: every "
+            "ep rank holds the same number of experts"
+        )
+    if s.name in ("zero1", "zero2", "zero3"):
+        errors.append(
+            f"strategy.ep={s.ep} is not combined with DeepSpeed ZeRO (strategy={s.name}), whose "
+            "engine reduces every gradient over all ranks: use strategy=fsdp (ZeRO-3-like sharding)"
+            " or ddp"
+        )
+    elif s.name not in EP_STRATEGIES:
+        hint = "; tensor parallel has no plan for expert layers" if s.name.startswith("tp") else ""
+        errors.append(f"strategy.ep={s.ep} needs strategy=fsdp or ddp (got strategy={s.name}){hint}")
+    if s.pp > 1 or s.cp > 1 or s.hsdp_replicas > 1:
+        errors.append(
+            f"strategy.ep={s.ep} is not combined with strategy.pp={s.pp}, strategy.cp={s.cp} or "
+            f"strategy.hsdp_replicas={s.hsdp_replicas} yet: set those to 1"
+        )
+    if s.name == "fsdp" and s.activation_checkpointing == "selective":
+        # torch 2.13: selective checkpointing replays ops by count, and the experts' own FSDP
+        # units inside each block issue different profiler ops in forward and in recompute
+        errors.append(
+            f"strategy.activation_checkpointing=selective with strategy.ep={s.ep} under "
+            "strategy=fsdp fails in torch's selective-checkpoint replay (the experts' FSDP units "
+            "inside each block): use strategy.activation_checkpointing=full, or strategy=ddp"
+        )
+    dp = layout(s, world_size).dp
+    if dp % s.ep:
+        errors.append(
+            f"strategy.ep={s.ep} must divide the data-parallel degree {dp} (world size "
+            f"{world_size}): the expert-parallel groups are carved out of the data-parallel ranks"
+        )
     return errors
 
 

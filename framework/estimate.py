@@ -178,6 +178,8 @@ class Plan:
     stage_layers: list[int] = field(default_factory=list)
     unsharded_grads_bytes: float = 0.0
     """FSDP's whole fp32 gradients between micro-batches (memory.unsharded_grads_bytes)."""
+    ep_buffers_bytes: float = 0.0
+    """Expert parallel: one sparse layer's all-to-all send and receive buffers in flight."""
     compute_s: float = 0.0
     comm_s: float = 0.0
     """Communication the step waits for (not hidden behind compute)."""
@@ -215,6 +217,7 @@ class Plan:
             + self.weight_copies_bytes
             + self.unsharded_grads_bytes
             + self.activations_bytes
+            + self.ep_buffers_bytes
         )
 
     @property
@@ -274,6 +277,7 @@ class Plan:
             "optimizer_gib": gib(self.optimizer_bytes),
             "weight_copies_gib": gib(self.weight_copies_bytes),
             "unsharded_grads_gib": gib(self.unsharded_grads_bytes),
+            "ep_buffers_gib": gib(self.ep_buffers_bytes),
             "activations_gib": gib(self.activations_bytes),
             "activations_by_mode_gib": {k: gib(v) for k, v in self.activations_by_mode_bytes.items()},
             "memory_gib": gib(self.memory_bytes),
@@ -326,9 +330,10 @@ def estimate(cfg: Config, world_size: int) -> Plan:
         n_local = memory.stage_params_per_tp_rank(
             m, lay.tp, s.sequence_parallel, blocks=r.blocks, first=r.first, last=r.last
         )
-        if moe is not None and lay.ep > 1:  # the rank's experts: 1/ep of its blocks' experts
-            n_local -= moe.expert_params * r.blocks / m.n_layer * (1 - 1 / lay.ep)
-        state = memory.model_state_bytes(n_local, sb, shards)
+        # routed experts of the rank's blocks: split over ep, then sharded over the ranks that
+        # hold the same experts (memory.params_per_rank)
+        experts = memory.routed_expert_params(m) * r.blocks / m.n_layer / lay.tp if moe else 0.0
+        state = memory.model_state_bytes(n_local, sb, shards, experts, lay.ep)
         if s.zero_offload:  # DeepSpeed keeps the fp32 master and AdamW state in host memory
             state["optimizer"] = 0.0
         held = stages.in_flight(s.pp, micro, s.pp_schedule, s.pp_stages_per_rank, r.rank)
@@ -341,13 +346,15 @@ def estimate(cfg: Config, world_size: int) -> Plan:
         }
         copies = memory.weight_copies_bytes(
             m, lay.tp, kind, precision, s.reshard_after_forward, sequence_parallel=s.sequence_parallel,
-            blocks=r.blocks, first=r.first, last=r.last, pp=s.pp,
+            blocks=r.blocks, first=r.first, last=r.last, pp=s.pp, ep=lay.ep,
         )  # fmt: skip
-        unsharded = memory.unsharded_grads_bytes(n_local, kind, micro, s.pp)
-        rows.append((n_local, state, copies, unsharded, by_mode))
+        # what this rank gathers and reduces: the dense weights and its 1/ep of the experts
+        mine = n_local - experts * (1 - 1 / lay.ep)
+        unsharded = memory.unsharded_grads_bytes(mine, kind, micro, s.pp)
+        rows.append((n_local, experts, state, copies, unsharded, by_mode))
         work = mb_s * r.cost / total_cost
         recompute = mb_s / 3 * r.blocks / total_cost if s.activation_checkpointing == "full" else 0.0
-        colls, first_gather, tail = collectives(cfg, lay, g, r, n_local, micro, precision, stream, moe)
+        colls, first_gather, tail = collectives(cfg, lay, g, r, mine, micro, precision, stream, moe)
         block_share = r.blocks / r.cost if r.cost else 0.0
         times.append(
             comm.RankTimes(work / 3, 2 * work / 3, recompute, attention_share * block_share, colls,
@@ -356,10 +363,11 @@ def estimate(cfg: Config, world_size: int) -> Plan:
     st = comm.step_time(times, micro, ratio, net)
 
     def held_bytes(row) -> float:
-        _, state, copies, unsharded, by_mode = row
+        _, _, state, copies, unsharded, by_mode = row
         return sum(state.values()) + copies + unsharded + by_mode[s.activation_checkpointing]
 
-    n_local, state, copies, unsharded, by_mode = max(rows, key=held_bytes)  # the most loaded rank
+    n_local, experts, state, copies, unsharded, by_mode = max(rows, key=held_bytes)  # most loaded
+    buffers = memory.ep_buffer_bytes(m, seq, t.micro_batch_size, sb.compute) if lay.ep > 1 else 0.0
     return Plan(
         model=m.name,
         gpu=cfg.plan.gpu,
@@ -372,7 +380,7 @@ def estimate(cfg: Config, world_size: int) -> Plan:
         micro_batch_size=t.micro_batch_size,
         grad_accum=micro,
         params=num_params(m),
-        params_per_gpu=n_local / shards.params,
+        params_per_gpu=memory.params_per_rank(n_local, shards.params, experts, lay.ep),
         flops_per_token=fpt,
         tokens_per_step=tokens_per_step,
         peak_flops=peak,
@@ -391,6 +399,7 @@ def estimate(cfg: Config, world_size: int) -> Plan:
         schedule=s.pp_schedule if lay.pp > 1 else None,
         stage_layers=counts if lay.pp > 1 else [],
         unsharded_grads_bytes=unsharded,
+        ep_buffers_bytes=buffers,
         cp_method=s.cp_method,
         reshard_after_forward=s.reshard_after_forward,
         hsdp_replicas=lay.dp_replicate if kind == "fsdp" else 1,
@@ -426,7 +435,8 @@ def collectives(
     out: list[comm.Collective] = []
     first: comm.Collective | None = None
     tail = 0.0
-    block = memory.block_params_per_tp_rank(m, lay.tp)
+    # a block as this rank gathers it: under expert parallelism 1/ep of its experts
+    block = memory.block_params_per_tp_rank(m, lay.tp) - memory.expert_copies_saved(m, lay.ep, lay.tp)
     root = n_local - r.blocks * block
     units = r.blocks + 1
     if kind in ("ddp",) and g["dp"][0] > 1:
@@ -497,6 +507,8 @@ def dp_kind(strategy: str) -> str:
 # -- search -------------------------------------------------------------------------------------
 
 SEARCH_TOP = 10
+SPLIT_BACKWARD = ("zero_bubble", "dualpipev")
+"""Schedules that split each backward into input and weight gradients (framework/parallel/pp.py)."""
 LONG_CONTEXT = 8192
 """trainer.seq_len from which the search also splits sequences over context-parallel ranks."""
 MAX_MICRO_BATCH = 32
@@ -584,6 +596,8 @@ def search(cfg: Config, world_size: int, top: int = SEARCH_TOP) -> list[Plan]:
     for tp in _divisors(math.gcd(world_size, gpn)):
         if m.n_head % tp or m.kv_heads % tp or m.ffn_dim % tp or t.seq_len % tp:
             continue
+        if tp > 1 and (m.moe.enabled or m.qk_norm):  # no tensor-parallel plan for them (validate)
+            continue
         cps = [1]
         if t.seq_len >= LONG_CONTEXT:
             cps = [c for c in _divisors(world_size // tp) if t.seq_len % (c * tp) == 0]
@@ -625,11 +639,18 @@ def _fitting(cfg: Config, strategy, world_size: int, per_dp: int) -> list[Plan]:
     out = []
     least = stages.min_micro_batches(strategy.pp, strategy.pp_schedule, strategy.pp_stages_per_rank)
     for mode in ("full", "selective", "none"):
+        if mode == "selective" and strategy.pp > 1 and strategy.pp_schedule in SPLIT_BACKWARD:
+            continue  # refused by validate: a split backward replays each block twice
         for mbs in _divisors(per_dp, MAX_MICRO_BATCH):
             if per_dp // mbs < least:
                 break
             s = replace(strategy, activation_checkpointing=mode)
             cand = replace(cfg, strategy=s, trainer=replace(cfg.trainer, micro_batch_size=mbs))
+            if s.ep > 1 or s.cp > 1:  # what a launch accepts of these axes' combinations
+                try:  # (e.g. ep and cp are not combined with pp yet); the rest the loops respect
+                    validate(cand, world_size, device="cuda", launched=True)
+                except ConfigError:
+                    continue
             p = estimate(cand, world_size)
             if not p.fits and p.unsharded_grads_bytes:
                 continue  # a micro-batch of the whole per-rank batch drops FSDP's buffer

@@ -159,12 +159,15 @@ def dp_shards(strategy: str, dp: int, hsdp_replicas: int = 1) -> Shards:
     raise ValueError(f"unknown strategy {strategy!r}")
 
 
-def model_state_bytes(n_local: float, sb: StateBytes, shards: Shards) -> dict[str, float]:
-    """Per-GPU weights, gradients and optimizer state for n_local parameters per tp rank."""
+def model_state_bytes(
+    n_local: float, sb: StateBytes, shards: Shards, experts: float = 0.0, ep: int = 1
+) -> dict[str, float]:
+    """Per-GPU weights, gradients and optimizer state for n_local parameters per tp rank, of
+    which `experts` are routed experts split over ep ranks (expert parallelism: params_per_rank)."""
     return {
-        "params": n_local * sb.param / shards.params,
-        "grads": n_local * sb.grad / shards.grads,
-        "optimizer": n_local * sb.optimizer / shards.optimizer,
+        "params": params_per_rank(n_local, shards.params, experts, ep) * sb.param,
+        "grads": params_per_rank(n_local, shards.grads, experts, ep) * sb.grad,
+        "optimizer": params_per_rank(n_local, shards.optimizer, experts, ep) * sb.optimizer,
     }
 
 
@@ -261,6 +264,7 @@ def weight_copies_bytes(
     first: bool = True,
     last: bool = True,
     pp: int = 1,
+    ep: int = 1,
 ) -> float:
     """Weights in the compute dtype held during a step, beside the model state, on a rank that
     holds `blocks` blocks (default all) and the root parts of the first / last stage.
@@ -271,19 +275,21 @@ def weight_copies_bytes(
     gathered weight from forward to backward, and so does every pipeline stage (torch's
     pipelining sets reshard_after_backward=False until the step's last backward). Autocast
     over fp32 weights (single, ddp, tp): its cached 16-bit cast of every matrix (blocks and
-    output head) lives until backward.
+    output head) lives until backward. Under expert parallelism a block's routed experts count
+    1/ep (a rank gathers or casts only its own).
     """
     a = 4 if precision == "fp32" else 2
     blocks = m.n_layer if blocks is None else blocks
+    saved = expert_copies_saved(m, ep, tp)  # per block
     if strategy in ("zero3", "fsdp", "tp_fsdp"):
-        block = block_params_per_tp_rank(m, tp)
+        block = block_params_per_tp_rank(m, tp) - saved
         root = root_params_per_tp_rank(m, tp, sequence_parallel, first=first, last=last)
         if strategy != "zero3" and (not reshard_after_forward or pp > 1):
             return (blocks * block + root + (block if pp == 1 else 0)) * a
         return (min(blocks, 3) * block + root) * a
     if precision != "fp32" and strategy in ("single", "ddp", "tp"):
         head = (m.num_labels or m.vocab_size) * m.n_embd / max(tp, 1) if last else 0.0
-        return (blocks * block_matrix_params(m) / m.n_layer / max(tp, 1) + head) * a
+        return (blocks * (block_matrix_params(m) / m.n_layer / max(tp, 1) - saved) + head) * a
     return 0.0
 
 
@@ -417,3 +423,70 @@ def step_time_s(
 ) -> float:
     """Seconds per optimizer step when every GPU runs at `mfu` of its dense peak (FLOP/s)."""
     return flops_per_token * tokens_per_step / (world_size * peak * mfu)
+
+
+# -- expert parallelism --------------------------------------------------------------------------
+
+
+def routed_expert_params(m: ModelConfig) -> int:
+    """Weights of the routed experts of every sparse block (stacked w1, w3, w2 and their biases):
+    what expert parallelism splits over ep ranks. The routers and shared experts stay whole."""
+    C, H, b = m.n_embd, m.expert_dim, 1 if m.bias else 0
+    if m.style == "gpt2":
+        per_expert = 2 * C * H + b * (H + C)
+    else:
+        per_expert = 3 * C * H + b * (2 * H + C)
+    return len(m.moe.sparse_layers(m.n_layer)) * m.moe.num_experts * per_expert
+
+
+def params_per_rank(n_local: float, shards: int, experts: float = 0.0, ep: int = 1) -> float:
+    """Parameters of one kind of state (weights, gradients or optimizer) on one rank when the
+    dense n_local - experts are split over `shards` data-parallel ranks (1: replicated) and the
+    routed `experts` over ep ranks (framework/parallel/ep.py): each rank holds 1/ep of them,
+    sharded again over the shards / ep ranks that hold the same experts when the kind is
+    sharded (FSDP: dense / dp + experts / dp, the same total as without ep), whole otherwise
+    (DDP: dense + experts / ep)."""
+    dense = n_local - experts
+    return dense / shards + experts / ep / max(shards // ep, 1)
+
+
+def expert_copies_saved(m: ModelConfig, ep: int, tp: int = 1) -> float:
+    """Expert weights a rank does not gather or cast under ep (it holds 1/ep of each block's
+    experts): subtract from weight_copies_bytes' count of whole blocks, per block."""
+    if ep <= 1 or not m.moe.enabled:
+        return 0.0
+    return routed_expert_params(m) / m.n_layer * (1 - 1 / ep) / tp
+
+
+def ep_buffer_bytes(m: ModelConfig, seq_len: int, micro_batch: int, compute_bytes: int) -> float:
+    """The all-to-all buffers of one sparse layer in flight (transient: each layer's exchange is
+    done before the next layer's starts): the rows a rank sends and the rows it receives, each
+    tokens x top_k x n_embd in the compute dtype when routing is balanced (dropless routing
+    can receive more on a rank whose experts are popular; plan.mfu's head-room covers it)."""
+    if not m.moe.enabled:
+        return 0.0
+    return 2 * seq_len * micro_batch * m.moe.top_k * m.n_embd * compute_bytes
+
+
+def ep_all_to_all_bytes(
+    m: ModelConfig,
+    seq_len: int,
+    micro_batch: int,
+    micro_batches: int,
+    ep: int,
+    compute_bytes: int,
+    recompute: bool = False,
+) -> float:
+    """Bytes one rank sends by all-to-all per optimizer step under expert parallelism: per
+    sparse layer and micro-batch, the tokens x top_k rows of n_embd go out to their experts'
+    ranks and come back (dispatch + combine), in forward and again in backward (the gradients),
+    plus the forward's two again when full activation checkpointing recomputes the block
+    (selective saves the all-to-all outputs: parallel/ac.py); the share
+    (ep - 1) / ep of them leaves the rank (a balanced router). framework/parallel/ep.py also
+    exchanges the E per-expert counts (int64) per layer, negligible beside the rows."""
+    if ep <= 1 or not m.moe.enabled:
+        return 0.0
+    rows = seq_len * micro_batch * m.moe.top_k * m.n_embd * compute_bytes
+    per_layer = 4 + (2 if recompute else 0)
+    sparse = len(m.moe.sparse_layers(m.n_layer))
+    return micro_batches * sparse * per_layer * rows * (ep - 1) / ep

@@ -179,6 +179,13 @@ def render(p: Plan, cfg: Config) -> str:
         f"(plan limit {p.limit_gib:.0f} = {memory.FIT_FRACTION:.0%}): "
         + ("fits" if p.fits else "DOES NOT FIT"),
     ]
+    if p.ep > 1:
+        lines[1] += f" (each rank 1/{p.ep} of the routed experts)"
+        lines.insert(
+            -1,
+            f"    ep buffers    {gib(p.ep_buffers_bytes)}  one sparse layer's all-to-all send + "
+            f"receive rows; all-to-all {p.comm_bytes.get('ep_all_to_all', 0) / 1e9:.3g} GB sent per rank per step",
+        )
     if not p.fits:
         lines.append(
             "  to fit: shard more (strategy=zero3|fsdp|tp_fsdp), raise strategy.tp, turn on "
@@ -434,7 +441,9 @@ def main(dcfg: DictConfig) -> None:
     text = render(plan, cfg)
     if cfg.plan.dry_run:
         summary["dry_run"] = dry_run(cfg, plan.world_size)
-        if cfg.strategy.pp == 1:  # the pipeline's send/recv run inside its schedule: not counted
+        # counted where the dry run can run a step on fake tensors: the pipeline's schedule and
+        # the experts' data-dependent all-to-all splits need real values
+        if cfg.strategy.pp == 1 and cfg.strategy.ep == 1:
             summary["dry_run"]["comm_bytes"] = {
                 k: round(v) for k, v in count_comm(cfg, plan.world_size).items()
             }

@@ -2,8 +2,9 @@
 
 `write_hf` writes `config.json` (with our end-of-text id as bos/eos), `generation_config.json`,
 the weights and the tokenizer (`tokenizer.json` + `tokenizer_config.json`) that `transformers`
-loads as GPT2LMHeadModel (gpt2-style flavors) or LlamaForCausalLM (llama-style) plus
-AutoTokenizer: a tokenizers JSON file is copied; the built-in byte tokenizer is written as an
+loads as GPT2LMHeadModel (gpt2-style flavors), LlamaForCausalLM (llama-style), or, for a
+mixture of experts, MixtralForCausalLM / OlmoeForCausalLM (framework/hf/names.py says which
+and refuses, by key, what neither computes), plus AutoTokenizer: a tokenizers JSON file is copied; the built-in byte tokenizer is written as an
 equivalent byte-level BPE without merges; tiktoken encodings are refused (export them with
 `with_tokenizer=false`). Directory 0777 and files 0666, less the umask. A classifier
 (model.num_labels > 0, task=classify) is written as GPT2ForSequenceClassification /

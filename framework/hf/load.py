@@ -1,6 +1,6 @@
 """A Hugging Face directory -> readers of our model's tensors (model.init_from=<dir>).
 
-`hf_import_readers` checks a local HF GPT-2 / Llama directory against our model config before any
+`hf_import_readers` checks a local HF GPT-2 / Llama / Mixtral / OLMoE directory against our model config before any
 tensor is read: its config.json must describe our computation (`check_hf_config`: every field
 known, each value one we implement) and its tensors our shapes (`_check_tensors`), all named in
 one refusal. It then returns, per state-dict name of ours, a reader of that one full tensor
@@ -130,6 +130,11 @@ _IGNORED = {
     # RoPE computes any position (our limit is model.block_size); pretraining_tp only splits
     # the same matmuls.
     "llama": {"attention_dropout", "max_position_embeddings", "pretraining_tp"},
+    # the load-balancing loss and router noise are training choices (ours: model.moe.*)
+    "mixtral": {"attention_dropout", "max_position_embeddings", "router_aux_loss_coef",
+                "output_router_logits", "router_jitter_noise"},
+    "olmoe": {"attention_dropout", "max_position_embeddings", "router_aux_loss_coef",
+              "output_router_logits"},
 }  # fmt: skip
 # field -> values we implement (what the field must be, whatever our model config says)
 _FIXED = {
@@ -140,6 +145,8 @@ _FIXED = {
         "add_cross_attention": (False,),
     },
     "llama": {"hidden_act": ("silu",)},
+    "mixtral": {"hidden_act": ("silu",), "sliding_window": (None,)},
+    "olmoe": {"hidden_act": ("silu",), "clip_qkv": (None,)},
 }
 
 
@@ -291,7 +298,11 @@ def hf_import_readers(m: ModelConfig, path: str | Path) -> Readers:
         return read
 
     out: Readers = {}
+    experts: dict[str, list[str]] = {}  # our stacked tensor -> its HF tensors, expert order
     for link in links(m):
+        if link.expert is not None:
+            experts.setdefault(link.ours[0], []).append(link.hf)
+            continue
         if link.always and not m.bias:  # HF GPT-2's biases: zeros in the file, none in our model
             continue
         if link.ours == ("lm_head.weight",):
@@ -306,6 +317,8 @@ def hf_import_readers(m: ModelConfig, path: str | Path) -> Readers:
             sizes = [out_features(m, k) for k in link.ours]
             for i, ours in enumerate(link.ours):
                 out[ours] = part(link.hf, i, sizes, link.transpose)
+    for ours, names in experts.items():  # (E, ...) from E files' tensors: one full tensor held
+        out[ours] = lambda names=names: torch.stack([tensors[k] for k in names])
     return out
 
 

@@ -1,4 +1,5 @@
-"""Our model <-> Hugging Face GPT-2 / Llama: every name correspondence, in one place.
+"""Our model <-> Hugging Face GPT-2 / Llama / Mixtral / OLMoE: every name correspondence, in
+one place.
 
 `links(m)` is the tensor map as data: each HF tensor and the tensors of ours it holds. Both
 directions read it: the export builds each HF tensor from ours (`hf_recipes`: concatenated along
@@ -9,6 +10,14 @@ config.json fields.
 The mapping is written by hand because it is ours: HF GPT-2 keeps fused q|k|v in a transposed
 Conv1D (`c_attn`, shape (C, 3C)); Llama's names differ but its tensors match ours one to one
 (both use the rotate-half RoPE layout).
+
+A mixture of experts (model.moe) is written as the transformers class that computes it
+(`hf_model_type`): Mixtral (softmax top-k renormalised, no QK-norm) or OLMoE (QK-norm over the
+whole q / k projections, as ours; softmax top-k with or without renormalising). Their files keep
+one tensor per expert (`block_sparse_moe.experts.{j}.w1` / `mlp.experts.{j}.gate_proj` ...;
+transformers 5.x fuses them into (E, 2H, C) / (E, C, H) parameters when it loads, and writes
+them per expert again when it saves), so each of our stacked (E, ...) expert tensors is split
+into E links (`Link.expert`) and stacked back on import.
 """
 
 from __future__ import annotations
@@ -38,10 +47,57 @@ class Link:
     always: bool = False
     """A bias HF GPT-2 always has: exported as zeros where our model has none (model.bias=false),
     imported only where it has them."""
+    expert: int | None = None
+    """The HF tensor is one expert's slice ours[expert] of our stacked (E, ...) tensor."""
+
+
+# model_type -> (the sparse block's module, its expert matrices named after ours w1, w3, w2)
+MOE_NAMES = {
+    "mixtral": ("block_sparse_moe", {"w1": "w1", "w3": "w3", "w2": "w2"}),
+    "olmoe": ("mlp", {"w1": "gate_proj", "w3": "up_proj", "w2": "down_proj"}),
+}
+
+
+def hf_model_type(m: ModelConfig) -> str:
+    """The transformers model_type that computes model `m`: gpt2, llama, mixtral or olmoe.
+    ConfigError names every key that none of them can express."""
+    moe = m.moe
+    if not moe.enabled:
+        if m.style == "llama" and m.qk_norm:
+            raise ConfigError(
+                "model.qk_norm=true: transformers' Llama has no QK-norm, and its OLMo-2 normalises "
+                "after attention and the MLP, not before as our blocks do: no transformers class "
+                "computes this dense model"
+            )
+        return m.style
+    blocking = []
+    if m.style != "llama":
+        blocking.append(f"model.style={m.style} (GELU experts; theirs are SwiGLU)")
+    if moe.router != "softmax":
+        blocking.append(f"model.moe.router={moe.router} (theirs is softmax)")
+    if moe.shared_experts:
+        blocking.append(f"model.moe.shared_experts={moe.shared_experts} (they have none)")
+    if moe.every != 1:
+        blocking.append(f"model.moe.every={moe.every} (every block of theirs is sparse)")
+    if m.bias:
+        blocking.append("model.bias=true (their experts and routers have no biases)")
+    if not m.qk_norm and not moe.norm_topk_prob:
+        blocking.append(
+            "model.moe.norm_topk_prob=false without model.qk_norm (Mixtral always renormalises "
+            "the top-k weights; OLMoE, which may not, has QK-norm)"
+        )
+    if blocking:
+        raise ConfigError(
+            "a mixture of experts exports as transformers' Mixtral (softmax router, renormalised "
+            "top-k, no QK-norm) or OLMoE (QK-norm over the whole q/k projections); neither "
+            "computes this model: " + "; ".join(blocking)
+        )
+    return "olmoe" if m.qk_norm else "mixtral"
 
 
 def links(m: ModelConfig) -> list[Link]:
     """Every HF tensor of model `m` (a classifier's head is HF's `score`), in HF's usual order."""
+    kind = hf_model_type(m)  # refuses what no transformers class computes, naming the keys
     if m.style == "gpt2":
         p = "transformer."
         out = [Link(p + "wte.weight", ("tok_emb.weight",)), Link(p + "wpe.weight", ("pos_emb.weight",))]
@@ -90,12 +146,34 @@ def links(m: ModelConfig) -> list[Link]:
                 Link(h + "input_layernorm.weight", (b + "attn_norm.weight",)),
                 Link(h + "post_attention_layernorm.weight", (b + "mlp_norm.weight",)),
             ]
+            if m.qk_norm:  # OLMoE's, over the whole projections
+                out += [
+                    Link(h + "self_attn.q_norm.weight", (b + "attn.q_norm.weight",)),
+                    Link(h + "self_attn.k_norm.weight", (b + "attn.k_norm.weight",)),
+                ]
             for ours, hf in parts.items():
+                if m.moe.enabled and ours.startswith("mlp."):
+                    continue
                 out.append(Link(f"{h}{hf}.weight", (f"{b}{ours}.weight",)))
                 if m.bias:
                     out.append(Link(f"{h}{hf}.bias", (f"{b}{ours}.bias",)))
+            if m.moe.enabled:
+                out += _expert_links(kind, m.moe.num_experts, h, b)
     if not m.tie_embeddings:
         out.append(Link(head_name(m), ("lm_head.weight",)))
+    return out
+
+
+def _expert_links(kind: str, num_experts: int, h: str, b: str) -> list[Link]:
+    """A sparse block's router and its experts, one HF tensor per expert, grouped by our stacked
+    tensor (all experts' w1, then w3, then w2: an export reads each stacked tensor once)."""
+    block, names = MOE_NAMES[kind]
+    out = [Link(f"{h}{block}.gate.weight", (b + "mlp.router.weight",))]
+    for ours, theirs in names.items():
+        for j in range(num_experts):
+            out.append(
+                Link(f"{h}{block}.experts.{j}.{theirs}.weight", (f"{b}mlp.experts.{ours}",), expert=j)
+            )
     return out
 
 
@@ -126,9 +204,19 @@ Getter = Callable[[str], "torch.Tensor | None"]
 
 def hf_recipes(m: ModelConfig) -> dict[str, Callable[[Getter], torch.Tensor]]:
     """HF tensor name -> how to build it from ours (`links`), in HF's usual order."""
+    held: dict[str, torch.Tensor] = {}  # the stacked expert tensor being split (one slot)
+
+    def stacked(name: str, get: Getter) -> torch.Tensor:
+        if name not in held:
+            held.clear()
+            held[name] = get(name)
+        return held[name]
 
     def recipe(link: Link) -> Callable[[Getter], torch.Tensor]:
         def build(get: Getter) -> torch.Tensor:
+            if link.expert is not None:
+                # a copy: safetensors refuses tensors that share memory (the experts' views)
+                return stacked(link.ours[0], get)[link.expert].clone()
             parts = [get(k) for k in link.ours]
             if link.always:
                 # HF GPT-2 always has biases: zeros where we have none (created on the ambient
@@ -156,7 +244,13 @@ def hf_meta_tensors(m: ModelConfig, dtype: torch.dtype = torch.float32) -> dict[
 def hf_config(m: ModelConfig) -> dict:
     cfg = _hf_config(m)
     if m.num_labels:
-        kind = "GPT2" if m.style == "gpt2" else "Llama"
+        kind = {"gpt2": "GPT2", "llama": "Llama", "mixtral": "Mixtral"}.get(cfg["model_type"])
+        if kind is None:
+            raise ConfigError(
+                f"model.num_labels={m.num_labels}: transformers has no {cfg['architectures'][0]} "
+                "sequence classifier (a mixture of experts classifies as Mixtral only: "
+                "model.qk_norm=false)"
+            )
         cfg["architectures"] = [f"{kind}ForSequenceClassification"]
     return cfg
 
@@ -184,6 +278,9 @@ def _hf_config(m: ModelConfig) -> dict:
             "tie_word_embeddings": m.tie_embeddings,
             "initializer_range": m.init_std,
         }
+    kind = hf_model_type(m)
+    if kind != "llama":
+        return _hf_moe_config(m, kind)
     return {
         "architectures": ["LlamaForCausalLM"],
         "model_type": "llama",
@@ -210,6 +307,51 @@ def _hf_config(m: ModelConfig) -> dict:
     }
 
 
+def _hf_moe_config(m: ModelConfig, kind: str) -> dict:
+    """Mixtral's or OLMoE's config.json (hf_model_type has refused what they cannot express)."""
+    moe = m.moe
+    cfg = {
+        "architectures": ["MixtralForCausalLM" if kind == "mixtral" else "OlmoeForCausalLM"],
+        "model_type": kind,
+        "vocab_size": m.vocab_size,
+        "hidden_size": m.n_embd,
+        "intermediate_size": m.expert_dim,  # each expert's width
+        "num_hidden_layers": m.n_layer,
+        "num_attention_heads": m.n_head,
+        "num_key_value_heads": m.kv_heads,
+        "max_position_embeddings": m.block_size,
+        "rms_norm_eps": m.norm_eps,
+        "rope_theta": m.rope_theta,
+        "rope_parameters": {"rope_type": "default", "rope_theta": m.rope_theta},
+        "hidden_act": "silu",
+        "attention_dropout": m.dropout,
+        "num_experts_per_tok": moe.top_k,
+        # their load-balancing loss sums f over the k choices: k times ours (moe.py)
+        "router_aux_loss_coef": moe.aux_loss_coef / moe.top_k,
+        "output_router_logits": False,
+        "tie_word_embeddings": m.tie_embeddings,
+        "initializer_range": m.init_std,
+        # not their defaults (OLMoE's eos 50279 lies outside a small vocabulary): the export
+        # sets them from our tokenizer when it writes one
+        "bos_token_id": None,
+        "eos_token_id": None,
+        "pad_token_id": None,
+    }
+    if kind == "mixtral":
+        return cfg | {
+            "num_local_experts": moe.num_experts,
+            "head_dim": m.head_dim,
+            "sliding_window": None,
+            "router_jitter_noise": 0.0,
+        }
+    return cfg | {
+        "num_experts": moe.num_experts,
+        "norm_topk_prob": moe.norm_topk_prob,
+        "attention_bias": m.bias,
+        "clip_qkv": None,
+    }
+
+
 def config_fields(m: ModelConfig) -> dict[str, tuple[object, str]]:
     """HF field -> (our value, our key): shapes and the numerics our ModelConfig sets."""
     if m.style == "gpt2":
@@ -222,6 +364,29 @@ def config_fields(m: ModelConfig) -> dict[str, tuple[object, str]]:
             "n_head": (m.n_head, "model.n_head"),
             "n_inner": (m.ffn_dim, "model.ffn_hidden"),
             "layer_norm_epsilon": (m.norm_eps, "model.norm_eps"),
+        }
+    kind = hf_model_type(m)
+    if kind in MOE_NAMES:
+        out = {
+            "vocab_size": (m.vocab_size, "model.vocab_size"),
+            "hidden_size": (m.n_embd, "model.n_embd"),
+            "intermediate_size": (m.expert_dim, "model.moe.expert_hidden"),
+            "num_hidden_layers": (m.n_layer, "model.n_layer"),
+            "num_attention_heads": (m.n_head, "model.n_head"),
+            "num_key_value_heads": (m.kv_heads, "model.n_kv_head"),
+            "rms_norm_eps": (m.norm_eps, "model.norm_eps"),
+            "rope_theta": (m.rope_theta, "model.rope_theta"),
+            "num_experts_per_tok": (m.moe.top_k, "model.moe.top_k"),
+        }
+        if kind == "mixtral":
+            return out | {
+                "num_local_experts": (m.moe.num_experts, "model.moe.num_experts"),
+                "head_dim": (m.head_dim, "model.n_embd/model.n_head"),
+            }
+        return out | {
+            "num_experts": (m.moe.num_experts, "model.moe.num_experts"),
+            "norm_topk_prob": (m.moe.norm_topk_prob, "model.moe.norm_topk_prob"),
+            "attention_bias": (m.bias, "model.bias"),
         }
     return {
         "vocab_size": (m.vocab_size, "model.vocab_size"),

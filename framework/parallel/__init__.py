@@ -1,9 +1,9 @@
 """Parallelism applied to the plain model by functions, in one documented order:
 
-    fp8 conversion -> tensor parallel -> context parallel -> activation checkpointing
+    fp8 conversion -> tensor parallel -> context / expert parallel -> activation checkpointing
     -> torch.compile -> FSDP/DDP
 
-(each a file here: tp.py, cp.py, ac.py, compile.py, fsdp.py, ddp.py); the optimizer is built last,
+(each a file here: tp.py, cp.py, ep.py, ac.py, compile.py, fsdp.py, ddp.py); the optimizer is built last,
 over the final (possibly DTensor) parameters. DeepSpeed ZeRO runs its own engine (zero.py)
 behind the same `Engine` interface, so the training loop never branches on the strategy.
 
@@ -33,6 +33,7 @@ from framework.parallel.compile import apply_compile
 from framework.parallel.cp import ContextSplit, RingContext, WholeSequence, apply_ulysses
 from framework.parallel.ddp import apply_ddp, ddp_grad_sync
 from framework.parallel.engine import Engine, NonFiniteError, StepResult, TorchEngine
+from framework.parallel.ep import apply_ep, expert_grad_sync, expert_param_names, shard_experts
 from framework.parallel.fsdp import apply_fsdp, apply_replicate, fsdp_grad_sync, mixed_precision_policy
 from framework.parallel.materialize import (
     Values,
@@ -98,6 +99,10 @@ def _parallelize(
     if tp:
         apply_tp(module, mesh.get("tp"), s.sequence_parallel)
     sequence = _sequence(cfg, mesh, module, s.tp if tp and s.sequence_parallel else 1)
+    lay, experts, edp_mesh = mesh.layout, [], None
+    if lay.ep > 1:  # the experts split over ep ranks, tokens exchanged by all-to-all
+        edp_mesh, ep_mesh = mesh.experts()
+        experts = apply_ep(module, ep_mesh, mesh.get("dp_replicate", "dp_shard").get_group())
     apply_ac(module, s.activation_checkpointing)
     if s.compile:
         apply_compile(module)
@@ -109,12 +114,18 @@ def _parallelize(
     wrapped, extra = module, {"sequence": sequence}
     if dp == "ddp" and not pipeline and not dry_run:  # (DDP cannot wrap a dry run's meta tensors)
         group = None  # every rank
-        if mesh.layout.cp > 1:  # the dp x cp ranks (tp peers hold other weights)
+        if lay.cp > 1:  # the dp x cp ranks (tp peers hold other weights)
             group = mesh.get("dp_replicate", "dp_shard", "cp").get_group()
-        wrapped = apply_ddp(module, device, group)
-        extra["grad_sync"] = ddp_grad_sync(wrapped)
+        wrapped = apply_ddp(module, device, group, ignore=expert_param_names(module, experts))
+        sync = ddp_grad_sync(wrapped)
+        if experts:  # the ranks that hold the same experts reduce their gradients themselves
+            edp = edp_mesh.get_group() if edp_mesh.size() > 1 else None
+            sync = expert_grad_sync(experts, edp, lay.dp, sync)
+        extra["grad_sync"] = sync
     elif sharded:
         policy = mixed_precision_policy(precision.compute_dtype)
+        if experts:  # their own units over the ranks holding the same experts, first
+            shard_experts(experts, edp_mesh, lay.dp, s.reshard_after_forward, policy)
         if dp == "fsdp":
             apply_fsdp(module, mesh.fsdp(), s.reshard_after_forward, policy, per_block)
         else:

@@ -31,6 +31,9 @@ SAVE_OPS = {
     _aten._scaled_dot_product_efficient_attention.default,
     _aten._scaled_dot_product_cudnn_attention.default,
     _aten._scaled_dot_product_flash_attention_for_cpu.default,
+    # expert parallelism's exchanges (framework/parallel/ep.py): keeping the received rows saves
+    # repeating the all-to-all (communication, not compute) in backward
+    torch.ops._c10d_functional.all_to_all_single.default,
 }
 
 

@@ -13,11 +13,18 @@ from torch.nn.parallel import DistributedDataParallel
 
 
 def apply_ddp(
-    model: nn.Module, device: torch.device, group=None, init_sync: bool = True
+    model: nn.Module,
+    device: torch.device,
+    group=None,
+    init_sync: bool = True,
+    ignore: list[str] = (),
 ) -> DistributedDataParallel:
     """group: the ranks that average gradients (None: all; under context parallelism the dp x cp
     ranks, which hold the same weights). init_sync=False skips the start-up broadcast of the
-    weights (framework.plan's dry run, whose fake tensors have no data to send)."""
+    weights (framework.plan's dry run, whose fake tensors have no data to send). `ignore`:
+    parameter names DDP leaves alone (expert parallelism reduces those itself)."""
+    if ignore:
+        DistributedDataParallel._set_params_and_buffers_to_ignore_for_model(model, list(ignore))
     # broadcast_buffers off: the model's only buffers (RoPE tables) are identical by construction
     return DistributedDataParallel(
         model,

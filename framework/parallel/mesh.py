@@ -57,6 +57,18 @@ class Mesh:
         # slicing with a flattened dimension's name is how torch composes it with a root axis
         return self.root[("dp_replicate", shard.mesh_dim_names[0])]
 
+    def experts(self) -> tuple[DeviceMesh, DeviceMesh]:
+        """(edp, ep) of expert parallelism (framework/parallel/ep.py): the data-parallel dimension
+        (dp_shard under fsdp, dp_replicate under ddp; validate() allows only one of them with ep)
+        unflattened into (dp / ep, ep), ep innermost: an ep group is ep neighbouring dp ranks,
+        an edp group the dp / ep ranks that hold the same experts (edp may have size 1)."""
+        if ("ep",) not in self._flat:
+            ep = self.layout.ep
+            (dim,) = [a for a in ("dp_replicate", "dp_shard") if a in self.axes]
+            both = self.root._unflatten(dim, (self.root[dim].size() // ep, ep), ("edp", "ep"))
+            self._flat[("edp",)], self._flat[("ep",)] = both["edp"], both["ep"]
+        return self._flat[("edp",)], self._flat[("ep",)]
+
 
 def build_mesh(layout: Layout, device_type: str) -> Mesh:
     """The Mesh of `layout` over the current (default) process group."""

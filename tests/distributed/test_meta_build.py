@@ -263,3 +263,26 @@ def test_init_from_loads_into_the_materialised_shards(tmp_path):
     got = torch.load(out, weights_only=True)
     differ = [k for k, v in want.items() if not torch.equal(got[k], v)]
     assert not differ, differ
+
+
+def test_init_from_hf_moe_directory_into_expert_parallel_shards(tmp_path):
+    """A Mixtral directory (one tensor per expert in the file) initialises fsdp with ep=2 on 2
+    ranks: each rank stacks the experts' tensors once and keeps its shard of its experts; the
+    gathered weights are the source's exactly."""
+    from framework.hf.export import save_hf
+    from framework.model import GPT
+
+    over = ["model=debug-moe", "model.n_layer=2", "model.qk_norm=false", "trainer.seq_len=32",
+            "trainer.device=cpu", "trainer.micro_batch_size=1", "trainer.global_batch_size=8",
+            f"model.init_from={tmp_path / 'hf'}"]  # fmt: skip
+    torch.manual_seed(5)
+    source = GPT(make_cfg(over[:-1]).model)
+    with torch.no_grad():
+        for p in source.parameters():
+            p.normal_(0, 0.2)
+    save_hf(source, tmp_path / "hf")
+    out = tmp_path / "w.pt"
+    harness("weights", out, 2, "strategy=fsdp", "strategy.ep=2", *over)
+    got = torch.load(out, weights_only=True)
+    differ = [k for k, v in source.state_dict().items() if not torch.equal(got[k], v)]
+    assert not differ, differ
