@@ -229,7 +229,8 @@ class StragglerCheck:
     collectives precede: then only data stragglers stand out."""
 
     def __init__(self, every: int, factor: float, dist, start: int):
-        self.every, self.factor, self.dist, self.first = every, factor, dist, start + 1
+        self.every, self.factor, self.dist = every, factor, dist
+        self.first = start + 2  # the invocation's first step (allocations, compilation) is left out
         self.hosts = dist.all_gather_object(socket.gethostname())
         self.started: dict[int, int] = {}  # step -> wall clock (ns) at its start
         self.data: dict[int, float] = {}  # step -> data wait (s)
