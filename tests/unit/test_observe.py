@@ -16,6 +16,7 @@ import torch
 from framework import faults, observe
 from framework.config import ProfileConfig, validate
 from framework.metrics import summarize, summary_rows
+from framework.parallel import dist as dist_mod
 from framework.parallel.engine import TorchEngine
 from framework.perf import StepTimer
 from framework.report import hang_diagnosis, top_frames
@@ -323,3 +324,26 @@ def test_summary_has_phase_percentiles_shares_and_the_stragglers_named():
     rows = dict(summary_rows(s))
     assert rows["stragglers"] == "rank 3 named at 2 of 5 checks (up to 1.90x the median lead)"
     assert rows["  data wait"].startswith("mean 0.0600 s, p50 0.0600, p90 0.1000, 10% of the step")
+
+
+def test_dist_keeps_its_own_collective_record_where_torch_has_none(monkeypatch):
+    """The fallback flight record: the collectives Dist issued, in order, each marked completed
+    once it returned (one that raised stays open, as a hung one would)."""
+    monkeypatch.setattr(dist_mod, "torch_flight_entries", lambda backend: [])  # a backend without one
+    torch.distributed.init_process_group(
+        "gloo", store=torch.distributed.HashStore(), rank=0, world_size=1
+    )
+    try:
+        d = dist_mod.Dist()
+        d.all_reduce_sum(torch.ones(4))
+        d.barrier()
+        assert d.all_gather(torch.tensor([1.0, 2.0])).tolist() == [[1.0, 2.0]]
+        with pytest.raises(RuntimeError), d.collectives.track("all_reduce", [[8]]):
+            raise RuntimeError("timed out")
+        rec = d.flight_record()
+    finally:
+        torch.distributed.destroy_process_group()
+    assert rec["source"] == "framework"
+    got = [(e["seq"], e["op"], e["sizes"], e["completed"]) for e in rec["entries"]]
+    assert got == [(1, "all_reduce", [[4]], True), (2, "barrier", [], True),
+                   (3, "all_gather", [[2]], True), (4, "all_reduce", [[8]], False)]  # fmt: skip
