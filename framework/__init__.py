@@ -6,10 +6,11 @@ contracts enforce it (`make lint`, tests/unit/test_layers.py); a new module join
 
     train | evaluate | generate | export | plan | prepare | report
         the entry points (console scripts), one per command; none imports another
-    faults | task | metrics | cli | lm_eval_model | estimate
+    faults | task | metrics | cli | lm_eval_model | estimate | observe
         pieces of a run: fault policies and the watchdog, the task's data and metrics, logging
         sinks, the command-line front (errors, key suggestions), the lm-eval model wrapper, the
-        plan's estimate of a layout (memory, communication, step time) and its search
+        plan's estimate of a layout (memory, communication, step time) and its search, what a run
+        shows of itself (profiles, memory snapshots, stragglers)
     parallel
         strategies applied to the plain model (DDP, ZeRO, FSDP2, TP), the engines, the meta build
     checkpoint | hf

@@ -122,6 +122,22 @@ class LoggerConfig:
 
 
 @dataclass
+class ProfileConfig:
+    """torch.profiler over a window of steps (framework.observe.StepProfiler); off by default."""
+
+    steps: list[int] = field(default_factory=list)
+    """[first, last] optimizer steps to trace, inclusive (empty: off): <run.dir>/profile/step_<first>/rank_<r>.json."""
+    ranks: list[int] = field(default_factory=list)
+    """Ranks that trace (empty: every rank)."""
+    record_shapes: bool = False
+    """Record operator input shapes (larger trace; groups the top-operator table by shape)."""
+    with_stack: bool = False
+    """Record the Python stack of every operator (much larger trace, more overhead)."""
+    with_memory: bool = False
+    """Record tensor allocations and frees (the trace's memory view)."""
+
+
+@dataclass
 class TrainerConfig:
     max_steps: int = 200
     """Optimizer steps of the whole run; the LR schedule follows it."""
@@ -153,8 +169,16 @@ class TrainerConfig:
     spike_window: int = 50
     """Recent losses the spike detector compares against (checkpointed)."""
     collective_timeout_s: float = 300.0
-    """A step (or eval) that takes longer on any rank dumps every rank's stacks into
-    run.dir/stacks and exits non-zero. Saves use checkpoint.save_timeout_s instead."""
+    """A step (or eval) that takes longer on any rank dumps every rank's stacks and last
+    collectives into run.dir/stacks and exits non-zero. Saves use checkpoint.save_timeout_s."""
+    profile: ProfileConfig = field(default_factory=ProfileConfig)
+    memory_snapshot: bool = False
+    """CUDA only: record the allocator's history over the first steps and dump
+    <run.dir>/memory/rank_<r>.pickle (pytorch.org/memory_viz), also on an out-of-memory error."""
+    straggler_every: int = 50
+    """Compare the ranks' step times every this many steps and name a slow rank (0: off)."""
+    straggler_factor: float = 1.2
+    """A rank slower than the median rank by more than this factor, 3 checks in a row, is named."""
 
 
 @dataclass
@@ -230,6 +254,10 @@ class FaultsConfig:
     """Sleep this long inside every save, before the commit."""
     crash_in_async_save: int | None = None
     """Every rank exits (status 86) once the async save of this step is written, before its commit."""
+    slow_rank: int | None = None
+    """This rank sleeps faults.slow_ms at the start of every step (a straggler, in compute)."""
+    slow_ms: float = 0.0
+    """How long faults.slow_rank sleeps in every step, in milliseconds."""
 
 
 @dataclass
@@ -300,7 +328,8 @@ RESUME_MAY_CHANGE = (
     "run.", "checkpoint.", "logger.", "faults.", "plan.", "strategy.", "data.", "model.init_from",
     "model.name", "trainer.stop_at_step", "trainer.log_every", "trainer.eval_every",
     "trainer.eval_batches", "trainer.sample_tokens", "trainer.device", "trainer.collective_timeout_s",
-    "trainer.peak_flops", *SCHEDULE_KEYS,
+    "trainer.peak_flops", "trainer.profile.", "trainer.memory_snapshot", "trainer.straggler_",
+    *SCHEDULE_KEYS,
 )  # fmt: skip
 
 
@@ -574,6 +603,7 @@ def validate(
         errors.append(f"logger.mode={cfg.logger.mode!r} must be online|offline|disabled")
 
     errors += _validate_faults(cfg, world_size)
+    errors += _validate_observe(cfg, world_size, device)
     errors += _validate_targets(cfg)
     errors += _validate_sources(cfg.data)
     if errors:
@@ -639,9 +669,41 @@ def _validate_faults(cfg: Config, world_size: int) -> list[str]:
         errors.append(
             f"faults.crash_in_async_save={f.crash_in_async_save} needs checkpoint.async_save=true"
         )
-    for key in ("sleep_in_step_s", "sleep_in_save_s"):
-        if not getattr(f, key) >= 0:
-            errors.append(f"faults.{key}={getattr(f, key)} must be >= 0")
+    for key in ("sleep_in_step_s", "sleep_in_save_s", "slow_ms"):
+        if not (getattr(f, key) >= 0 and math.isfinite(getattr(f, key))):
+            errors.append(f"faults.{key}={getattr(f, key)} must be >= 0 and finite")
+    if f.slow_rank is not None and not 0 <= f.slow_rank < world_size:
+        errors.append(f"faults.slow_rank={f.slow_rank} must be in [0, world size {world_size})")
+    if f.slow_ms > 0 and f.slow_rank is None:
+        errors.append(f"faults.slow_ms={f.slow_ms} needs faults.slow_rank (the one rank to slow down)")
+    return errors
+
+
+def _validate_observe(cfg: Config, world_size: int, device: str | None) -> list[str]:
+    """The profiler window and ranks, the memory snapshot's device, the straggler check."""
+    t, pr, errors = cfg.trainer, cfg.trainer.profile, []
+    if pr.steps and not (len(pr.steps) == 2 and 1 <= pr.steps[0] <= pr.steps[1] <= t.max_steps):
+        errors.append(
+            f"trainer.profile.steps={list(pr.steps)} must be [first, last] with 1 <= first <= last "
+            f"<= trainer.max_steps={t.max_steps} (or [] for no profile)"
+        )
+    bad = [r for r in pr.ranks if not 0 <= r < world_size]
+    if bad:
+        errors.append(
+            f"trainer.profile.ranks={list(pr.ranks)}: {bad} not in [0, world size {world_size})"
+        )
+    if t.memory_snapshot and (device or target_device(t)) != "cuda":
+        # the snapshot is the CUDA caching allocator's history; host memory is already in
+        # metrics.jsonl every step (host_rss_gib, host_peak_rss_gib)
+        errors.append(
+            f"trainer.memory_snapshot=true records the CUDA caching allocator's history, but the "
+            f"device is cpu (trainer.device={t.device}): host memory is logged every step as "
+            "host_rss_gib / host_peak_rss_gib; set trainer.memory_snapshot=false or run on a GPU"
+        )
+    if t.straggler_every < 0:
+        errors.append(f"trainer.straggler_every={t.straggler_every} must be >= 0 (0: off)")
+    if not (t.straggler_factor > 1 and math.isfinite(t.straggler_factor)):
+        errors.append(f"trainer.straggler_factor={t.straggler_factor} must be a finite number > 1")
     return errors
 
 

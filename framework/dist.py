@@ -10,14 +10,42 @@ do not collide; MASTER_ADDR / MASTER_PORT in the environment win).
 
 from __future__ import annotations
 
+import contextlib
 import datetime
 import gc
+import json
 import os
 import subprocess
-from dataclasses import dataclass
+import time
+from collections import deque
+from dataclasses import dataclass, field
 
 import torch
 import torch.distributed as tdist
+from torch._C import _distributed_c10d as c10d
+
+FLIGHT_RECORDER_ENTRIES = "2000"
+"""Collectives torch's flight recorder keeps per process (a ring; set before the group exists).
+A few hundred bytes each; recording one costs about 1.4 us on CPU (bench/observe.py)."""
+
+
+class CollectiveLog:
+    """The last collectives that Dist itself issued, for the hang record where torch's flight
+    recorder has nothing (a backend without one, or TORCH_FR_BUFFER_SIZE=0). Torch's recorder
+    is preferred: it also sees DDP's, FSDP's and DeepSpeed's collectives, which this does not."""
+
+    def __init__(self, size: int = 64):
+        self.seq = 0
+        self.entries: deque[dict] = deque(maxlen=size)
+
+    @contextlib.contextmanager
+    def track(self, op: str, sizes: list[list[int]]):
+        self.seq += 1
+        entry = {"seq": self.seq, "op": op, "group": "0", "group_desc": "default_pg",
+                 "sizes": sizes, "completed": False, "entered_ns": time.time_ns()}  # fmt: skip
+        self.entries.append(entry)
+        yield
+        entry["completed"] = True
 
 
 @dataclass
@@ -26,6 +54,7 @@ class Dist:
     world_size: int = 1
     local_rank: int = 0
     device: torch.device = torch.device("cpu")
+    collectives: CollectiveLog = field(default_factory=CollectiveLog, repr=False, compare=False)
 
     @property
     def is_main(self) -> bool:
@@ -37,27 +66,55 @@ class Dist:
 
     def barrier(self) -> None:
         if self.initialized:
-            tdist.barrier()
+            with self.collectives.track("barrier", []):
+                tdist.barrier()
+
+    def all_reduce_sum(self, t: torch.Tensor) -> torch.Tensor:
+        if self.initialized:
+            with self.collectives.track("all_reduce", [list(t.shape)]):
+                tdist.all_reduce(t, op=tdist.ReduceOp.SUM)
+        return t
 
     def all_reduce_mean(self, t: torch.Tensor) -> torch.Tensor:
         if self.initialized:
-            tdist.all_reduce(t, op=tdist.ReduceOp.SUM)
+            self.all_reduce_sum(t)
             t /= self.world_size
         return t
+
+    def all_gather(self, t: torch.Tensor) -> torch.Tensor:
+        """(world_size, *t.shape): every rank's `t`, stacked in rank order."""
+        if not self.initialized:
+            return t.unsqueeze(0)
+        out = [torch.empty_like(t) for _ in range(self.world_size)]
+        with self.collectives.track("all_gather", [list(t.shape)]):
+            tdist.all_gather(out, t)
+        return torch.stack(out)
 
     def broadcast_object(self, obj):
         if not self.initialized:
             return obj
         box = [obj]
-        tdist.broadcast_object_list(box, src=0)
+        with self.collectives.track("broadcast_object", []):
+            tdist.broadcast_object_list(box, src=0)
         return box[0]
 
     def all_gather_object(self, obj) -> list:
         if not self.initialized:
             return [obj]
         out = [None] * self.world_size
-        tdist.all_gather_object(out, obj)
+        with self.collectives.track("all_gather_object", []):
+            tdist.all_gather_object(out, obj)
         return out
+
+    def flight_record(self) -> dict:
+        """The collectives this process last entered and completed, per process group: torch's
+        flight recorder where the backend keeps one (NCCL; gloo since torch 2.8), else the
+        collectives Dist issued itself. Safe to call from another thread while the main thread
+        is blocked in a collective (the recorder has its own lock)."""
+        entries = self.initialized and torch_flight_entries(tdist.get_backend())
+        if entries:
+            return {"source": "torch", "entries": entries}
+        return {"source": "framework", "entries": [dict(e) for e in self.collectives.entries]}
 
 
 @dataclass(frozen=True)
@@ -116,6 +173,33 @@ def first_host(nodelist: str) -> str:
     return out.stdout.split()[0]
 
 
+def torch_flight_entries(backend: str) -> list[dict]:
+    """torch's flight recorder ring (its JSON dump), one dict per collective in the same form as
+    CollectiveLog's: seq (per process group, the same on every member rank), op, group, sizes,
+    completed. [] where this torch or backend has no recorder."""
+    # private names, but the dumps that torch's own flight-recorder tooling reads
+    dump = getattr(c10d, "_dump_nccl_trace_json" if backend == "nccl" else "_dump_fr_trace_json", None)
+    if dump is None:
+        return []
+    try:
+        trace = json.loads(dump())
+    except RuntimeError:  # the recorder is off (buffer size 0) in some builds
+        return []
+    status = trace.get("pg_status") or {}
+    out = []
+    for e in trace.get("entries") or []:
+        group, desc = (e.get("process_group") or ["?", "?"])[:2]
+        seq = e["p2p_seq_id"] if e.get("is_p2p") else e["collective_seq_id"]
+        done = status.get(str(e.get("pg_id")), {}).get("last_completed_collective")
+        completed = bool(e.get("retired")) or e.get("state") == "completed"
+        if done is not None and not e.get("is_p2p"):
+            completed = seq <= int(done)
+        out.append({"seq": seq, "op": e.get("profiling_name", "?"), "group": group, "group_desc": desc,
+                    "sizes": e.get("input_sizes", []), "completed": completed,
+                    "entered_ns": e.get("time_created_ns", 0)})  # fmt: skip
+    return out
+
+
 def pick_device(requested: str, local_rank: int) -> torch.device:
     if requested == "cuda" or (requested == "auto" and torch.cuda.is_available()):
         if not torch.cuda.is_available():
@@ -140,6 +224,10 @@ def init_distributed(device: str, timeout_s: float = 1800.0) -> Dist:
             LOCAL_RANK=str(local_rank),
         )  # fmt: skip
     if le.launcher != "none" and not tdist.is_initialized():
+        # torch's flight recorder (read by Dist.flight_record when a step hangs); a user's own
+        # setting wins, 0 turns it off
+        os.environ.setdefault("TORCH_FR_BUFFER_SIZE", FLIGHT_RECORDER_ENTRIES)
+        os.environ.setdefault("TORCH_NCCL_TRACE_BUFFER_SIZE", FLIGHT_RECORDER_ENTRIES)
         backend = "nccl" if dev.type == "cuda" else "gloo"
         timeout = datetime.timedelta(seconds=timeout_s)
         tdist.init_process_group(

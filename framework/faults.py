@@ -5,7 +5,9 @@ call, not a branch"):
   on the step's one all-reduce, so every rank stops after the same step and saves once;
 - hangs: a faulthandler timer armed per step; a rank stuck longer than
   trainer.collective_timeout_s (every rank waiting on it is stuck as long) writes all its
-  threads' stacks to run.dir/stacks/rank_<r>.txt and exits 1;
+  threads' stacks to run.dir/stacks/rank_<r>.txt and exits 1; shortly before, a Python thread
+  writes the collectives it last entered and completed to run.dir/stacks/flight_rank_<r>.json
+  (`python -m framework.report run.dir=...` compares the ranks' records);
 - the NaN/Inf policy and the loss-spike detector, decided from that same all-reduce before
   any optimizer (or DeepSpeed) step;
 - test-only fault injection (cfg.faults, all off by default).
@@ -23,7 +25,9 @@ import faulthandler
 import json
 import logging
 import math
+import os
 import signal
+import socket
 import statistics
 import threading
 import time
@@ -75,31 +79,113 @@ class StopSignal:
         self._previous.clear()
 
 
+FLIGHT_FILE = "flight_rank_{rank}.json"
+"""Beside stacks/rank_<r>.txt: the collectives rank r last entered and completed when it hung."""
+
+
+def flight_lead_s(limit_s: float) -> float:
+    """How long before faulthandler's dump (and exit) the flight record is written: the dump
+    takes milliseconds; a step that finishes within the lead only leaves a near-miss warning."""
+    return min(0.1 * limit_s, 5.0)
+
+
 class Watchdog:
     """faulthandler's timer: it runs in its own C thread, so it fires even while the main
     thread sleeps or blocks inside a collective; it dumps every thread's Python stack and
-    exits the process (status 1), which makes torchrun stop the other workers."""
+    exits the process (status 1), which makes torchrun stop the other workers.
 
-    def __init__(self, run_dir: Path, rank: int, step_s: float, save_s: float):
+    faulthandler cannot run Python when it fires, so the flight record (`record()`: the
+    collectives this rank last entered and completed, Dist.flight_record) is written by a
+    Python thread that wakes flight_lead_s() before faulthandler's deadline. Arming costs a
+    float store per step (the thread is woken only when a deadline moves earlier, e.g. after a
+    save). The thread needs the GIL, which a rank blocked in a collective or a sleep releases;
+    a rank spinning in C code while holding it gets its stacks but no flight record."""
+
+    def __init__(
+        self, run_dir: Path, rank: int, step_s: float, save_s: float, record=None, world_size: int = 1
+    ):
         self.step_s, self.save_s = step_s, save_s
         stacks = run_dir / "stacks"
         stacks.mkdir(parents=True, exist_ok=True)
         self.path = stacks / f"rank_{rank}.txt"
+        self.flight_path = stacks / FLIGHT_FILE.format(rank=rank)
         self._file = open(self.path, "w")  # noqa: SIM115 (faulthandler keeps writing to it)
         self.first = True
+        self.rank, self.world_size, self.step_num, self.limit_s = rank, world_size, 0, step_s
+        self._record = record
+        self._due: float | None = None  # monotonic time at which the flight thread writes
+        self._wake = threading.Condition()
+        self._closed = False
+        self._fired_at: int | None = None  # the step whose record was written
+        self._thread = None
+        if record is not None:
+            self._thread = threading.Thread(target=self._flight, name="flight-record", daemon=True)
+            self._thread.start()
 
     def arm(self, seconds: float) -> None:
         faulthandler.dump_traceback_later(seconds, exit=True, file=self._file)
+        if self._thread is None:
+            return
+        if self._fired_at is not None:  # the step went on after all: not a hang
+            log.warning(
+                "step %d came within %.1f s of its %.0f s limit (trainer.collective_timeout_s or "
+                "checkpoint.save_timeout_s); its flight record is removed",
+                self._fired_at, flight_lead_s(self.limit_s), self.limit_s,
+            )  # fmt: skip
+            self.flight_path.unlink(missing_ok=True)
+            self._fired_at = None
+        due, self.limit_s = time.monotonic() + seconds - flight_lead_s(seconds), seconds
+        if self._due is not None and due >= self._due:
+            self._due = due  # later than the thread's wait: it re-reads on waking (no wake-up now)
+            return
+        with self._wake:
+            self._due = due
+            self._wake.notify()
 
-    def step(self) -> None:
+    def step(self, step: int = 0) -> None:
         # the first step compiles and allocates: it gets the save limit
+        self.step_num = step
         self.arm(self.save_s if self.first else self.step_s)
         self.first = False
 
+    def _flight(self) -> None:
+        with self._wake:
+            while not self._closed:
+                now = time.monotonic()
+                if self._due is not None and now >= self._due:
+                    self._due = None
+                    self._write_flight()
+                    continue
+                self._wake.wait(None if self._due is None else self._due - now)
+
+    def _write_flight(self) -> None:
+        record = {
+            "rank": self.rank,
+            "world_size": self.world_size,
+            "host": socket.gethostname(),
+            "pid": os.getpid(),
+            "step": self.step_num,
+            "limit_s": self.limit_s,
+            "written_before_timeout_s": flight_lead_s(self.limit_s),
+            "time": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+        }
+        try:
+            record.update(self._record())
+        except Exception as e:  # noqa: BLE001 (the stacks still follow; say why this is thin)
+            record["error"] = f"{type(e).__name__}: {e}"
+        tmp = self.flight_path.with_suffix(".tmp")
+        tmp.write_text(json.dumps(record, indent=1))
+        tmp.replace(self.flight_path)
+        self._fired_at = self.step_num
+
     def close(self) -> None:
         faulthandler.cancel_dump_traceback_later()
+        with self._wake:
+            self._closed = True
+            self._wake.notify()
         self._file.close()
         if self.path.stat().st_size == 0:  # nothing dumped: leave no empty file behind
+            self.flight_path.unlink(missing_ok=True)  # a near miss at the last step
             self.path.unlink()
             with contextlib.suppress(OSError):
                 self.path.parent.rmdir()
@@ -123,6 +209,7 @@ class _Injector:
 
     def __init__(self, fcfg, rank: int):
         self.f, self.mine = fcfg, fcfg.rank is None or fcfg.rank == rank
+        self.slow_s = fcfg.slow_ms / 1000 if fcfg.slow_rank == rank else 0.0
         self.loss_factor: float | None = None
         self._hooked = False
         self._fired: set[str] = set()  # each injection fires once: a rollback re-runs its step
@@ -147,6 +234,8 @@ class _Injector:
         f = self.f
         if f.sleep_in_step_s:
             time.sleep(f.sleep_in_step_s)
+        if self.slow_s:  # a straggler: before the step's first collective, outside the data wait
+            time.sleep(self.slow_s)
         self.loss_factor = None
         if self._due("nan_loss_at_step", step):
             self.loss_factor = float("nan")
@@ -182,7 +271,12 @@ class Guard:
         self.inject = _Injector(self.cfg.faults, dist.rank)
         self.inject.hook(engine.plain_model())
         self.watchdog = Watchdog(
-            run_dir, dist.rank, self.t.collective_timeout_s, self.cfg.checkpoint.save_timeout_s
+            run_dir,
+            dist.rank,
+            self.t.collective_timeout_s,
+            self.cfg.checkpoint.save_timeout_s,
+            dist.flight_record,
+            dist.world_size,
         )
         path = run_dir / SKIPPED_WINDOWS
         if path.is_file():
@@ -212,7 +306,7 @@ class Guard:
     # -- per step ---------------------------------------------------------------------------
     def begin_step(self, step: int, loader, accum: int) -> None:
         """Arm the watchdog, drop the data windows that a rollback skipped, inject faults."""
-        self.watchdog.step()
+        self.watchdog.step(step)
         self.skip_windows(loader, accum)
         self.inject.begin(step)
 
@@ -237,8 +331,7 @@ class Guard:
         )
         flags[0] = loss  # the same float32 sum as a plain all-reduce of the loss
         d = self.dist
-        if d.initialized:
-            torch.distributed.all_reduce(flags, op=torch.distributed.ReduceOp.SUM)
+        d.all_reduce_sum(flags)
         mean = (flags[0] / d.world_size).item()
         v = Verdict(mean, stop=bool(flags[1].item()))
         n_loss, n_grad = int(flags[2].item()), int(flags[3].item())

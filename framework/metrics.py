@@ -338,7 +338,50 @@ def summarize(
         mfus = [r["mfu"] for r in train if r.get("mfu") is not None]
         if mfus:
             out["mfu"] = sum(mfus) / len(mfus)
+    out["time_s"] = phase_times(train)
+    out["stragglers"] = straggler_summary(train)
     return out
+
+
+def percentile(values: list[float], q: float) -> float:
+    """Nearest-rank percentile (q in [0, 1]) of a non-empty list."""
+    v = sorted(values)
+    return v[max(math.ceil(q * len(v)), 1) - 1]
+
+
+def phase_times(train: list[dict]) -> dict:
+    """{phase: {mean, p50, p90, share, steps}} over the steps that measured it (time/<phase>_s:
+    device-synchronised log_every steps, perf.StepTimer); share is of the mean step time."""
+    phases = sorted({k[5:-2] for r in train for k in r if k.startswith("time/") and k.endswith("_s")})
+    step_mean = None
+    out = {}
+    for ph in ["step"] + [p for p in phases if p != "step"]:
+        vals = [r[f"time/{ph}_s"] for r in train if r.get(f"time/{ph}_s") is not None]
+        if not vals:
+            continue
+        mean = sum(vals) / len(vals)
+        step_mean = mean if ph == "step" else step_mean
+        out[ph] = {
+            "mean": mean,
+            "p50": percentile(vals, 0.5),
+            "p90": percentile(vals, 0.9),
+            "share": mean / step_mean if step_mean and ph != "checkpoint" else None,
+            "steps": len(vals),
+        }
+    return out
+
+
+def straggler_summary(train: list[dict]) -> dict:
+    """The straggler checks (framework.observe.StragglerCheck): how many ran, the slowest
+    rank's largest lead over the median, and {rank: {checks, max_ratio}} of the ranks named."""
+    checks = [r["straggler/max_ratio"] for r in train if "straggler/max_ratio" in r]
+    named: dict[str, dict] = {}
+    for r in train:
+        if "straggler/rank" in r:
+            n = named.setdefault(str(r["straggler/rank"]), {"checks": 0, "max_ratio": 0.0})
+            n["checks"] += 1
+            n["max_ratio"] = max(n["max_ratio"], r["straggler/ratio"])
+    return {"checks": len(checks), "max_ratio": max(checks, default=None), "named": named}
 
 
 def summary_rows(s: dict) -> list[tuple[str, str]]:
@@ -366,6 +409,25 @@ def summary_rows(s: dict) -> list[tuple[str, str]]:
                   "z_loss": "z loss", "router_entropy": "router entropy"}  # fmt: skip
         text = ", ".join(f"{labels.get(k, k)} {v:.3f}" for k, v in moe.items())
         rows.append(("routing (last step)", text))
+    for ph, t in (s.get("time_s") or {}).items():
+        share = f", {t['share']:.0%} of the step" if t["share"] is not None and ph != "step" else ""
+        label = {"step": "step time", "data": "  data wait"}.get(ph, f"  {ph.replace('_', ' ')}")
+        rows.append(
+            (
+                label,
+                f"mean {t['mean']:.4f} s, p50 {t['p50']:.4f}, p90 {t['p90']:.4f}{share} ({t['steps']} steps)",
+            )
+        )
+    st = s.get("stragglers") or {}
+    if st.get("named"):
+        rows.append(
+            ("stragglers", "; ".join(f"rank {r} named at {n['checks']} of {st['checks']} checks (up to "
+                                      f"{n['max_ratio']:.2f}x the median lead)" for r, n in st["named"].items()))
+        )  # fmt: skip
+    elif st.get("checks"):
+        rows.append(
+            ("stragglers", f"none in {st['checks']} checks (slowest {st['max_ratio']:.2f}x the median)")
+        )
     return rows
 
 

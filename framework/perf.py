@@ -15,6 +15,8 @@ import os
 import resource
 import time
 
+import torch
+
 from framework.model.gpt import ModelConfig, num_params
 
 # Dense bf16 peak per device (FLOP/s), without sparsity. Matched against the CUDA device name,
@@ -127,23 +129,44 @@ def mfu(
     return tokens_per_s * flops_per_tok / (peak * n_devices)
 
 
+def no_sync() -> None:
+    """The device sync of a CPU run: host time is the time."""
+
+
 class StepTimer:
-    """Wall time of one step split into phases (data wait, forward/backward, optimizer,
-    checkpoint), as `time/<phase>_s` metrics. Host time: on CUDA a phase ends when its kernels
-    are queued, so forward/backward work may show up in the next phase that synchronises (the
-    loss all-reduce or the optimizer step); the total is exact."""
+    """Wall time of one step split into phases (data wait, forward/backward, optimizer), as
+    `time/<phase>_s` metrics, plus `time/step_s` (from begin() to record()).
 
-    def __init__(self) -> None:
+    On CUDA a phase ends on the host when its kernels are queued, not run, so an honest split
+    needs a device sync at every phase boundary, and a sync stalls the queue. The split is
+    therefore measured (synchronised and reported) only on the steps that log it: every
+    `every` steps (trainer.log_every) and the `last` one; other steps report no time/* keys and
+    never sync. Host time of every phase is still kept every step (`spent`): the data wait is
+    host work, which the straggler check compares across ranks every step."""
+
+    def __init__(self, every: int = 1, last: int | None = None, sync=no_sync) -> None:
+        self.every, self.last, self.sync = every, last, sync
         self.spent: dict[str, float] = {}
+        self.measured = False
+        self.t0 = 0.0
 
-    def reset(self) -> None:
+    def begin(self, step: int) -> None:
         self.spent = {}
+        self.measured = step % self.every == 0 or step == self.last
+        if self.measured:
+            self.sync()  # the previous step's queued work is not this step's
+        self.t0 = time.perf_counter()
 
     def __call__(self, phase: str):
         return _Phase(self, phase)
 
     def record(self) -> dict:
-        return {f"time/{k}_s": v for k, v in self.spent.items()}
+        """The step's time/* figures on a measured step; {} on others."""
+        if not self.measured:
+            return {}
+        out = {f"time/{k}_s": v for k, v in self.spent.items()}
+        out["time/step_s"] = time.perf_counter() - self.t0
+        return out
 
 
 class _Phase:
@@ -154,9 +177,18 @@ class _Phase:
         self.t0 = time.perf_counter()
 
     def __exit__(self, *exc):
+        if self.timer.measured:
+            self.timer.sync()  # this phase's kernels finish inside this phase
         self.timer.spent[self.phase] = (
             self.timer.spent.get(self.phase, 0.0) + time.perf_counter() - self.t0
         )
+
+
+def device_sync(device: torch.device):
+    """The sync StepTimer needs on `device`: CUDA's, or none."""
+    if device.type == "cuda":
+        return lambda: torch.cuda.synchronize(device)
+    return no_sync
 
 
 def host_memory() -> dict:

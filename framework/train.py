@@ -17,7 +17,7 @@ import torch
 from omegaconf import DictConfig
 
 from framework import config as C
-from framework import faults
+from framework import faults, observe
 from framework.checkpoint import Checkpointer, model_shape
 from framework.cli import entry
 from framework.data.identity import check_data_resume, data_identity, with_legacy_attention
@@ -33,7 +33,7 @@ from framework.model.moe import moe_metrics
 from framework.model.sampling import sample
 from framework.optim import lr_at, schedule_change_warning
 from framework.parallel import build_engine
-from framework.perf import StepTimer, flops_per_token, host_memory, mfu, peak_flops
+from framework.perf import StepTimer, device_sync, flops_per_token, host_memory, mfu, peak_flops
 from framework.task import check_sources, eval_metrics, resolve_task
 
 log = logging.getLogger("framework")
@@ -49,17 +49,22 @@ def train(cfg: C.Config) -> dict:
     # steps are watched by guard's watchdog (trainer.collective_timeout_s); the group's own
     # timeout is the longer save limit, so barriers around a slow save do not fail
     dist = init_distributed(cfg.trainer.device, cfg.checkpoint.save_timeout_s)
+    watch = observe.Watch(cfg, dist)  # profiler, stragglers; CUDA memory history starts here
     clean = False
     try:
-        result = _train(cfg, dist, guard)
+        result = _train(cfg, dist, guard, watch)
         clean = True
         return result
+    except torch.OutOfMemoryError as e:
+        watch.out_of_memory(e)  # trainer.memory_snapshot: dumped first, the file named in e
+        raise
     finally:
+        watch.close()
         guard.close()
         teardown(clean)
 
 
-def _train(cfg: C.Config, dist: Dist, guard: faults.Guard) -> dict:
+def _train(cfg: C.Config, dist: Dist, guard: faults.Guard, watch: observe.Watch) -> dict:
     t, seed = cfg.trainer, cfg.trainer.seed
     run_dir = prepare_run_dir(cfg.run.dir, dist)
     setup_logging(dist.rank, run_dir / "train.log" if dist.is_main else None)
@@ -92,6 +97,7 @@ def _train(cfg: C.Config, dist: Dist, guard: faults.Guard) -> dict:
     if dist.is_main:
         (run_dir / "config.yaml").write_text(C.to_yaml(cfg))
     metrics = Metrics(cfg, run_dir, dist.rank, start)
+    watch.start(run_dir, start)
     tokens_per_step = t.global_batch_size * t.seq_len
     fpt = flops_per_token(cfg.model, t.seq_len)
     peak = t.peak_flops or (
@@ -114,11 +120,14 @@ def _train(cfg: C.Config, dist: Dist, guard: faults.Guard) -> dict:
     if val and t.eval_every and start == 0:  # the untrained baseline: the curve starts at ~log(vocab)
         metrics.log_eval(*evaluate(engine, val, weights, 0, tokenizer, cfg, dist))
     record: dict = {}
-    step, timer, save_s = start, StepTimer(), None
+    # time/* phases: device-synchronised on the steps that log them only (perf.StepTimer)
+    timer = StepTimer(t.log_every, t.stop_at_step or t.max_steps, device_sync(dist.device))
+    step, save_s = start, None
     while step < t.max_steps:
         step += 1
+        watch.begin_step(step)  # the profiler's step marker, the straggler clock
         clock = time.perf_counter()  # step time: data + forward/backward + update, not eval/save
-        timer.reset()
+        timer.begin(step)
         lr = lr_at(step, cfg.optim, t.max_steps)
         guard.begin_step(step, loader, accum)  # watchdog, rolled-back data windows, fault injection
         loss = torch.zeros((), device=dist.device)
@@ -156,7 +165,7 @@ def _train(cfg: C.Config, dist: Dist, guard: faults.Guard) -> dict:
             log.warning(
                 "step %d: fp16 gradient overflow: update skipped, loss scale now %g", step, scale
             )
-        record.update(guard.counters())
+        record.update(guard.counters() | watch.end_step(step, timer))  # stragglers every N steps
         record.update(moe_metrics(engine.plain_model()))  # routing statistics; none when dense
         record.update(timer.record() | host_memory() | engine.device_memory())
         if save_s is not None:  # the save after the previous step, between the two

@@ -1,9 +1,12 @@
-"""RELIABILITY B5-B7 (preemption), B4 (hung rank) and A5 (kill -9 of a rank under
---max-restarts=1; torchrun reads PET_MAX_RESTARTS) on 2 gloo ranks launched through the shipped
-launchers/torchrun.sh, signalled from outside while they run."""
+"""RELIABILITY B5-B7 (preemption), B4 (hung rank, with its flight records and the report's
+diagnosis), A5 (kill -9 of a rank under --max-restarts=1; torchrun reads PET_MAX_RESTARTS) on 2
+gloo ranks launched through the shipped launchers/torchrun.sh, signalled from outside while they
+run; and B8's negative control: the uninterrupted reference run checks for stragglers and names
+nobody (the slow rank: test_observe.py)."""
 
 from __future__ import annotations
 
+import json
 import os
 import re
 import signal
@@ -14,6 +17,7 @@ from pathlib import Path
 import pytest
 
 from framework.checkpoint import verify
+from framework.report import ReportConfig, ReportRun, report
 from tests.distributed.launch import BIN, PARITY, ROOT, free_port, run_train
 from tests.helpers import read_metrics, train_losses
 
@@ -84,11 +88,29 @@ def stop_steps(out: str) -> list[int]:
 
 
 @pytest.fixture(scope="module")
-def uninterrupted(tmp_path_factory) -> dict[int, str]:
-    """step -> repr(loss) of the run the interrupted ones must reproduce."""
+def uninterrupted_run(tmp_path_factory) -> tuple[Path, str]:
+    """The run the interrupted ones must reproduce (its dir and output). It also checks for
+    stragglers every 2 steps: an all-gather of timings, which changes no loss."""
     full = tmp_path_factory.mktemp("full")
-    run_train(full, "strategy=ddp")
-    return train_losses(full)
+    proc = run_train(full, "strategy=ddp", "trainer.straggler_every=2")
+    return full, proc.stdout + proc.stderr
+
+
+@pytest.fixture(scope="module")
+def uninterrupted(uninterrupted_run) -> dict[int, str]:
+    """step -> repr(loss) of the run the interrupted ones must reproduce."""
+    return train_losses(uninterrupted_run[0])
+
+
+def test_healthy_run_names_no_straggler_and_makes_no_profile(uninterrupted_run):
+    """B8's control: 4 straggler checks ran (steps 2, 4, 6, 8) and none named a rank; no
+    trainer.profile.steps, no profiler (nothing under profile/)."""
+    run_dir, out = uninterrupted_run
+    records = [r for r in read_metrics(run_dir) if "loss" in r]
+    assert [r["step"] for r in records if "straggler/max_ratio" in r] == [2, 4, 6, 8]
+    assert not [r for r in records if "straggler/rank" in r]
+    assert "straggler:" not in out and "stragglers: none in 4 checks" in out
+    assert not (run_dir / "profile").exists() and not (run_dir / "stacks").exists()
 
 
 def assert_resumes_bitwise(run_dir: Path, stopped_at: int, full: dict[int, str]) -> None:
@@ -172,6 +194,20 @@ def test_hung_rank_makes_every_rank_exit_with_stacks(tmp_path, sample_data):
     # its peer, waiting in a collective of the same step (DDP's gradient all-reduce)
     assert "in forward_backward" in stacks[0] or "in decide" in stacks[0], stacks[0]
     assert not list((run_dir / "checkpoints").glob("step_*"))
+    # beside the stacks, each rank's flight record (torch's recorder): rank 0 is inside a
+    # collective that rank 1, hung before it, never entered
+    flight = {r: json.loads((run_dir / f"stacks/flight_rank_{r}.json").read_text()) for r in (0, 1)}
+    assert {f["source"] for f in flight.values()} == {"torch"} and flight[0]["step"] == 3
+    waiting = flight[0]["entries"][-1]
+    assert not waiting["completed"] and waiting["op"] == "gloo:all_reduce" and waiting["sizes"]
+    last_1 = max(e["seq"] for e in flight[1]["entries"])
+    assert all(e["completed"] for e in flight[1]["entries"]) and last_1 < waiting["seq"]
+    # and the report's diagnosis names the hung rank, the collective and its stack
+    hang = report(ReportConfig(run=ReportRun(dir=str(run_dir)), plot=False))["hang"]
+    assert hang["behind"] == [1] and hang["collective"]["seq"] == waiting["seq"]
+    text = "\n".join(hang["lines"])
+    assert f"=> rank(s) 1 behind: never entered collective #{waiting['seq']} gloo:all_reduce" in text
+    assert "rank 1 stack (most recent call first): begin (framework/faults.py:" in text
 
 
 def restart_count(pid: int) -> str | None:

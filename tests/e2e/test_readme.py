@@ -37,7 +37,7 @@ ROOT = Path(__file__).resolve().parents[2]
 # Every documentation page, in the order their commands run (one scratch directory: later pages
 # read what earlier ones wrote, e.g. fine-tuning starts from the tour's export hf/124m).
 PAGES = ("README.md", "docs/README.md", "docs/configs.md", "docs/data.md", "docs/parallelism.md", "docs/3d-parallelism.md", "docs/plan.md",
-         "docs/checkpoints.md", "docs/launching.md", "docs/exporting.md", "docs/fine-tuning.md", "docs/moe.md", "docs/long-context.md")  # fmt: skip
+         "docs/checkpoints.md", "docs/observability.md", "docs/launching.md", "docs/exporting.md", "docs/fine-tuning.md", "docs/moe.md", "docs/long-context.md")  # fmt: skip
 COMMAND_LANGS = ("", "sh", "bash", "shell", "console")
 ENTRY = ["python", "-m"]  # replaced by sys.executable: the checkout's framework, not an installed one
 CONSOLE_SCRIPTS = {"fw-train": "train", "fw-prepare": "prepare", "fw-plan": "plan", "fw-generate": "generate",

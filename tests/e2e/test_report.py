@@ -51,3 +51,21 @@ def test_report_of_a_directory_without_metrics_is_one_clean_error(tmp_path):
     out = run_module("framework.report", f"run.dir={tmp_path}", cwd=tmp_path, timeout=120)
     assert out.returncode == EXIT_CONFIG
     assert "no metrics.jsonl" in out.stderr and "Traceback" not in out.stderr
+
+
+def test_report_of_a_hung_run_prints_the_diagnosis_first(tmp_path):
+    """A run that hung before its first logged step: no metrics.jsonl, only stacks/. The report
+    prints which rank is behind on which collective, and the JSON line carries it."""
+    stacks = tmp_path / "run" / "stacks"
+    stacks.mkdir(parents=True)
+    for rank, entries in ((0, [[1, True], [2, False]]), (1, [[1, True]])):
+        rec = {"rank": rank, "world_size": 2, "host": "n0", "step": 1, "source": "torch",
+               "entries": [{"seq": s, "op": "nccl:all_gather", "group": "0", "group_desc": "default_pg",
+                            "sizes": [[64]], "completed": c, "entered_ns": s} for s, c in entries]}  # fmt: skip
+        (stacks / f"flight_rank_{rank}.json").write_text(json.dumps(rec))
+    out = run_module("framework.report", f"run.dir={tmp_path / 'run'}", cwd=tmp_path, timeout=120)
+    assert out.returncode == 0, out.stderr[-3000:]
+    assert out.stderr.startswith("hang diagnosis")
+    assert "=> rank(s) 1 behind: never entered collective #2 nccl:all_gather sizes [[64]]" in out.stderr
+    got = json.loads(out.stdout.strip().splitlines()[-1])
+    assert got["hang"]["behind"] == [1] and got["steps_run"] == 0

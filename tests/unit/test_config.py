@@ -23,7 +23,7 @@ checkpoint.async_save checkpoint.every checkpoint.keep checkpoint.path checkpoin
 data.allow_change_on_resume data.allow_empty_source data.attend_across_documents data.cache_dir data.name data.num_workers data.root data.schedule
 data.sources data.tokenizer
 faults.crash_in_async_save faults.hang_at_step faults.nan_grad_at_step faults.nan_loss_at_step faults.rank faults.sleep_in_save_s
-faults.sleep_in_step_s faults.spike_at_step faults.spike_factor
+faults.sleep_in_step_s faults.spike_at_step faults.spike_factor faults.slow_ms faults.slow_rank
 logger.entity logger.mode logger.name logger.project logger.tags
 model.bias model.block_size model.dropout model.ffn_hidden model.init_from model.init_std model.multiple_of
 model.n_embd model.n_head model.n_kv_head model.n_layer model.name model.norm_eps model.num_labels model.rope_theta
@@ -46,6 +46,8 @@ trainer.deterministic trainer.device trainer.eval_batches trainer.eval_every tra
 trainer.log_every trainer.max_steps trainer.micro_batch_size trainer.peak_flops trainer.sample_tokens
 trainer.seed trainer.seq_len trainer.stop_at_step
 trainer.collective_timeout_s trainer.on_nan trainer.spike_window trainer.spike_zscore
+trainer.memory_snapshot trainer.straggler_every trainer.straggler_factor trainer.profile.ranks
+trainer.profile.record_shapes trainer.profile.steps trainer.profile.with_memory trainer.profile.with_stack
 task.labels task.name
 """.split()
 
@@ -181,6 +183,24 @@ def test_unknown_key_fails_at_compose():
             1,
             r"faults.crash_in_async_save=0 must be in \[1, trainer.max_steps",
         ),
+        (["faults.slow_rank=2", "faults.slow_ms=10"], 2, r"faults.slow_rank=2 must be in \[0, world"),
+        (["faults.slow_ms=10"], 2, r"faults.slow_ms=10.0 needs faults.slow_rank"),
+        (["faults.slow_rank=0", "faults.slow_ms=-5"], 2, r"faults.slow_ms=-5.0 must be >= 0"),
+        (["trainer.profile.steps=[5,3]"], 1, r"trainer.profile.steps=\[5, 3\] must be \[first, last\]"),
+        (["trainer.profile.steps=[3]"], 1, r"trainer.profile.steps=\[3\] must be"),
+        (
+            ["trainer.profile.steps=[1,2]", "trainer.profile.ranks=[0,2]"],
+            2,
+            r"trainer.profile.ranks=\[0, 2\]: \[2\] not in \[0, world size 2\)",
+        ),
+        (
+            ["trainer.device=cpu", "trainer.memory_snapshot=true"],
+            1,
+            r"trainer.memory_snapshot=true records the CUDA caching allocator's history, but the "
+            r"device is cpu .*host_rss_gib",
+        ),
+        (["trainer.straggler_every=-1"], 2, r"trainer.straggler_every=-1 must be >= 0"),
+        (["trainer.straggler_factor=1"], 2, r"trainer.straggler_factor=1.0 must be a finite number > 1"),
     ],
 )
 def test_cross_field_errors_name_keys(overrides, world, expected):
