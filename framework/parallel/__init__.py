@@ -146,6 +146,7 @@ def _build_torch(
     precision = resolve(cfg.precision, dist.device.type)
     mesh = build_mesh(layout(s, dist.world_size), dist.device.type)
     lay = mesh.layout
+    tp = tp and lay.tp > 1  # tp=1 (a world of one under a launcher): no tensor parallelism
     values = None
     if model is None:
         values = initial_values(cfg)
