@@ -91,3 +91,18 @@ def tiny_model_configs():
         multiple_of=32, bias=False, tie_embeddings=False,
     )  # fmt: skip
     return gpt2, llama
+
+
+def randomized(cfg):
+    """A GPT with random weights everywhere (biases, norms and routers too, so a name-mapping
+    mistake in an export or import cannot hide behind ones and zeros)."""
+    import torch
+
+    from framework.model import GPT
+
+    torch.manual_seed(0)
+    model = GPT(cfg)
+    with torch.no_grad():
+        for p in model.parameters():
+            p.normal_(0, 0.2)
+    return model.eval()

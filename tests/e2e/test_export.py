@@ -22,21 +22,11 @@ from framework.hf.load import load_hf_weights
 from framework.model import GPT, ModelConfig
 from framework.prepare import train_bpe
 from framework.train import train
-from tests.helpers import TINY, make_cfg, run_module, tiny_model_configs
+from tests.helpers import TINY, make_cfg, randomized, run_module, tiny_model_configs
 
 transformers = pytest.importorskip("transformers")
 
 GPT2_STYLE, LLAMA_STYLE = tiny_model_configs()
-
-
-def randomized(cfg: ModelConfig) -> GPT:
-    """Random weights everywhere (biases and norms too, so a mapping mistake cannot hide)."""
-    torch.manual_seed(0)
-    model = GPT(cfg)
-    with torch.no_grad():
-        for p in model.parameters():
-            p.normal_(0, 0.2)
-    return model.eval()
 
 
 @pytest.mark.parametrize(

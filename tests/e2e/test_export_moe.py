@@ -23,7 +23,7 @@ from framework.hf.load import load_hf_weights
 from framework.model import GPT
 from framework.parallel import build_engine
 from tests.distributed.build_harness import gathered_weights
-from tests.helpers import make_cfg
+from tests.helpers import make_cfg, randomized
 
 transformers = pytest.importorskip("transformers")
 
@@ -33,16 +33,6 @@ FLAVOURS = {
     "olmoe": (["model.moe.norm_topk_prob=false"], "OlmoeForCausalLM"),  # as published
     "olmoe-renormalised": ([], "OlmoeForCausalLM"),  # debug-moe as shipped
 }
-
-
-def randomized(cfg) -> GPT:
-    """Random weights everywhere (norms and routers too, so a mapping mistake cannot hide)."""
-    torch.manual_seed(0)
-    model = GPT(cfg)
-    with torch.no_grad():
-        for p in model.parameters():
-            p.normal_(0, 0.2)
-    return model.eval()
 
 
 @pytest.mark.parametrize("flavour", list(FLAVOURS))
