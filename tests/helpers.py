@@ -106,3 +106,15 @@ def randomized(cfg):
         for p in model.parameters():
             p.normal_(0, 0.2)
     return model.eval()
+
+
+def loss_and_grads_per_kernel(model, kernels, idx, targets, doc_ids) -> dict:
+    """{kernel: (loss, gradients)} of one forward/backward of `model` with each attention kernel."""
+    out = {}
+    for kernel in kernels:
+        model.use_attention(kernel)
+        model.zero_grad()
+        loss = model(idx, targets, doc_ids)
+        loss.backward()
+        out[kernel] = (loss.detach(), [p.grad.clone() for p in model.parameters()])
+    return out

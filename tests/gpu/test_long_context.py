@@ -19,7 +19,7 @@ if not torch.cuda.is_available():
 
 from framework.model.gpt import GPT  # noqa: E402
 from tests.distributed.launch import PARITY, losses, max_rel_diff, run_train  # noqa: E402
-from tests.helpers import make_cfg  # noqa: E402
+from tests.helpers import loss_and_grads_per_kernel, make_cfg  # noqa: E402
 
 pytestmark = pytest.mark.gpu
 
@@ -34,13 +34,7 @@ def test_flex_document_mask_matches_dense_sdpa():
     idx = torch.randint(0, cfg.vocab_size, (2, 512), generator=g).to(CUDA)
     lengths = [[100, 300, 112], [512]]
     doc_ids = torch.tensor([[d for d, n in enumerate(r) for _ in range(n)] for r in lengths]).to(CUDA)
-    out = {}
-    for kernel in ("sdpa", "flex"):
-        model.use_attention(kernel)
-        model.zero_grad()
-        loss = model(idx, idx, doc_ids)
-        loss.backward()
-        out[kernel] = (loss.detach(), [p.grad.clone() for p in model.parameters()])
+    out = loss_and_grads_per_kernel(model, ("sdpa", "flex"), idx, idx, doc_ids)
     torch.testing.assert_close(out["flex"][0], out["sdpa"][0], rtol=1e-4, atol=1e-5)
     for a, b in zip(out["flex"][1], out["sdpa"][1]):
         torch.testing.assert_close(a, b, rtol=1e-3, atol=1e-5)

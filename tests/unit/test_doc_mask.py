@@ -17,7 +17,7 @@ from framework.errors import CheckpointError
 from framework.model.attention import dense_doc_mask, doc_positions, kernel_for
 from framework.model.gpt import GPT, ModelConfig
 from framework.train import train
-from tests.helpers import TINY, make_cfg
+from tests.helpers import TINY, loss_and_grads_per_kernel, make_cfg
 
 STYLES = {
     "gpt2": ModelConfig(n_layer=2, n_head=4, n_embd=32, vocab_size=50, block_size=32),
@@ -85,13 +85,7 @@ def test_kernels_agree_in_forward_and_backward():
     torch.manual_seed(0)
     model = GPT(STYLES["llama"])
     idx, targets, doc_ids = packed(LENGTHS)
-    out = {}
-    for kernel in ("sdpa", "varlen"):
-        model.use_attention(kernel)
-        model.zero_grad()
-        loss = model(idx, targets, doc_ids)
-        loss.backward()
-        out[kernel] = (loss.detach(), [p.grad.clone() for p in model.parameters()])
+    out = loss_and_grads_per_kernel(model, ("sdpa", "varlen"), idx, targets, doc_ids)
     torch.testing.assert_close(out["sdpa"][0], out["varlen"][0], rtol=1e-6, atol=1e-6)
     for a, b in zip(out["sdpa"][1], out["varlen"][1]):
         torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
