@@ -23,8 +23,8 @@ from framework.errors import ConfigError
 from framework.memory import GPUS
 from framework.model.gpt import ModelConfig, ModelShapeError
 from framework.optim import SCHEDULE_KEYS, OptimConfig
-from framework.perf import stage_layers
 from framework.precision import PrecisionConfig
+from framework.stages import split as split_stages
 
 CONF_DIR = str(Path(__file__).resolve().parent.parent / "conf")
 
@@ -831,7 +831,7 @@ def _validate_pipeline(cfg: Config, world_size: int) -> list[str]:
         )
     stages = pipeline_stages(s)
     try:
-        stage_layers(cfg.model, stages, s.pp_layers)
+        split_stages(cfg.model, t.seq_len, stages, s.pp_layers)
     except ValueError as e:
         per_rank = f" ({s.pp} ranks x {stages // s.pp} stages each)" if stages > s.pp else ""
         errors.append(f"strategy.pp={s.pp}, strategy.pp_schedule={s.pp_schedule}{per_rank}: {e}")

@@ -108,9 +108,7 @@ def pipeline_ranks(cfg: Config) -> tuple[list[int], list[PipelineRank], float]:
         )
     v = stages.stages_per_rank(s.pp_schedule, s.pp_stages_per_rank)
     try:
-        counts = stages.stage_layers(
-            m.n_layer, s.pp * v, head_cost=head, embed_cost=embed, pp_layers=s.pp_layers
-        )
+        counts = stages.split(m, cfg.trainer.seq_len, s.pp * v, s.pp_layers)
     except ValueError as e:
         raise ConfigError(str(e)) from None
     costs = stages.stage_cost(counts, head, embed)

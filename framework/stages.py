@@ -27,14 +27,19 @@ def stages_per_rank(schedule: str, pp_stages_per_rank: int = 2) -> int:
     return 2 if schedule == "dualpipev" else 1
 
 
-def stage_ranks(pp: int, schedule: str, pp_stages_per_rank: int = 2) -> list[int]:
-    """The rank of each stage, in model order. Looped placement (stage s on rank s mod p) for
+def stage_rank(stage: int, pp: int, schedule: str) -> int:
+    """The pipeline rank that holds `stage`: looped placement (stage s on rank s mod p) for
     every schedule but dualpipev, whose V places stages 0..p-1 on ranks 0..p-1 and p..2p-1 back
-    on ranks p-1..0: rank 0 then holds the embedding and the output head."""
-    v = stages_per_rank(schedule, pp_stages_per_rank)
+    on ranks p-1..0 (rank 0 then holds the embedding and the output head)."""
     if schedule == "dualpipev":
-        return list(range(pp)) + list(reversed(range(pp)))
-    return [s % pp for s in range(pp * v)]
+        return stage if stage < pp else 2 * pp - 1 - stage
+    return stage % pp
+
+
+def stage_ranks(pp: int, schedule: str, pp_stages_per_rank: int = 2) -> list[int]:
+    """The rank of each stage, in model order (stage_rank)."""
+    v = stages_per_rank(schedule, pp_stages_per_rank)
+    return [stage_rank(st, pp, schedule) for st in range(pp * v)]
 
 
 def block_costs(m: ModelConfig, seq_len: int) -> tuple[float, float]:
@@ -57,53 +62,74 @@ def stage_layers(
     embed_cost: float = 0.0,
     pp_layers: list[int] | None = None,
 ) -> list[int]:
-    """Blocks per stage, in order, minimising the most expensive stage (the pipeline runs at
-    its pace): stage cost = its blocks + `embed_cost` on the first stage + `head_cost` on the
-    last (in blocks, `block_costs`). Where several splits reach that minimum, the earlier
-    stages get the fewer blocks: under 1F1B they hold the most micro-batches in flight.
-    `pp_layers` (strategy.pp_layers) is returned as given once checked."""
-    if n_stages < 1:
-        raise ValueError(f"{n_stages} pipeline stages: need at least 1")
+    """Blocks per stage, in order: contiguous runs, every stage at least one block (a stage
+    module holds one), the embedding on the first stage and the final norm + head on the last.
+    Stage cost = its blocks + `embed_cost` on the first + `head_cost` on the last (in blocks,
+    `block_costs`: GPT-2's 50k head weighs about 4.5 blocks of gpt2-124m, so the last stage
+    gets fewer blocks).
+
+    The split minimises the costliest stage (the pipeline runs at its pace), then, within that
+    bound, the sum of squared stage costs (the other stages as even as they go); among equally
+    good splits the earlier stages get fewer blocks (under 1F1B they hold the most micro-batches
+    in flight). `pp_layers` (strategy.pp_layers) is returned as given once checked. The plan
+    (framework.estimate), validate() and the pipeline builder all call this, so the plan sizes
+    the split that runs."""
     if pp_layers is not None:
-        if len(pp_layers) != n_stages or sum(pp_layers) != n_layer or min(pp_layers) < 0:
+        if len(pp_layers) != n_stages or min(pp_layers, default=0) < 1 or sum(pp_layers) != n_layer:
             raise ValueError(
-                f"strategy.pp_layers={list(pp_layers)} must list {n_stages} block counts >= 0 "
-                f"(one per stage) summing to model.n_layer={n_layer}"
+                f"strategy.pp_layers={list(pp_layers)} must give each of the {n_stages} pipeline "
+                f"stages at least one block and sum to model.n_layer={n_layer}"
             )
         return list(pp_layers)
+    if not 1 <= n_stages <= n_layer:
+        raise ValueError(
+            f"{n_stages} pipeline stages need at least as many blocks: model.n_layer={n_layer}"
+        )
     return list(_balanced(n_layer, n_stages, head_cost, embed_cost))
 
 
+def split(m: ModelConfig, seq_len: int, n_stages: int, pp_layers: list[int] | None = None) -> list[int]:
+    """stage_layers for model `m` trained at `seq_len` tokens (its embedding and head costs)."""
+    embed, head = block_costs(m, seq_len)
+    return stage_layers(m.n_layer, n_stages, head_cost=head, embed_cost=embed, pp_layers=pp_layers)
+
+
 @functools.lru_cache(maxsize=4096)
-def _balanced(n_layer: int, n_stages: int, head_cost: float, embed_cost: float) -> tuple[int, ...]:
-    extra = [0.0] * n_stages
-    extra[0] += embed_cost
-    extra[-1] += head_cost
+def _balanced(L: int, S: int, head_cost: float, embed_cost: float) -> tuple[int, ...]:
+    """Two dynamic programmes over (stage s, blocks k left for stages s..): the smallest
+    possible costliest stage, then the smallest sum of squares within it. O(S L^2), exact but
+    for float rounding (costs compared within 1e-9)."""
+    eps = 1e-9
 
-    def capacity(limit: float) -> list[int]:
-        return [max(int(limit - e + 1e-9), 0) for e in extra]
+    def cost(stage: int, n: int) -> float:
+        return n + (embed_cost if stage == 0 else 0.0) + (head_cost if stage == S - 1 else 0.0)
 
-    # the smallest limit whose capacities hold every block is one of k + extra[i], and no
-    # stage costs less than what it holds besides blocks; capacity grows with the limit
-    floor = max(extra)
-    candidates = sorted({k + e for e in set(extra) for k in range(n_layer + 1) if k + e >= floor})
-    lo, hi = 0, len(candidates) - 1
-    while lo < hi:
-        mid = (lo + hi) // 2
-        if sum(capacity(candidates[mid])) >= n_layer:
-            hi = mid
-        else:
-            lo = mid + 1
-    counts = capacity(candidates[lo])
-    # Take the surplus (fewer than one block per stage) from the costliest stages, earliest
-    # first: every stage at capacity costs within one block of the limit, so a stage that gave
-    # one up is cheaper than all the others and is not picked twice.
-    order = sorted(
-        (j for j in range(n_stages) if counts[j] > 0), key=lambda j: (-(counts[j] + extra[j]), j)
-    )
-    for j in order[: sum(counts) - n_layer]:
-        counts[j] -= 1
-    return tuple(counts)
+    def choices(stage: int, k: int) -> range:
+        """Blocks `stage` may take of the last k, leaving one for each later stage."""
+        return range(k, k + 1) if stage == S - 1 else range(1, k - (S - 1 - stage) + 1)
+
+    inf = float("inf")
+    peak = [[inf] * (L + 1) for _ in range(S + 1)]
+    peak[S][0] = 0.0
+    for st in range(S - 1, -1, -1):
+        for k in range(S - st, L + 1):
+            peak[st][k] = min(max(cost(st, n), peak[st + 1][k - n]) for n in choices(st, k))
+    bound = peak[0][L] + eps
+    squares = [[inf] * (L + 1) for _ in range(S + 1)]
+    take = [[0] * (L + 1) for _ in range(S + 1)]
+    squares[S][0] = 0.0
+    for st in range(S - 1, -1, -1):
+        for k in range(S - st, L + 1):
+            for n in choices(st, k):  # ascending: a tie keeps the smaller n
+                c = cost(st, n)
+                total = c * c + squares[st + 1][k - n]
+                if c <= bound and total < squares[st][k] - eps:
+                    squares[st][k], take[st][k] = total, n
+    out, k = [], L
+    for st in range(S):
+        out.append(take[st][k])
+        k -= out[-1]
+    return tuple(out)
 
 
 def stage_cost(counts: list[int], head_cost: float = 0.0, embed_cost: float = 0.0) -> list[float]:

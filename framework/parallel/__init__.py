@@ -51,11 +51,11 @@ from framework.parallel.pp import (
     TiedEmbedding,
     build_stages,
     initial_name,
-    stage_rank,
 )
 from framework.parallel.tp import apply_tp
 from framework.parallel.zero import build_zero, deepspeed_config, ensure_process_group
 from framework.precision import OverflowGuard, Precision, apply_fp8, make_grad_scaler, resolve
+from framework.stages import stage_rank
 
 __all__ = ["Engine", "NonFiniteError", "StepResult", "TorchEngine", "build_engine"]
 
@@ -219,7 +219,7 @@ def _build_pipeline(
         used["sequence"] = more["sequence"]  # (context parallel is refused under pp)
         return wrapped
 
-    stages, parts = build_stages(m, s, pp_mesh.get_local_rank(), parallelize)
+    stages, parts = build_stages(m, s, cfg.trainer.seq_len, pp_mesh.get_local_rank(), parallelize)
     last = stage_rank(len(stages) - 1, s.pp, s.pp_schedule)
     group = TiedEmbedding.pair_groups(dist.world_size, s.pp, last) if m.tie_embeddings else None
     tie = None

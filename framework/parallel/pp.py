@@ -5,8 +5,8 @@ set to None: the blocks of other stages, the embedding everywhere but on the fir
 final norm and the head everywhere but on the last. Parameter names stay the single-device
 model's (blocks are a ModuleDict keyed by index), so DCP checkpoints, the per-parameter seeded
 init and HF export see the same names at any pipeline degree. The blocks are split by cost
-(framework.perf.stage_layers: the head of a 50k vocabulary weighs several blocks), or as
-strategy.pp_layers says.
+(framework.stages.split, which the plan sizes too: the head of a 50k vocabulary weighs several
+blocks), or as strategy.pp_layers says.
 
 Placement (pp ranks, S stages in all, framework.config.pipeline_stages):
     gpipe, 1f1b                   S = pp; rank r holds stage r
@@ -64,7 +64,8 @@ from torch.distributed.tensor import DTensor
 from framework.config import StrategyConfig, pipeline_stages
 from framework.model.gpt import GPT, ModelConfig
 from framework.parallel.engine import TorchEngine
-from framework.perf import stage_layers
+from framework.stages import split as split_stages
+from framework.stages import stage_rank
 
 SCHEDULES = {
     "gpipe": ScheduleGPipe,
@@ -92,17 +93,11 @@ class Stage:
     last: bool
 
 
-def stage_rank(stage: int, pp: int, schedule: str) -> int:
-    """The pipeline rank that holds `stage`: round-robin, or a V for dualpipev."""
-    if schedule == "dualpipev":
-        return stage if stage < pp else 2 * pp - 1 - stage
-    return stage % pp
-
-
-def plan_stages(m: ModelConfig, s: StrategyConfig) -> list[Stage]:
-    """Every stage of the pipeline, in order (all ranks compute the same list)."""
+def plan_stages(m: ModelConfig, s: StrategyConfig, seq_len: int) -> list[Stage]:
+    """Every stage of the pipeline, in order (all ranks compute the same list; the split is the
+    plan's, framework.stages.split, at the trained sequence length)."""
     n = pipeline_stages(s)
-    counts = stage_layers(m, n, s.pp_layers)
+    counts = split_stages(m, seq_len, n, s.pp_layers)
     out, start = [], 0
     for i, count in enumerate(counts):
         out.append(Stage(i, range(start, start + count), i == 0, i == n - 1))
@@ -380,11 +375,15 @@ class PipelineEngine(TorchEngine):
 
 
 def build_stages(
-    m: ModelConfig, s: StrategyConfig, pp_rank: int, parallelize: Callable[[GPT], nn.Module]
+    m: ModelConfig,
+    s: StrategyConfig,
+    seq_len: int,
+    pp_rank: int,
+    parallelize: Callable[[GPT], nn.Module],
 ) -> tuple[list[Stage], list[nn.Module]]:
     """Every stage of the pipeline, and this rank's stage modules (ascending stage index), each
     built on meta and handed to `parallelize` (tensor parallel, AC, compile, FSDP/replicate and
     materialisation, framework.parallel)."""
-    stages = plan_stages(m, s)
+    stages = plan_stages(m, s, seq_len)
     mine = [st for st in stages if stage_rank(st.index, s.pp, s.pp_schedule) == pp_rank]
     return stages, [parallelize(stage_module(m, st)) for st in mine]

@@ -202,8 +202,8 @@ def test_stage_ranks_looped_and_v():
 
 def _best_max_cost(n_layer: int, n: int, head: float) -> float:
     best = float("inf")
-    for cuts in itertools.combinations(range(n_layer + n - 1), n - 1):
-        counts = [b - a - 1 for a, b in zip((-1, *cuts), (*cuts, n_layer + n - 1))]
+    for cuts in itertools.combinations(range(1, n_layer), n - 1):  # every stage >= 1 block
+        counts = [b - a for a, b in zip((0, *cuts), (*cuts, n_layer))]
         best = min(best, max(stages.stage_cost(counts, head)))
     return best
 
@@ -220,7 +220,8 @@ def test_stage_layers_count_the_head_and_honour_pp_layers():
     embed, head = stages.block_costs(gpt2, 1024)
     # 6 V C against 6 x 7.1M + 12 C T per token: GPT-2's head weighs about 4 blocks
     assert embed == 0 and 3.5 < head < 4.5
-    assert stages.stage_layers(12, 4, head_cost=head) == [4, 4, 4, 0]
+    assert stages.stage_layers(12, 4, head_cost=head) == [3, 4, 4, 1]  # a stage holds >= 1 block
+    assert stages.stage_layers(4, 4, head_cost=head) == [1, 1, 1, 1]  # was [3, 3, 3, 0]: 9 blocks
     # a 50k head is a third of a gpt3-175b block: 96 blocks split evenly over 8 stages
     gpt3 = ModelConfig(n_layer=96, n_head=96, n_embd=12288, vocab_size=50257, block_size=2048)
     assert stages.stage_layers(96, 8, head_cost=stages.block_costs(gpt3, 2048)[1]) == [12] * 8

@@ -1,4 +1,4 @@
-"""Pipeline parallel without a process group: the cost-balanced split (framework.perf), the stage
+"""Pipeline parallel without a process group: the cost-balanced split (framework.stages), the stage
 placement of each schedule, stage modules (names kept; chained in one process they compute the
 whole model), the config checks that name the keys, and the checkpoint layouts."""
 
@@ -14,8 +14,8 @@ from framework.dist import Dist
 from framework.model.gpt import GPT, ModelConfig
 from framework.optim import param_groups
 from framework.parallel import build_engine
-from framework.parallel.pp import initial_name, plan_stages, stage_module, stage_rank
-from framework.perf import stage_costs, stage_layers
+from framework.parallel.pp import initial_name, plan_stages, stage_module
+from framework.stages import block_costs, split, stage_rank
 from tests.distributed.pp_harness import global_batch
 from tests.helpers import make_cfg
 
@@ -29,16 +29,18 @@ TINY = ["model.n_layer=2", "model.n_embd=64", "model.n_head=4", "model.dropout=0
 # -- the split --------------------------------------------------------------------------------
 
 
-def test_stage_costs_gpt2_124m_by_hand():
-    C, F, T, V = 768, 4 * 768, 1024, 50257
-    block, embed, head = stage_costs(GPT2_124M)
-    assert block == 2 * (4 * C * C + 2 * C * F) + 4 * T * C == 17_301_504
-    assert (embed, head) == (C, 2 * V * C)
-    assert 4 < head / block < 5  # the 50k head weighs about 4.5 blocks
+def test_block_costs_gpt2_124m_by_hand():
+    C, T, V = 768, 1024, 50257
+    # a block: attention 4 C^2 + 4 C, MLP 8 C^2 + 5 C, two norms 4 C; the final norm (2 C) spread
+    per_block = 12 * C * C + 13 * C + 2 * C / 12
+    embed, head = block_costs(GPT2_124M, T)
+    assert embed == 0
+    assert head == pytest.approx(6 * V * C / (6 * per_block + 12 * C * T))
+    assert 4 < head < 5  # the 50k head weighs about 4.5 blocks
 
 
 @pytest.mark.parametrize(
-    ("n_stages", "split"),
+    ("n_stages", "blocks"),
     [
         (1, [12]),
         (2, [8, 4]),  # 8 blocks vs 4 blocks + the head (8.5 blocks)
@@ -47,8 +49,8 @@ def test_stage_costs_gpt2_124m_by_hand():
         (12, [1] * 12),
     ],
 )
-def test_balanced_split_counts_the_head(n_stages, split):
-    assert stage_layers(GPT2_124M, n_stages) == split
+def test_balanced_split_counts_the_head(n_stages, blocks):
+    assert split(GPT2_124M, 1024, n_stages) == blocks
 
 
 def test_split_minimises_the_most_loaded_stage_exhaustively():
@@ -56,27 +58,27 @@ def test_split_minimises_the_most_loaded_stage_exhaustively():
     import itertools
 
     m = ModelConfig(n_layer=9, vocab_size=4096, n_embd=64, block_size=64)
-    block, embed, head = stage_costs(m)
+    embed, head = block_costs(m, 64)
 
-    def peak(split):
-        loads = [n * block for n in split]
+    def peak(blocks):
+        loads = [float(n) for n in blocks]
         loads[0] += embed
         loads[-1] += head
         return max(loads)
 
     splits = [s for s in itertools.product(range(1, 8), repeat=3) if sum(s) == 9]
-    got = stage_layers(m, 3)
-    assert peak(got) == min(peak(s) for s in splits)
-    assert head > block and got[-1] < got[0]  # the heavy head takes blocks off the last stage
+    got = split(m, 64, 3)
+    assert peak(got) == pytest.approx(min(peak(s) for s in splits))
+    assert head > 1 and got[-1] < got[0]  # the heavy head takes blocks off the last stage
 
 
 def test_pp_layers_override_is_checked():
-    assert stage_layers(GPT2_124M, 2, [6, 6]) == [6, 6]
+    assert split(GPT2_124M, 1024, 2, [6, 6]) == [6, 6]
     for bad in ([6, 5], [12, 0], [4, 4, 4]):
         with pytest.raises(ValueError, match=r"strategy.pp_layers=.* sum to model.n_layer=12"):
-            stage_layers(GPT2_124M, 2, bad)
+            split(GPT2_124M, 1024, 2, bad)
     with pytest.raises(ValueError, match=r"13 pipeline stages need at least as many blocks"):
-        stage_layers(GPT2_124M, 13)
+        split(GPT2_124M, 1024, 13)
 
 
 # -- placement ----------------------------------------------------------------------------------
@@ -108,7 +110,7 @@ def test_stages_keep_names_and_chain_to_the_whole_model(style):
     torch.manual_seed(0)
     whole = GPT(cfg.model)
     ref = whole.state_dict()
-    stages = plan_stages(cfg.model, cfg.strategy)
+    stages = plan_stages(cfg.model, cfg.strategy, cfg.trainer.seq_len)
     assert [list(s.blocks) for s in stages] == [[0], [1], [2], [3]]
     modules = []
     for st in stages:
@@ -142,7 +144,7 @@ def test_tied_head_copy_gets_no_weight_decay():
     is a matrix like any other."""
     for style, decayed in (("debug", False), ("debug-llama", True)):
         cfg = make_cfg([*TINY, "strategy=pp", f"model={style}"])
-        last = stage_module(cfg.model, plan_stages(cfg.model, cfg.strategy)[-1])
+        last = stage_module(cfg.model, plan_stages(cfg.model, cfg.strategy, cfg.trainer.seq_len)[-1])
         decay, no_decay = param_groups(last, 0.1)
         assert any(p is last.lm_head.weight for p in decay["params"]) == decayed, style
         assert any(p is last.lm_head.weight for p in no_decay["params"]) != decayed, style
@@ -274,8 +276,30 @@ def test_dry_run_builds_every_pipeline_rank_and_reports_the_most_loaded():
     cfg = make_cfg(["strategy=fsdp", "strategy.pp=2", "trainer.micro_batch_size=4"])
     d = dry_run(cfg, 4)
     by_hand = []
-    for st in plan_stages(cfg.model, cfg.strategy):
+    for st in plan_stages(cfg.model, cfg.strategy, cfg.trainer.seq_len):
         params = stage_module(cfg.model, st).parameters()
         by_hand.append(sum(math.ceil(p.shape[0] / 2) * p[0].numel() * 4 for p in params))
     assert d["weight_bytes_per_pp_rank"] == by_hand
     assert d["pp_rank"] == 0 and d["weight_bytes_per_rank"] == max(by_hand) > min(by_hand)
+
+
+@pytest.mark.parametrize(
+    ("model", "schedule", "pp", "seq"),
+    [("gpt2-124m", "1f1b", 4, 1024), ("gpt2-124m", "interleaved_1f1b", 2, 256),
+     ("gpt2-1.3b", "dualpipev", 2, 2048), ("debug", "zero_bubble", 2, 64)],
+)  # fmt: skip
+def test_the_plan_sizes_the_split_the_builder_runs(model, schedule, pp, seq):
+    """One split for framework.estimate (the plan) and the pipeline builder: a second
+    implementation in the plan once gave 12 blocks over 4 stages as [4, 4, 4, 0], a stage the
+    builder cannot make, and 4 blocks as [3, 3, 3, 0] (9 blocks)."""
+    from framework.estimate import pipeline_ranks
+
+    cfg = make_cfg([f"model={model}", "strategy=pp", f"strategy.pp={pp}",
+                    f"strategy.pp_schedule={schedule}", f"trainer.seq_len={seq}"])  # fmt: skip
+    counts, ranks, _ = pipeline_ranks(cfg)
+    built = plan_stages(cfg.model, cfg.strategy, seq)
+    assert counts == [len(st.blocks) for st in built]
+    for r in ranks:
+        mine = [st for st in built if stage_rank(st.index, pp, schedule) == r.rank]
+        assert r.blocks == sum(len(st.blocks) for st in mine)
+        assert r.stages == tuple(st.index for st in mine)
