@@ -351,7 +351,38 @@ def layer_activation_bytes(
     else:  # selective
         replicated = 2 * C * r + masks  # block input and residual
         hidden = (2 if llama else 1) * F * a / tp  # fc out (GeLU); gate and up (SwiGLU)
+    if m.moe.enabled:  # the sparse blocks' MLPs instead of dense ones, averaged over the blocks
+        sparse = len(m.moe.sparse_layers(m.n_layer)) / m.n_layer
+        hidden = (1 - sparse) * hidden + sparse * sparse_mlp_bytes(m, mode, a, r)
     return tokens * (replicated / sp + qkv_out + lse + hidden)
+
+
+def sparse_mlp_bytes(m: ModelConfig, mode: str, compute_bytes: int, stream: int) -> float:
+    """Bytes per token a sparse MLP (framework/model/moe.py) keeps for backward, in place of the
+    dense MLP's hidden tensors (expert parallelism moves rows between ranks but keeps their
+    number when routing is balanced). With k = top_k, E experts, H = expert width, S = shared
+    experts, a = compute bytes, r = stream bytes:
+      router (fp32): its input as fp32, 4C, unless the run is fp32 throughout (then it is the
+        norm output the dense count has already); logits and probabilities 8E; the chosen ids
+        (int64) and weights 12k; the renormalising sum and the z-loss's log-sum-exp 8
+      per routed row (k per token): the gathered input Ca, the gather and un-sort indices
+        (int64) 16 (+ 8 for the per-row expert index of biased experts), the expert MLP's
+        hidden tensors (as a dense MLP of width H), the fp32 copy of its output 4C and its
+        combine weight 4
+      shared experts: a dense MLP of width S H; without them the dense MLP's input casts that
+        layer_activation_bytes counts (one Ca, or gate and up from an fp32 stream) do not exist
+    Mode none matches what autograd saves (tests/unit/test_plan.py); selective keeps the
+    matmul outputs of the experts and the shared MLP and the router's tensors (an estimate)."""
+    C, E, H, k = m.n_embd, m.moe.num_experts, m.expert_dim, m.moe.top_k
+    a, r, S, llama = compute_bytes, stream, m.moe.shared_experts, m.style == "llama"
+    full = mode == "none"
+    per_hidden = (4 if llama else 2) if full else (2 if llama else 1)
+    router = (0 if a == 4 else 4 * C) + 8 * E + 12 * k + 8
+    rows = k * (C * a + (24 if m.bias else 16) + per_hidden * H * a + 4 * C + 4)
+    if S:
+        return router + rows + per_hidden * S * H * a
+    casts = 0 if a == 4 or not full else C * a * ((2 if llama else 1) if r != a else 1)
+    return router + rows - casts
 
 
 def recompute_bytes(
