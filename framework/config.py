@@ -24,6 +24,7 @@ from framework.memory import GPUS
 from framework.model.gpt import ModelConfig, ModelShapeError
 from framework.optim import SCHEDULE_KEYS, OptimConfig
 from framework.precision import PrecisionConfig
+from framework.stages import LOOPED, SCHEDULES, stages_per_rank
 from framework.stages import split as split_stages
 
 CONF_DIR = str(Path(__file__).resolve().parent.parent / "conf")
@@ -426,19 +427,10 @@ def dp_degree(cfg: Config, world_size: int) -> int:
     return layout(cfg.strategy, world_size).dp
 
 
-PP_SCHEDULES = ("gpipe", "1f1b", "interleaved_1f1b", "zero_bubble", "dualpipev")
-ROUND_ROBIN_SCHEDULES = ("interleaved_1f1b", "zero_bubble")
-"""Schedules with strategy.pp_stages_per_rank stages per rank: rank r holds r, r + pp, ..."""
-
-
 def pipeline_stages(s: StrategyConfig) -> int:
     """Pipeline stages in all (1 without a pipeline): pp ranks times the stages each holds
-    (round-robin schedules: pp_stages_per_rank; dualpipev: 2, in a V; gpipe, 1f1b: 1)."""
-    if s.pp <= 1:
-        return 1
-    if s.pp_schedule in ROUND_ROBIN_SCHEDULES:
-        return s.pp * s.pp_stages_per_rank
-    return s.pp * (2 if s.pp_schedule == "dualpipev" else 1)
+    (framework.stages.stages_per_rank)."""
+    return s.pp * stages_per_rank(s.pp_schedule, s.pp_stages_per_rank) if s.pp > 1 else 1
 
 
 def validate(
@@ -717,8 +709,8 @@ def _validate_axes(s: StrategyConfig, world_size: int) -> list[str]:
     for key in ("pp", "cp", "ep", "pp_stages_per_rank"):
         if getattr(s, key) < 1:
             errors.append(f"strategy.{key}={getattr(s, key)} must be >= 1")
-    if s.pp_schedule not in PP_SCHEDULES:
-        errors.append(f"strategy.pp_schedule={s.pp_schedule!r} is not one of {', '.join(PP_SCHEDULES)}")
+    if s.pp_schedule not in SCHEDULES:
+        errors.append(f"strategy.pp_schedule={s.pp_schedule!r} is not one of {', '.join(SCHEDULES)}")
     if s.cp_method not in CP_METHODS:
         errors.append(f"strategy.cp_method={s.cp_method!r} is not one of {', '.join(CP_METHODS)}")
     if errors:
@@ -787,7 +779,7 @@ def _validate_pipeline(cfg: Config, world_size: int) -> list[str]:
     """strategy.pp > 1: the strategies it composes with, the split of the blocks into stages, and
     the micro-batches per step that the schedule needs (framework/parallel/pp.py)."""
     s, t, errors = cfg.strategy, cfg.trainer, []
-    if s.pp < 1 or s.pp_stages_per_rank < 1 or s.pp_schedule not in PP_SCHEDULES:
+    if s.pp < 1 or s.pp_stages_per_rank < 1 or s.pp_schedule not in SCHEDULES:
         return []  # named by _validate_axes
     if s.pp == 1:
         if s.pp_layers is not None:
@@ -853,7 +845,7 @@ def _validate_pipeline(cfg: Config, world_size: int) -> list[str]:
                 f"trainer.global_batch_size to {need * t.micro_batch_size * dp} or lower "
                 "trainer.micro_batch_size (or use strategy.pp_schedule=gpipe)"
             )
-        elif s.pp_schedule in ROUND_ROBIN_SCHEDULES and accum % s.pp:
+        elif s.pp_schedule in LOOPED and accum % s.pp:
             errors.append(
                 f"strategy.pp_schedule={s.pp_schedule} runs the micro-batches in rounds of "
                 f"strategy.pp={s.pp}, but {why}: make it a multiple of {s.pp}"
